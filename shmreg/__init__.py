@@ -1,0 +1,36 @@
+"""shmreg: a process registry in shared memory.
+
+Processes on one machine register names with their pid and a metadata dict; every other
+process sees them at memory speed, and entries of dead processes go away on their own.
+"""
+
+from shmreg._errors import *  # noqa: F403
+from shmreg._errors import __all__ as _errors_all
+from shmreg._registry import Registry
+from shmreg._types import (
+    Entry,
+    HealthReport,
+    HealthStatus,
+    Liveness,
+    ProcessIdentity,
+    RegistryStats,
+)
+
+__version__ = "0.1.0"
+
+for _public in (Registry, Entry, HealthReport, HealthStatus, Liveness, ProcessIdentity,
+                RegistryStats):
+    _public.__module__ = "shmreg"
+del _public
+
+__all__ = [
+    *_errors_all,
+    "Entry",
+    "HealthReport",
+    "HealthStatus",
+    "Liveness",
+    "ProcessIdentity",
+    "Registry",
+    "RegistryStats",
+    "__version__",
+]

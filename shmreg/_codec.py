@@ -1,0 +1,267 @@
+"""Keys and metadata to bytes and back, with the validation that guards both.
+
+A key is ``namespace`` (str) plus ``service`` (str, int, or a tuple of those). Its byte form
+is what the table compares, so it must be canonical:
+
+    key bytes = namespace as UTF-8 | 0x00 | msgpack(service)
+
+The namespace may not contain NUL, which makes the split unambiguous; msgpack keeps ``1`` and
+``"1"`` and ``(1,)`` apart. Metadata is a msgpack map with str keys. It is never pickled: a
+registry must not let one local process run code in another.
+
+``query_tags`` pulls the two fields queries use most (``type`` and ``capabilities``) out as
+fixed-width numbers, so a vectorised scan over the slot table can discard non-matches without
+decoding a single record.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from shmreg._errors import InvalidKey, InvalidMetadata, MetadataTooLarge
+from shmreg._types import Metadata, Service
+
+MAX_NAMESPACE_BYTES = 255
+MAX_KEY_BYTES = 1024
+MAX_SERVICE_DEPTH = 8
+MAX_METADATA_DEPTH = 32
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+# Slot columns: "type" hash (0 = the entry has no "type"; ANY = cannot be filtered, decode it).
+TYPE_ABSENT = 0
+TYPE_ANY = 0xFFFFFFFF
+
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
+_crc32 = zlib.crc32
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------- keys
+
+
+def check_namespace(namespace: object) -> bytes:
+    """UTF-8 bytes of a valid namespace, or ``InvalidKey``."""
+    if type(namespace) is not str:
+        raise InvalidKey(
+            f"namespace must be a str, got {type(namespace).__name__}", key=_short(namespace)
+        )
+    try:
+        raw = namespace.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidKey("namespace is not valid Unicode text", key=_short(namespace)) from exc
+    if not raw:
+        raise InvalidKey("namespace must not be empty", key="''")
+    if b"\x00" in raw:
+        raise InvalidKey("namespace must not contain NUL", key=_short(namespace))
+    if len(raw) > MAX_NAMESPACE_BYTES:
+        raise InvalidKey(
+            f"namespace is {len(raw)} bytes, the limit is {MAX_NAMESPACE_BYTES}",
+            key=_short(namespace),
+        )
+    return raw
+
+
+def _check_service(service: object, depth: int, whole: object) -> None:
+    kind = type(service)
+    if kind is str:
+        try:
+            service.encode("utf-8")  # type: ignore[union-attr]
+        except UnicodeEncodeError as exc:
+            raise InvalidKey("service is not valid Unicode text", key=_short(whole)) from exc
+        return
+    if kind is int:
+        if not _INT_MIN <= service <= _INT_MAX:  # type: ignore[operator]
+            raise InvalidKey("service int does not fit in 64 bits", key=_short(whole))
+        return
+    if kind is tuple:
+        if depth >= MAX_SERVICE_DEPTH:
+            raise InvalidKey(f"service nests deeper than {MAX_SERVICE_DEPTH}", key=_short(whole))
+        if not service:
+            raise InvalidKey("service tuple must not be empty", key=_short(whole))
+        for part in service:  # type: ignore[attr-defined]
+            _check_service(part, depth + 1, whole)
+        return
+    raise InvalidKey(
+        f"service must be a str, an int or a tuple of those, got {kind.__name__}",
+        key=_short(whole),
+    )
+
+
+def encode_key(namespace: object, service: object) -> bytes:
+    """Canonical key bytes, or ``InvalidKey`` saying what is wrong."""
+    ns_raw = check_namespace(namespace)
+    _check_service(service, 0, service)
+    raw = ns_raw + b"\x00" + _packb(service, use_bin_type=True)
+    if len(raw) > MAX_KEY_BYTES:
+        raise InvalidKey(
+            f"key is {len(raw)} bytes encoded, the limit is {MAX_KEY_BYTES}", key=_short(service)
+        )
+    return raw
+
+
+def namespace_hash(ns_raw: bytes) -> int:
+    return _crc32(ns_raw)
+
+
+def decode_key(raw: bytes) -> tuple[str, Service]:
+    """Inverse of ``encode_key``."""
+    cut = raw.index(b"\x00")
+    service: Service = _unpackb(raw[cut + 1 :], use_list=False, raw=False)
+    return raw[:cut].decode("utf-8"), service
+
+
+def decode_service(raw: bytes, ns_len: int) -> Service:
+    """The service part of key bytes whose namespace is ``ns_len`` bytes long."""
+    service: Service = _unpackb(raw[ns_len + 1 :], use_list=False, raw=False)
+    return service
+
+
+# ------------------------------------------------------------------------------ metadata
+
+_SCALARS = (type(None), bool, str, bytes)
+
+
+def _check_value(value: object, path: str, depth: int) -> None:
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]
+            raise InvalidMetadata(f"{path}: int does not fit in 64 bits", path=path)
+        return
+    if kind is float:
+        if math.isnan(value):  # type: ignore[arg-type]
+            raise InvalidMetadata(f"{path}: NaN is not allowed (it never equals itself)", path=path)
+        return
+    if depth >= MAX_METADATA_DEPTH:
+        raise InvalidMetadata(f"{path}: nested deeper than {MAX_METADATA_DEPTH}", path=path)
+    if kind is list:
+        for index, item in enumerate(value):  # type: ignore[arg-type]
+            _check_value(item, f"{path}[{index}]", depth + 1)
+        return
+    if kind is dict:
+        _check_map(value, path, depth + 1)  # type: ignore[arg-type]
+        return
+    hint = " (use a list)" if kind is tuple else ""
+    raise InvalidMetadata(
+        f"{path}: {kind.__name__} values cannot be stored{hint}; allowed are None, bool, int, "
+        "float, str, bytes, list and dict",
+        path=path,
+    )
+
+
+def _check_map(mapping: dict[Any, Any], path: str, depth: int) -> None:
+    for key, value in mapping.items():
+        if type(key) is not str:
+            raise InvalidMetadata(
+                f"{path}: keys must be str, got {type(key).__name__} {_short(key)}", path=path
+            )
+        _check_value(value, f"{path}[{key!r}]", depth)
+
+
+def as_metadata(metadata: object) -> Metadata:
+    """A plain ``dict`` from what the caller passed (``None`` is an empty dict)."""
+    if metadata is None:
+        return {}
+    if type(metadata) is dict:
+        return metadata
+    if isinstance(metadata, Mapping):
+        return dict(metadata)
+    raise InvalidMetadata(
+        f"metadata must be a dict, got {type(metadata).__name__}", path="metadata"
+    )
+
+
+def pack_metadata(metadata: Metadata, limit: int) -> bytes:
+    """Validate and encode; ``InvalidMetadata`` names the offending path."""
+    _check_map(metadata, "metadata", 0)
+    try:
+        packed: bytes = _packb(metadata, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:  # defensive: the walk should catch all
+        raise InvalidMetadata(f"metadata cannot be encoded: {exc}", path="metadata") from exc
+    if len(packed) > limit:
+        raise MetadataTooLarge(
+            f"metadata is {len(packed)} bytes encoded, the limit is {limit}",
+            size=len(packed),
+            limit=limit,
+        )
+    return packed
+
+
+def unpack_metadata(raw: bytes) -> Metadata:
+    """Decode validated bytes. Callers copy the bytes out of shared memory first."""
+    value: Metadata = _unpackb(raw, raw=False, strict_map_key=True)
+    return value
+
+
+# --------------------------------------------------------------------------- query tags
+
+
+def value_tag(value: object) -> int:
+    """32-bit tag of one scalar value, equal for equal values (msgpack canonical form)."""
+    try:
+        return _crc32(_packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError):
+        return TYPE_ANY
+
+
+def type_tag(metadata: Metadata) -> int:
+    """Column value for ``metadata["type"]``: ABSENT, a tag, or ANY for lists (membership)."""
+    if "type" not in metadata:
+        return TYPE_ABSENT
+    value = metadata["type"]
+    if type(value) in (list, dict):
+        return TYPE_ANY
+    tag = value_tag(value)
+    # Keep the two reserved values for their meaning; the rare clash costs only a decode.
+    return tag if tag not in (TYPE_ABSENT, TYPE_ANY) else TYPE_ANY
+
+
+def capability_bit(value: object) -> int:
+    return 1 << (value_tag(value) & 63)
+
+
+def capability_mask(metadata: Metadata) -> int:
+    """A 64-bit Bloom-style mask of ``metadata["capabilities"]`` (all ones: cannot filter)."""
+    caps = metadata.get("capabilities")
+    if caps is None:
+        return 0
+    if type(caps) is list:
+        mask = 0
+        for cap in caps:
+            if type(cap) in (list, dict):
+                return 0xFFFFFFFFFFFFFFFF
+            mask |= capability_bit(cap)
+        return mask
+    if type(caps) is dict:
+        return 0xFFFFFFFFFFFFFFFF
+    return capability_bit(caps)
+
+
+def matches(metadata: Metadata, equals: Mapping[str, Any]) -> bool:
+    """Field equality; a stored list field matches a scalar by membership, a list by subset."""
+    for field, wanted in equals.items():
+        if field not in metadata:
+            return False
+        stored = metadata[field]
+        if type(stored) is list:
+            if type(wanted) is list:
+                if not all(item in stored for item in wanted):
+                    return False
+            elif wanted not in stored:
+                return False
+        elif stored != wanted:
+            return False
+    return True

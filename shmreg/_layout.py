@@ -1,0 +1,180 @@
+"""Byte layout of a registry's shared memory, drawn once and used everywhere.
+
+A registry ``NAME`` is two kinds of POSIX shared-memory segment:
+
+``shmreg-NAME`` (the root, 4 KiB, lives as long as the registry)::
+
+    word  0 magic "SHMREG\\x00R"     8 pid namespace inode of the creator
+          1 layout version          9 created at (ns since epoch)
+          2 data generation         10-11 boot id of the creator (16 bytes)
+            (DESTROYED when gone)   12 sweeps run        13 last sweep (ns)
+          3 writer owner pid        14 dead entries found
+          4 writer owner start      15 recoveries run
+          5 generation being built  16 incarnation (random; names data segments)
+          6 capacity setting        17 event sequence (reserved for watch)
+          7 max metadata bytes
+
+  The writer lock is ``flock`` on this segment's file, so it never moves when the table grows.
+
+``shmreg-NAME.<incarnation>.g<generation>`` (the data: header, slots, arena)::
+
+    +-------------------- 4 KiB header --------------------+
+    | 0 magic  1 generation  2 slots  3 arena offset       |
+    | 4 arena size  5 arena top  6 live  7 tombstones      |
+    | 8 garbage bytes  9 ops committed  10 owner changes   |
+    | 11 arena bytes allocated (fallocate'd)               |
+    | 16.. redo journal: state, slot, image[8], top, live, |
+    |      tombs, garbage, ops, owner changes, crc32       |
+    +-------------------- slots, 64 B each ----------------+
+    | w0 seq (odd while being written)                     |
+    | w1 key crc32 (lo 32) | namespace crc32 (hi 32)       |
+    | w2 record offset / 8 (lo 32) | key length (16) |     |
+    |    state (8: empty / used / tombstone)               |
+    | w3 metadata length (lo 32) | type tag (hi 32)        |
+    | w4 owner pid (lo 32) | record crc32 (hi 32)          |
+    | w5 owner start ticks                                 |
+    | w6 owner generation (fencing token)                  |
+    | w7 capabilities mask (64-bit Bloom)                  |
+    +-------------------- arena (page aligned) ------------+
+    | records: key bytes | msgpack metadata, 8-aligned;   |
+    | append-only, never rewritten in place               |
+    +------------------------------------------------------+
+
+Every 8-byte field is 8-aligned, so no single word straddles a cache line; slots are 64 bytes
+so each sits in one line once the slot area is 64-aligned (it starts at 4096).
+"""
+
+from __future__ import annotations
+
+import struct
+
+ROOT_MAGIC = int.from_bytes(b"SHMREG\x00R", "little")
+DATA_MAGIC = int.from_bytes(b"SHMREG\x00D", "little")
+LAYOUT_VERSION = 1
+
+PAGE = 4096
+ROOT_SIZE = PAGE
+HEADER_SIZE = PAGE
+SLOT_SIZE = 64
+SLOT_WORDS = SLOT_SIZE // 8
+RECORD_ALIGN = 8
+
+DESTROYED = 2**64 - 1  # root generation word once ``destroy()`` ran
+
+# Root words.
+R_MAGIC = 0
+R_VERSION = 1
+R_GEN = 2
+R_OWNER_PID = 3
+R_OWNER_START = 4
+R_BUILDING = 5
+R_CAPACITY = 6
+R_MAX_META = 7
+R_PIDNS = 8
+R_CREATED_NS = 9
+R_BOOT_ID = 10  # two words
+R_SWEEPS = 12
+R_LAST_SWEEP_NS = 13
+R_DEAD_FOUND = 14
+R_RECOVERIES = 15
+R_INCARNATION = 16
+R_EVENT_SEQ = 17
+
+# Data header words.
+D_MAGIC = 0
+D_GEN = 1
+D_NSLOTS = 2
+D_ARENA_OFF = 3
+D_ARENA_SIZE = 4
+D_TOP = 5
+D_LIVE = 6
+D_TOMBS = 7
+D_GARBAGE = 8
+D_OPS = 9
+D_NAMEGEN = 10
+D_ALLOCATED = 11
+COUNTER_WORDS = (D_TOP, D_LIVE, D_TOMBS, D_GARBAGE, D_OPS, D_NAMEGEN)
+
+# Redo journal (in the data header).
+J_STATE = 16
+J_SLOT = 17
+J_IMG = 18  # eight words: the slot image, word 0 the even seq to publish
+J_COUNTERS = 26  # six words, in COUNTER_WORDS order
+J_CRC = 32
+J_VALID = 1
+JOURNAL_BODY = struct.Struct("<15Q")  # slot, image[8], counters[6]: words 17..31
+
+# Slot words and states.
+S_SEQ = 0
+S_HASH = 1
+S_REC = 2
+S_META = 3
+S_OWNER = 4
+S_START = 5
+S_NAMEGEN = 6
+S_CAPS = 7
+EMPTY = 0
+USED = 1
+TOMB = 2
+
+SLOT = struct.Struct("<8Q")
+SLOT_BODY = struct.Struct("<7Q")  # words 1..7
+
+LO32 = 0xFFFFFFFF
+
+# Growth policy: rebuild once live + tombstones pass this share of slots.
+MAX_LOAD = 0.75
+ARENA_CHUNK = 256 * 1024  # arena bytes are fallocate'd in steps of this size
+
+
+def root_name(name: str) -> str:
+    return f"shmreg-{name}"
+
+
+def data_name(name: str, incarnation: int, generation: int) -> str:
+    return f"shmreg-{name}.{incarnation:016x}.g{generation}"
+
+
+def slots_for(capacity: int) -> int:
+    """Slots needed so ``capacity`` live entries stay at or under the load limit."""
+    return max(8, -(-capacity * 4 // 3))
+
+
+def arena_offset(nslots: int) -> int:
+    end = HEADER_SIZE + nslots * SLOT_SIZE
+    return -(-end // PAGE) * PAGE
+
+
+def align_record(length: int) -> int:
+    return -(-length // RECORD_ALIGN) * RECORD_ALIGN
+
+
+# ------------------------------------------------------------------ slot word packing
+
+
+def pack_hash(key_hash: int, ns_hash: int) -> int:
+    return key_hash | (ns_hash << 32)
+
+
+def pack_rec(offset: int, key_len: int, state: int) -> int:
+    return (offset // RECORD_ALIGN) | (key_len << 32) | (state << 48)
+
+
+def pack_meta(meta_len: int, type_tag: int) -> int:
+    return meta_len | (type_tag << 32)
+
+
+def pack_owner(pid: int, record_crc: int) -> int:
+    return pid | (record_crc << 32)
+
+
+def rec_offset(w2: int) -> int:
+    return (w2 & LO32) * RECORD_ALIGN
+
+
+def rec_key_len(w2: int) -> int:
+    return (w2 >> 32) & 0xFFFF
+
+
+def rec_state(w2: int) -> int:
+    return (w2 >> 48) & 0xFF

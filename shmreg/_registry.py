@@ -1,0 +1,226 @@
+"""``Registry``: the public face. It resolves owners, picks a backend and delegates.
+
+Everything a backend needs is resolved here once: ``pid=None`` becomes the calling
+process, a pid becomes a full ``ProcessIdentity`` (or ``ProcessNotAlive``), and the name is
+checked. The hot read calls (``lookup``, ``lookup_with_metadata``) are bound straight to
+the backend's methods when the registry opens, so the facade adds no call on those paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+from shmreg import _identity
+from shmreg._errors import InvalidBackendConfig, InvalidRegistryName, NotRegistered
+from shmreg._types import HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
+from shmreg.backends._protocol import Backend
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:@-]{0,99}")
+_MISSING = object()
+
+
+def check_name(name: object) -> str:
+    """Registry names become segment names: letters, digits, ``_ : @ -``; at most 100."""
+    if type(name) is not str or not _NAME.fullmatch(name):
+        raise InvalidRegistryName(
+            f"invalid registry name {name!r}: use 1-100 of A-Z a-z 0-9 _ : @ - "
+            "(no '/', '.', NUL or spaces), not starting with a punctuation mark",
+            name=repr(name))
+    return name
+
+
+def _open_backend(name: str, backend: object, create: bool, capacity: int | None,
+                  max_metadata_bytes: int | None, mode: int) -> Backend:
+    if backend is not None and not isinstance(backend, str):
+        if not isinstance(backend, Backend):
+            raise InvalidBackendConfig(f"{backend!r} does not implement shmreg.backends.Backend")
+        return backend
+    kind = backend or os.environ.get("SHMREG_BACKEND", "shm")
+    if kind in ("shm", "shared_memory", "sharedmemory"):
+        from shmreg.backends._shm import SharedMemoryBackend
+
+        return SharedMemoryBackend(name, create=create, capacity=capacity,
+                                   max_metadata_bytes=max_metadata_bytes, mode=mode)
+    if kind == "memory":
+        from shmreg.backends._memory import MemoryBackend
+
+        return MemoryBackend.named(name, create=create, capacity=capacity,
+                                   max_metadata_bytes=max_metadata_bytes)
+    raise InvalidBackendConfig(
+        f"unknown backend {kind!r} (from SHMREG_BACKEND or backend=): use 'shm' or 'memory'")
+
+
+def _reopen(name: str, kind: str) -> Registry:
+    return Registry(name, backend=kind)
+
+
+class Registry:
+    """A named process registry shared by every process on this machine that opens it.
+
+    >>> import shmreg
+    >>> with shmreg.Registry("doc-example") as reg:
+    ...     reg.register("production", "db", metadata={"type": "postgres"}) > 0
+    ...     reg.lookup("production", "db") == __import__("os").getpid()
+    ...     reg.destroy()
+    True
+    True
+    """
+
+    def __init__(self, name: str, *, backend: object = None, capacity: int | None = None,
+                 max_metadata_bytes: int | None = None, mode: int = 0o600,
+                 create: bool = True) -> None:
+        self._name = check_name(name)
+        for setting, value in (("capacity", capacity), ("max_metadata_bytes", max_metadata_bytes)):
+            if value is not None and (type(value) is not int or value < 1):
+                raise InvalidBackendConfig(f"{setting} must be a positive int, got {value!r}")
+        if type(mode) is not int or not 0 <= mode <= 0o777:
+            raise InvalidBackendConfig(f"mode must be file permission bits, got {mode!r}")
+        self._backend = _open_backend(self._name, backend, create, capacity,
+                                      max_metadata_bytes, mode)
+        # Hot paths go straight to the backend (see the module docstring).
+        self.lookup = self._backend.lookup  # type: ignore[method-assign]
+        self.lookup_with_metadata = self._backend.lookup_with_metadata  # type: ignore[method-assign]
+
+    @classmethod
+    def create(cls, name: str, *, capacity: int | None = None,
+               max_metadata_bytes: int | None = None, mode: int = 0o600,
+               backend: object = None) -> Registry:
+        """Create ``name``, or attach if it exists with the same settings."""
+        return cls(name, backend=backend, capacity=capacity,
+                   max_metadata_bytes=max_metadata_bytes, mode=mode, create=True)
+
+    @classmethod
+    def attach(cls, name: str, *, capacity: int | None = None,
+               max_metadata_bytes: int | None = None, backend: object = None) -> Registry:
+        """Attach to an existing registry; ``RegistryNotFound`` if there is none."""
+        return cls(name, backend=backend, capacity=capacity,
+                   max_metadata_bytes=max_metadata_bytes, create=False)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    def close(self) -> None:
+        """Detach this process; the registry stays for everyone else."""
+        self._backend.close()
+
+    def destroy(self) -> None:
+        """Remove the registry for every process (their next call raises RegistryDestroyed)."""
+        self._backend.destroy()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Callable[[str, str], Registry], tuple[str, str]]:
+        # A registry travels by name: the receiving process attaches to the same segments.
+        return _reopen, (self._name, getattr(self._backend, "kind", "shm"))
+
+    def __repr__(self) -> str:
+        return f"<shmreg.Registry {self._name!r} backend={getattr(self._backend, 'kind', '?')}>"
+
+    # ------------------------------------------------------------------ registration
+
+    def register(self, namespace: str, service: Service, pid: int | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> int:
+        """Register ``pid`` (default: this process); return the name's generation."""
+        owner = _identity.self_identity() if pid is None else _identity.identity_of(pid)
+        return self._backend.register(namespace, service, owner, metadata)
+
+    def register_many(self, namespace: str,
+                      items: Iterable[tuple[Service, int | None, Mapping[str, Any] | None]]
+                      ) -> list[int]:
+        """Register several ``(service, pid, metadata)``; one generation per item."""
+        many = getattr(self._backend, "register_many", None)
+        resolved = [(service, self._owner(pid), metadata) for service, pid, metadata in items]
+        if many is not None:
+            result: list[int] = many(namespace, resolved)
+            return result
+        return [self._backend.register(namespace, s, o, m) for s, o, m in resolved]
+
+    @staticmethod
+    def _owner(pid: int | None) -> ProcessIdentity:
+        return _identity.self_identity() if pid is None else _identity.identity_of(pid)
+
+    def lookup(self, namespace: str, service: Service) -> int | None:
+        """The live owner's pid, or ``None``."""
+        return self._backend.lookup(namespace, service)
+
+    def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
+        return self._backend.lookup_with_metadata(namespace, service)
+
+    def get_metadata(self, namespace: str, service: Service) -> Metadata:
+        found = self._backend.lookup_with_metadata(namespace, service)
+        if found is None:
+            raise NotRegistered(f"{namespace}/{service!r} is not registered",
+                                namespace=namespace, service=service)
+        return found[1]
+
+    def get_metadata_field(self, namespace: str, service: Service, field: str,
+                           default: Any = None) -> Any:
+        return self.get_metadata(namespace, service).get(field, default)
+
+    def generation(self, namespace: str, service: Service) -> int | None:
+        """The name's current generation (fencing token), or ``None`` if not registered."""
+        found = self._backend.lookup_entry(namespace, service)
+        return None if found is None else found[1]
+
+    def update_metadata(self, namespace: str, service: Service, metadata: Mapping[str, Any], *,
+                        merge: bool = False, generation: int | None = None) -> None:
+        self._backend.update_metadata(namespace, service, metadata, merge=merge,
+                                      generation=generation)
+
+    def unregister(self, namespace: str, service: Service, *,
+                   generation: int | None = None) -> bool:
+        return self._backend.unregister(namespace, service, generation=generation)
+
+    def registered(self, namespace: str, service: Service) -> bool:
+        return self._backend.lookup(namespace, service) is not None
+
+    # ------------------------------------------------------------------ queries
+
+    def list_services(self, namespace: str) -> list[Service]:
+        return self._backend.list_services(namespace)
+
+    def list_services_with_metadata(self, namespace: str) -> dict[Service, Metadata]:
+        return {e.service: e.metadata for e in self._backend.list_entries(namespace)}
+
+    def find_services_by_metadata(self, namespace: str, predicate: Callable[[Metadata], bool]
+                                  ) -> list[tuple[Service, int, Metadata]]:
+        return [tuple(e) for e in self._backend.find(namespace, predicate=predicate)]  # type: ignore[misc]
+
+    def find_by_metadata(self, namespace: str, **equals: Any) -> list[tuple[Service, int, Metadata]]:
+        """Entries whose fields equal ``equals``; a list field matches by membership (AND)."""
+        return [tuple(e) for e in self._backend.find(namespace, equals=equals)]  # type: ignore[misc]
+
+    def list_by_type(self, namespace: str, type: Any) -> list[tuple[Service, int, Metadata]]:
+        return [tuple(e) for e in self._backend.find(namespace, equals={"type": type})]  # type: ignore[misc]
+
+    def count(self, namespace: str | None = None) -> int:
+        return self._backend.count(namespace)
+
+    def stats(self) -> RegistryStats:
+        return self._backend.stats()
+
+    def health_check(self) -> HealthReport:
+        return self._backend.health_check()
+
+    def statistics(self) -> dict[str, Any]:
+        return self._backend.statistics()
+
+    def sweep(self) -> int:
+        """Remove every entry whose owner is provably dead; return how many were removed."""
+        return self._backend.sweep()

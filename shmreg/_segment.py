@@ -1,0 +1,149 @@
+"""Shared-memory segments whose lifetime no process's exit can end.
+
+``multiprocessing.shared_memory`` registers every segment it opens with the resource
+tracker (Python <= 3.12), and the tracker unlinks whatever is still registered when the
+processes sharing it exit: an independent attacher's exit, or even its SIGKILL, would
+destroy the registry for everyone. So every process here stays untracked, the creator
+included (``track=False`` on 3.13+, the registration filtered out while constructing
+before that), and segments are removed only by ``unlink_segment``, never ``shm.unlink()``
+(which would send the tracker an UNREGISTER it never saw and print a KeyError traceback).
+
+Creation allocates the pages with ``posix_fallocate``: a segment that is merely
+``ftruncate``d on a full tmpfs kills its first writer with SIGBUS, whereas fallocate turns
+that into a clean ENOSPC the caller can report.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+from shmreg._errors import RegistryFull, RegistryNotFound, RegistryPermissionError
+
+SHM_DIR = "/dev/shm"
+_TRACKER_LOCK = threading.Lock()
+
+
+def _construct(name: str, create: bool, size: int) -> SharedMemory:
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name, create=create, size=size, track=False)  # type: ignore[call-arg,unused-ignore]
+    with _TRACKER_LOCK:
+        original = resource_tracker.register
+
+        def register(resource_name: str, rtype: str) -> Any:
+            if rtype == "shared_memory":
+                return None
+            return original(resource_name, rtype)
+
+        resource_tracker.register = register  # type: ignore[assignment]
+        try:
+            return SharedMemory(name, create=create, size=size)
+        finally:
+            resource_tracker.register = original
+
+
+def segment_fd(shm: SharedMemory) -> int:
+    fd: int = getattr(shm, "_fd", -1)
+    return fd
+
+
+def allocate(shm: SharedMemory, offset: int, length: int, registry: str) -> None:
+    """Back ``[offset, offset+length)`` with real pages now, or raise ``RegistryFull``."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    fd = segment_fd(shm)
+    if fallocate is None or fd < 0 or length <= 0:
+        return
+    try:
+        fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise RegistryFull(
+                f"registry {registry!r}: no room in {SHM_DIR} for {length} more bytes "
+                f"({os.strerror(exc.errno)}); free space there (df -h {SHM_DIR}), enlarge it "
+                "(e.g. docker --shm-size) or destroy unused registries (shmreg ls / destroy)",
+                name=registry,
+            ) from exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
+def create_segment(name: str, size: int, registry: str, *, allocate_bytes: int | None = None,
+                   mode: int = 0o600) -> SharedMemory:
+    """Create a new untracked segment (fails if it exists) with pages allocated up front."""
+    shm = _construct(name, True, size)
+    try:
+        if mode != 0o600:
+            os.fchmod(segment_fd(shm), mode)
+        allocate(shm, 0, size if allocate_bytes is None else allocate_bytes, registry)
+    except BaseException:
+        close_segment(shm)
+        unlink_segment(name)
+        raise
+    return shm
+
+
+def open_segment(name: str, registry: str) -> SharedMemory:
+    try:
+        return _construct(name, False, 0)
+    except FileNotFoundError as exc:
+        raise RegistryNotFound(f"no registry named {registry!r}", name=registry) from exc
+    except PermissionError as exc:
+        raise RegistryPermissionError(
+            f"registry {registry!r} belongs to another user (its segments are private by "
+            "default; the creator can pass mode=0o660 or 0o666)",
+            name=registry,
+        ) from exc
+
+
+def close_segment(shm: SharedMemory) -> None:
+    """Unmap; views still exported (a caller's numpy array) keep the mapping until collected."""
+    try:
+        shm.close()
+    except BufferError:
+        pass
+
+
+def unlink_segment(name: str) -> bool:
+    """Remove a segment by name without involving the resource tracker."""
+    try:
+        import _posixshmem
+
+        _posixshmem.shm_unlink("/" + name)
+        return True
+    except FileNotFoundError:
+        return False
+    except ImportError:  # pragma: no cover - platforms without _posixshmem
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            return True
+        except FileNotFoundError:
+            return False
+
+
+def segment_path(name: str) -> str:
+    return os.path.join(SHM_DIR, name)
+
+
+def link_segment(temp_name: str, final_name: str) -> bool:
+    """Publish a fully built segment under its final name; False if that name exists.
+
+    ``link`` is atomic and never replaces, so racing creators cannot both win and no
+    attacher ever sees a half-initialised root.
+    """
+    try:
+        os.link(segment_path(temp_name), segment_path(final_name))
+    except FileExistsError:
+        return False
+    return True
+
+
+def list_segments(prefix: str = "shmreg-") -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,359 @@
+"""One registry's shared memory as a whole: root segment, writer lock, current generation.
+
+``Store`` opens or creates the segments, keeps the mapping of the current data generation
+up to date (another process may have grown the table), and brackets every write:
+
+``begin()``
+    takes the writer lock; if the root's owner word is set, the previous writer died inside
+    and ``recover()`` repairs first; then records this process as owner and re-attaches if
+    the table moved to a new generation.
+``end()``
+    clears the owner word and releases. If the write raised half-way (a KeyboardInterrupt
+    between journal and apply, say) it repairs before releasing, so the next writer never
+    inherits a half-applied change.
+
+Growth and compaction (``rebuild``) build generation g+1 in a fresh segment under the lock,
+then flip the root's generation word with one store. The old generation is never written
+again, so readers still on it keep seeing a consistent (if briefly stale) table.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+from shmreg import _identity
+from shmreg import _layout as L
+from shmreg._errors import (
+    CorruptRegistry,
+    IncompatibleRegistry,
+    RegistryClosed,
+    RegistryDestroyed,
+    RegistryNotFound,
+)
+from shmreg._lock import WriterLock
+from shmreg._segment import (
+    close_segment,
+    create_segment,
+    link_segment,
+    list_segments,
+    open_segment,
+    segment_path,
+    unlink_segment,
+)
+from shmreg._table import Table
+
+DEFAULT_CAPACITY = 16_384
+DEFAULT_MAX_METADATA_BYTES = 4096
+MAX_METADATA_LIMIT = 16 * 1024 * 1024
+_ARENA_PER_ENTRY = 256  # virtual arena bytes reserved per entry of capacity (sparse)
+
+
+class _Closed:
+    """Stands in for the root words after close(): any use raises a clear error."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, index: int) -> int:
+        raise RegistryClosed(f"registry {self.name!r} is closed in this process", name=self.name)
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.__getitem__(index)
+
+
+def _arena_size(capacity: int, max_meta: int) -> int:
+    return max(1 << 20, capacity * _ARENA_PER_ENTRY, 4 * (max_meta + 1024))
+
+
+class Store:
+    def __init__(self, name: str, root: SharedMemory, *, created: bool) -> None:
+        self.name = name
+        self._root = root
+        assert root.buf is not None
+        self.rq: Any = root.buf.cast("Q")
+        self.created = created
+        self._check_root()
+        self.capacity = int(self.rq[L.R_CAPACITY])
+        self.max_metadata_bytes = int(self.rq[L.R_MAX_META])
+        self.incarnation = int(self.rq[L.R_INCARNATION])
+        self.lock = WriterLock(segment_path(L.root_name(name)), name)
+        self.table: Table = self._attach_data()
+        self.gen = self.table.gen
+        self._failed_inside = False
+        self.last_recovery: list[str] = []
+
+    # ----------------------------------------------------------------- open / create
+
+    @classmethod
+    def open(cls, name: str, *, create: bool, capacity: int | None,
+             max_metadata_bytes: int | None, mode: int = 0o600) -> Store:
+        """Attach to ``name``; if absent and ``create``, build it first (race-safe)."""
+        for _ in range(50):
+            try:
+                root = open_segment(L.root_name(name), name)
+            except RegistryNotFound:
+                if not create:
+                    raise
+                store = cls._try_create(name, capacity or DEFAULT_CAPACITY,
+                                        max_metadata_bytes or DEFAULT_MAX_METADATA_BYTES, mode)
+                if store is not None:
+                    return store
+                continue  # another process created it first: attach to theirs
+            store = cls(name, root, created=False)
+            store.check_settings(capacity, max_metadata_bytes)
+            return store
+        raise RegistryNotFound(f"registry {name!r} kept vanishing while attaching", name=name)
+
+    @classmethod
+    def _try_create(cls, name: str, capacity: int, max_meta: int, mode: int) -> Store | None:
+        incarnation = secrets.randbits(63) | 1
+        nslots = L.slots_for(capacity)
+        arena_size = _arena_size(capacity, max_meta)
+        data_name = L.data_name(name, incarnation, 1)
+        data = create_segment(data_name, L.arena_offset(nslots) + arena_size, name,
+                              allocate_bytes=L.arena_offset(nslots), mode=mode)
+        Table.initialise(data, 1, nslots, arena_size)
+        close_segment(data)
+        temp = f"shmreg-{name}.init-{os.getpid()}-{secrets.token_hex(4)}"
+        root = create_segment(temp, L.ROOT_SIZE, name, mode=mode)
+        assert root.buf is not None
+        rq = root.buf.cast("Q")
+        try:
+            rq[L.R_VERSION] = L.LAYOUT_VERSION
+            rq[L.R_GEN] = 1
+            rq[L.R_CAPACITY] = capacity
+            rq[L.R_MAX_META] = max_meta
+            rq[L.R_PIDNS] = _identity.pid_namespace()
+            rq[L.R_CREATED_NS] = time.time_ns()
+            boot = bytes.fromhex(_identity.boot_id().replace("-", "") or "0" * 32)[:16]
+            root.buf[L.R_BOOT_ID * 8 : L.R_BOOT_ID * 8 + 16] = boot.ljust(16, b"\0")
+            rq[L.R_INCARNATION] = incarnation
+            rq[L.R_MAGIC] = L.ROOT_MAGIC
+        finally:
+            rq.release()
+        published = link_segment(temp, L.root_name(name))
+        unlink_segment(temp)
+        if not published:
+            close_segment(root)
+            unlink_segment(data_name)
+            return None
+        return cls(name, root, created=True)
+
+    def _check_root(self) -> None:
+        rq = self.rq
+        if rq[L.R_MAGIC] != L.ROOT_MAGIC:
+            self._close_root()
+            raise CorruptRegistry(
+                f"registry {self.name!r}: root segment has a bad magic word "
+                "(not a shmreg registry, or overwritten)", name=self.name, detail="bad root magic")
+        if rq[L.R_VERSION] != L.LAYOUT_VERSION:
+            version = int(rq[L.R_VERSION])
+            self._close_root()
+            raise IncompatibleRegistry(
+                f"layout version: registry has {version}, this shmreg reads {L.LAYOUT_VERSION}",
+                setting="layout_version", expected=L.LAYOUT_VERSION, actual=version)
+        if rq[L.R_GEN] == L.DESTROYED:
+            self._close_root()
+            raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
+        max_meta = int(rq[L.R_MAX_META])
+        if not 0 < max_meta <= MAX_METADATA_LIMIT or rq[L.R_CAPACITY] < 1:
+            self._close_root()
+            raise CorruptRegistry(f"registry {self.name!r}: settings out of range",
+                                  name=self.name, detail="settings out of range")
+
+    def check_settings(self, capacity: int | None, max_metadata_bytes: int | None) -> None:
+        for setting, asked, actual in (("capacity", capacity, self.capacity),
+                                       ("max_metadata_bytes", max_metadata_bytes,
+                                        self.max_metadata_bytes)):
+            if asked is not None and asked != actual:
+                self.close()
+                raise IncompatibleRegistry(
+                    f"{setting}: registry {self.name!r} has {actual}, caller asked for {asked}",
+                    setting=setting, expected=asked, actual=actual)
+
+    def _attach_data(self) -> Table:
+        last_error: Exception | None = None
+        for _ in range(100):
+            gen = self.rq[L.R_GEN]
+            if gen == L.DESTROYED:
+                raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
+            try:
+                shm = open_segment(L.data_name(self.name, self.incarnation, gen), self.name)
+            except RegistryNotFound as exc:
+                # Grown (and the old generation unlinked) between the two reads: try again.
+                last_error = exc
+                if self.rq[L.R_GEN] == gen:
+                    time.sleep(0.001)
+                continue
+            try:
+                return Table(shm, self.name)
+            except BaseException:
+                close_segment(shm)
+                raise
+        raise CorruptRegistry(f"registry {self.name!r}: data segment missing",
+                              name=self.name, detail="data segment missing") from last_error
+
+    def refresh(self) -> None:
+        """Follow the root to the current generation (after another process grew the table)."""
+        old = self.table
+        self.table = self._attach_data()
+        self.gen = self.table.gen
+        old_shm = old.shm
+        old.release()
+        close_segment(old_shm)
+
+    # ---------------------------------------------------------------------- writing
+
+    def begin(self, timeout: float | None = None) -> Table:
+        self.lock.acquire(timeout)
+        try:
+            rq = self.rq
+            if rq[L.R_GEN] == L.DESTROYED:
+                raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
+            if rq[L.R_OWNER_PID] != 0:
+                self._recover_locked()
+            me = _identity.self_identity()
+            rq[L.R_OWNER_START] = me.start_ticks
+            rq[L.R_OWNER_PID] = me.pid
+            if rq[L.R_GEN] != self.gen:
+                self.refresh()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.table
+
+    def end(self, failed: bool = False) -> None:
+        try:
+            if failed:
+                self.table.recover()
+        finally:
+            rq = self.rq
+            if not isinstance(rq, _Closed):
+                rq[L.R_OWNER_PID] = 0
+            self.lock.release()
+
+    def _recover_locked(self) -> None:
+        rq = self.rq
+        notes: list[str] = []
+        building = rq[L.R_BUILDING]
+        if building:
+            if building != rq[L.R_GEN]:
+                unlink_segment(L.data_name(self.name, self.incarnation, building))
+                notes.append(f"dropped half-built generation {building}")
+            rq[L.R_BUILDING] = 0
+        if rq[L.R_GEN] != self.gen:
+            self.refresh()
+        self._unlink_stale_generations()
+        notes.extend(self.table.recover())
+        rq[L.R_RECOVERIES] += 1
+        self.last_recovery = notes
+
+    def _unlink_stale_generations(self) -> None:
+        prefix = f"shmreg-{self.name}.{self.incarnation:016x}.g"
+        current = L.data_name(self.name, self.incarnation, self.gen)
+        for seg in list_segments(prefix):
+            if seg != current:
+                unlink_segment(seg)
+
+    def rebuild(self, min_live: int, extra_arena: int) -> Table:
+        """Under the lock: copy live entries into generation g+1 sized for ``min_live``."""
+        old = self.table
+        live = old.counter(L.D_LIVE)
+        used_bytes = old.counter(L.D_TOP) - old.counter(L.D_GARBAGE)
+        capacity = max(self.capacity, 2 * max(live, min_live))
+        nslots = L.slots_for(capacity)
+        arena = max(_arena_size(capacity, self.max_metadata_bytes),
+                    2 * (used_bytes + extra_arena))
+        gen = self.gen + 1
+        name = L.data_name(self.name, self.incarnation, gen)
+        self.rq[L.R_BUILDING] = gen
+        unlink_segment(name)
+        shm = create_segment(name, L.arena_offset(nslots) + arena, self.name,
+                             allocate_bytes=L.arena_offset(nslots))
+        try:
+            Table.initialise(shm, gen, nslots, arena)
+            new = Table(shm, self.name)
+            old.copy_live_into(new)
+        except BaseException:
+            close_segment(shm)
+            unlink_segment(name)
+            self.rq[L.R_BUILDING] = 0
+            raise
+        self.rq[L.R_GEN] = gen  # the commit: one store
+        self.rq[L.R_BUILDING] = 0
+        unlink_segment(L.data_name(self.name, self.incarnation, self.gen))
+        self.table = new
+        self.gen = gen
+        old_shm = old.shm
+        old.release()
+        close_segment(old_shm)
+        return new
+
+    # -------------------------------------------------------------------- lifecycle
+
+    def _close_root(self) -> None:
+        rq = self.rq
+        if isinstance(rq, memoryview):
+            rq.release()
+        self.rq = _Closed(self.name)
+        close_segment(self._root)
+
+    def close(self) -> None:
+        if isinstance(self.rq, _Closed):
+            return
+        table = getattr(self, "table", None)
+        if table is not None:
+            shm = table.shm
+            table.release()
+            close_segment(shm)
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.close()
+        self._close_root()
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.rq, _Closed)
+
+    def destroy(self) -> None:
+        """Mark destroyed (other processes' next call fails cleanly) and remove every segment."""
+        self.begin()
+        try:
+            self.rq[L.R_GEN] = L.DESTROYED
+            for seg in list_segments(f"shmreg-{self.name}."):
+                unlink_segment(seg)
+            unlink_segment(L.root_name(self.name))
+        finally:
+            self.rq[L.R_OWNER_PID] = 0
+            self.lock.release()
+        self.close()
+
+    def root_info(self) -> dict[str, Any]:
+        rq = self.rq
+        return {
+            "name": self.name, "layout_version": int(rq[L.R_VERSION]),
+            "generation": int(rq[L.R_GEN]), "capacity": self.capacity,
+            "max_metadata_bytes": self.max_metadata_bytes,
+            "created_ns": int(rq[L.R_CREATED_NS]), "pid_namespace": int(rq[L.R_PIDNS]),
+            "recoveries": int(rq[L.R_RECOVERIES]), "sweeps": int(rq[L.R_SWEEPS]),
+            "dead_found": int(rq[L.R_DEAD_FOUND]), "writer_pid": int(rq[L.R_OWNER_PID]),
+        }
+
+
+def destroy_by_name(name: str) -> bool:
+    """Remove a registry even if it cannot be opened (corrupt root): for the CLI and fsck."""
+    try:
+        store = Store.open(name, create=False, capacity=None, max_metadata_bytes=None)
+    except RegistryNotFound:
+        return False
+    except Exception:
+        removed = False
+        for seg in list_segments(f"shmreg-{name}."):
+            removed = unlink_segment(seg) or removed
+        return unlink_segment(L.root_name(name)) or removed
+    store.destroy()
+    return True

@@ -1,0 +1,359 @@
+"""The hash table over one data segment: probing, validated reads, journaled writes.
+
+Readers take no lock. A slot is read as: sequence word, the slot copied out, the sequence word
+again; an odd or changed word means a writer was inside, so the read is retried. Record
+bytes (key and metadata) are only ever appended to the arena and never rewritten in place,
+so bytes referenced by a validated slot cannot change underneath the reader.
+
+Writers hold the writer lock and change exactly one slot per operation:
+
+1. stage the new record above ``arena top`` (unreferenced, so a crash here is harmless);
+2. write the redo journal (slot index, new slot image, new counters), its VALID word last
+   with a single store;
+3. apply: slot seq odd, slot words, counters, slot seq even (the publish point);
+4. retire the journal.
+
+Recovery, run by the next writer when it finds the previous one died holding the lock,
+replays a valid journal (idempotent: the image and counters are absolute values), then
+tombstones any other odd slot and recounts. Sequence words are written with one 8-byte store
+(``cast('Q')[i] = v``): ``struct.pack_into`` zero-fills its target first, and a reader could
+see that zero as a stable even sequence.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterator
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shmreg import _layout as L
+from shmreg._errors import CorruptRegistry
+
+SlotWords = tuple[int, int, int, int, int, int, int, int]
+_crc32 = zlib.crc32
+_SPINS_BEFORE_YIELD = 64
+_STUCK_AFTER_S = 0.010
+
+
+class StuckSlot(Exception):
+    """A slot stayed odd longer than any live writer keeps it: its writer may have died."""
+
+
+class Table:
+    """A view of one data generation. Not thread-safe for writes: callers hold the lock."""
+
+    def __init__(self, shm: SharedMemory, registry: str) -> None:
+        self.shm = shm
+        self.registry = registry
+        buf = shm.buf
+        if buf is None or len(buf) < L.HEADER_SIZE:
+            raise CorruptRegistry(f"registry {registry!r}: data segment too small",
+                                  name=registry, detail="data segment too small")
+        self.buf: memoryview = buf
+        self.q: memoryview = buf.cast("Q")
+        q = self.q
+        if q[L.D_MAGIC] != L.DATA_MAGIC:
+            self._corrupt("data segment has a bad magic word")
+        self.gen = q[L.D_GEN]
+        self.nslots = q[L.D_NSLOTS]
+        self.arena_off = q[L.D_ARENA_OFF]
+        self.arena_size = q[L.D_ARENA_SIZE]
+        if (
+            self.nslots < 1
+            or self.arena_off < L.arena_offset(self.nslots)
+            or self.arena_off + self.arena_size > len(buf)
+        ):
+            self._corrupt(
+                f"data header out of bounds (slots {self.nslots}, arena {self.arena_off}"
+                f"+{self.arena_size}, segment {len(buf)})"
+            )
+        self.slot_word0 = L.HEADER_SIZE // 8
+        self._columns: npt.NDArray[np.uint64] | None = None
+
+    def _corrupt(self, detail: str) -> None:
+        raise CorruptRegistry(f"registry {self.registry!r}: {detail}", name=self.registry,
+                              detail=detail)
+
+    @staticmethod
+    def initialise(shm: SharedMemory, gen: int, nslots: int, arena_size: int,
+                   counters: tuple[int, ...] = (0, 0, 0, 0, 0, 0)) -> None:
+        """Write a fresh header into a new, zero-filled segment (not yet visible to anyone)."""
+        assert shm.buf is not None
+        q = shm.buf.cast("Q")
+        try:
+            q[L.D_GEN] = gen
+            q[L.D_NSLOTS] = nslots
+            q[L.D_ARENA_OFF] = L.arena_offset(nslots)
+            q[L.D_ARENA_SIZE] = arena_size
+            for word, value in zip(L.COUNTER_WORDS, counters):
+                q[word] = value
+            q[L.D_MAGIC] = L.DATA_MAGIC
+        finally:
+            q.release()
+
+    def release(self) -> None:
+        """Drop every view into the segment so it can be unmapped."""
+        self._columns = None
+        self.q.release()
+        self.buf = memoryview(b"")
+
+    # ------------------------------------------------------------------------ counters
+
+    def counter(self, word: int) -> int:
+        value: int = self.q[word]
+        return value
+
+    def counters(self) -> tuple[int, int, int, int, int, int]:
+        q = self.q
+        return (q[L.D_TOP], q[L.D_LIVE], q[L.D_TOMBS], q[L.D_GARBAGE], q[L.D_OPS],
+                q[L.D_NAMEGEN])
+
+    # --------------------------------------------------------------------------- reads
+
+    def read_slot(self, index: int) -> SlotWords:
+        """Seqlock-validated copy of one slot's words."""
+        q = self.q
+        w = self.slot_word0 + index * L.SLOT_WORDS
+        unpack = L.SLOT.unpack_from
+        buf = self.buf
+        spins = 0
+        started = 0.0
+        while True:
+            s1 = q[w]
+            words: SlotWords = unpack(buf, w * 8)
+            if not s1 & 1 and q[w] == s1:
+                return words
+            spins += 1
+            if spins >= _SPINS_BEFORE_YIELD:
+                now = time.monotonic()
+                if not started:
+                    started = now
+                elif now - started > _STUCK_AFTER_S:
+                    raise StuckSlot(index)
+                time.sleep(0)
+
+    def find(self, key: bytes, key_hash: int) -> tuple[int, SlotWords | None]:
+        """Lock-free probe: ``(index, words)`` of the used slot holding ``key``, or ``(-1, None)``."""
+        n = self.nslots
+        buf = self.buf
+        arena = self.arena_off
+        key_len = len(key)
+        i = key_hash % n
+        read = self.read_slot
+        for _ in range(n):
+            words = read(i)
+            w2 = words[2]
+            state = (w2 >> 48) & 0xFF
+            if state == L.EMPTY:
+                return -1, None
+            if state == L.USED and (words[1] & 0xFFFFFFFF) == key_hash:
+                off = arena + (w2 & 0xFFFFFFFF) * 8
+                if (w2 >> 32) & 0xFFFF == key_len and buf[off : off + key_len] == key:
+                    return i, words
+            i += 1
+            if i == n:
+                i = 0
+        return -1, None
+
+    def probe_for_write(self, key: bytes, key_hash: int) -> tuple[int, SlotWords | None, int]:
+        """Under the lock: ``(index or -1, words, first reusable slot or -1)``."""
+        n = self.nslots
+        buf = self.buf
+        arena = self.arena_off
+        key_len = len(key)
+        i = key_hash % n
+        first_free = -1
+        unpack = L.SLOT.unpack_from
+        base = self.slot_word0 * 8
+        for _ in range(n):
+            words: SlotWords = unpack(buf, base + i * L.SLOT_SIZE)
+            w2 = words[2]
+            state = (w2 >> 48) & 0xFF
+            if state == L.EMPTY:
+                return -1, None, (i if first_free < 0 else first_free)
+            if state == L.TOMB:
+                if first_free < 0:
+                    first_free = i
+            elif (words[1] & 0xFFFFFFFF) == key_hash:
+                off = arena + (w2 & 0xFFFFFFFF) * 8
+                if (w2 >> 32) & 0xFFFF == key_len and buf[off : off + key_len] == key:
+                    return i, words, first_free
+            i += 1
+            if i == n:
+                i = 0
+        return -1, None, first_free
+
+    def record_bytes(self, words: SlotWords) -> tuple[bytes, bytes]:
+        """Copies of (key bytes, metadata bytes) of a validated slot, bounds-checked."""
+        w2 = words[2]
+        off = self.arena_off + (w2 & 0xFFFFFFFF) * 8
+        key_len = (w2 >> 32) & 0xFFFF
+        meta_len = words[3] & 0xFFFFFFFF
+        end = off + key_len + meta_len
+        if end > self.arena_off + self.arena_size:
+            self._corrupt(f"record at {off} runs past the arena")
+        raw = bytes(self.buf[off:end])
+        return raw[:key_len], raw[key_len:]
+
+    def meta_bytes(self, words: SlotWords) -> bytes:
+        w2 = words[2]
+        off = self.arena_off + (w2 & 0xFFFFFFFF) * 8 + ((w2 >> 32) & 0xFFFF)
+        end = off + (words[3] & 0xFFFFFFFF)
+        if end > self.arena_off + self.arena_size:
+            self._corrupt(f"record at {off} runs past the arena")
+        return bytes(self.buf[off:end])
+
+    def key_bytes(self, words: SlotWords) -> bytes:
+        w2 = words[2]
+        off = self.arena_off + (w2 & 0xFFFFFFFF) * 8
+        end = off + ((w2 >> 32) & 0xFFFF)
+        if end > self.arena_off + self.arena_size:
+            self._corrupt(f"record at {off} runs past the arena")
+        return bytes(self.buf[off:end])
+
+    def columns(self) -> npt.NDArray[np.uint64]:
+        """All slots as an ``(nslots, 8)`` uint64 array: a live view, for candidate scans only."""
+        if self._columns is None:
+            self._columns = np.frombuffer(
+                self.buf, dtype=np.uint64, count=self.nslots * L.SLOT_WORDS, offset=L.HEADER_SIZE
+            ).reshape(self.nslots, L.SLOT_WORDS)
+        return self._columns
+
+    def used_indices(self) -> npt.NDArray[np.intp]:
+        states = (self.columns()[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)
+        return np.flatnonzero(states == L.USED)
+
+    def iter_used(self) -> Iterator[tuple[int, SlotWords]]:
+        """Validated words of every used slot (a slot may change after it is yielded)."""
+        for index in self.used_indices().tolist():
+            words = self.read_slot(index)
+            if (words[2] >> 48) & 0xFF == L.USED:
+                yield index, words
+
+    # -------------------------------------------------------------------------- writes
+
+    def stage(self, record: bytes) -> int:
+        """Copy a record above arena top; return its offset. Caller checked there is room."""
+        top = self.q[L.D_TOP]
+        end = top + len(record)
+        allocated = self.q[L.D_ALLOCATED]
+        if end > allocated:
+            from shmreg._segment import allocate
+
+            grow_to = min(self.arena_size, max(end, allocated + L.ARENA_CHUNK))
+            allocate(self.shm, self.arena_off + allocated, grow_to - allocated, self.registry)
+            self.q[L.D_ALLOCATED] = grow_to
+        start = self.arena_off + top
+        self.buf[start : start + len(record)] = record
+        return int(top)
+
+    def room_for(self, nbytes: int) -> bool:
+        return bool(self.q[L.D_TOP] + nbytes <= self.arena_size)
+
+    def commit(self, index: int, body: tuple[int, ...], counters: tuple[int, ...]) -> None:
+        """Publish one slot change through the redo journal (see the module docstring)."""
+        q = self.q
+        w = self.slot_word0 + index * L.SLOT_WORDS
+        target = (q[w] | 1) + 1
+        journal = L.JOURNAL_BODY.pack(index, target, *body, *counters)
+        self.buf[L.J_SLOT * 8 : L.J_SLOT * 8 + L.JOURNAL_BODY.size] = journal
+        q[L.J_CRC] = _crc32(journal)
+        q[L.J_STATE] = L.J_VALID
+        self._apply(w, target, body, counters)
+        q[L.J_STATE] = 0
+
+    def _apply(self, w: int, target: int, body: tuple[int, ...] | list[int],
+               counters: tuple[int, ...] | list[int]) -> None:
+        q = self.q
+        q[w] = target - 1
+        L.SLOT_BODY.pack_into(self.buf, w * 8 + 8, *body)
+        for word, value in zip(L.COUNTER_WORDS, counters):
+            q[word] = value
+        q[w] = target
+
+    def recover(self) -> list[str]:
+        """Repair after a writer died inside; return what was done, for logs and fsck."""
+        q = self.q
+        notes: list[str] = []
+        if q[L.J_STATE] == L.J_VALID:
+            start = L.J_SLOT * 8
+            journal = bytes(self.buf[start : start + L.JOURNAL_BODY.size])
+            fields = L.JOURNAL_BODY.unpack(journal)
+            index, target = fields[0], fields[1]
+            if (_crc32(journal) == q[L.J_CRC] and index < self.nslots and not target & 1):
+                self._apply(self.slot_word0 + index * L.SLOT_WORDS, target, fields[2:9],
+                            fields[9:15])
+                notes.append(f"replayed the journal for slot {index}")
+            else:
+                notes.append("discarded a journal that failed its checksum")
+            q[L.J_STATE] = 0
+        cols = self.columns()
+        for index in np.flatnonzero(cols[:, L.S_SEQ] & np.uint64(1)).tolist():
+            w = self.slot_word0 + index * L.SLOT_WORDS
+            words = list(L.SLOT.unpack_from(self.buf, w * 8))
+            words[2] = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
+            q[w + L.S_REC] = words[2]
+            q[w] = words[0] + 1
+            notes.append(f"tombstoned half-written slot {index}")
+        states = (cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)
+        live = int(np.count_nonzero(states == L.USED))
+        tombs = int(np.count_nonzero(states == L.TOMB))
+        if live != q[L.D_LIVE] or tombs != q[L.D_TOMBS]:
+            notes.append(f"recounted: live {q[L.D_LIVE]} -> {live}, tombs {q[L.D_TOMBS]} -> {tombs}")
+            q[L.D_LIVE] = live
+            q[L.D_TOMBS] = tombs
+        return notes
+
+    def copy_live_into(self, dest: Table) -> None:
+        """Rebuild: every used slot and its record into an empty table (compacts the arena)."""
+        top = 0
+        n = dest.nslots
+        dbuf = dest.buf
+        dq = dest.q
+        unpack = L.SLOT.unpack_from
+        pack = L.SLOT.pack_into
+        src = self.buf
+        base = self.slot_word0 * 8
+        dbase = dest.slot_word0 * 8
+        arena, darena = self.arena_off, dest.arena_off
+        taken = np.zeros(n, dtype=bool)
+        indices = self.used_indices().tolist()
+        need = 0
+        for index in indices:
+            w = unpack(src, base + index * L.SLOT_SIZE)
+            need += L.align_record(((w[2] >> 32) & 0xFFFF) + (w[3] & 0xFFFFFFFF))
+        if need > dest.arena_size:
+            raise ValueError("rebuild target arena too small")
+        from shmreg._segment import allocate
+
+        allocate(dest.shm, darena, max(need, 1), dest.registry)
+        dq[L.D_ALLOCATED] = max(need, 1)
+        for index in indices:
+            w = unpack(src, base + index * L.SLOT_SIZE)
+            w2 = w[2]
+            off = arena + (w2 & 0xFFFFFFFF) * 8
+            length = ((w2 >> 32) & 0xFFFF) + (w[3] & 0xFFFFFFFF)
+            dbuf[darena + top : darena + top + length] = src[off : off + length]
+            slot = (w[1] & 0xFFFFFFFF) % n
+            while taken[slot]:
+                slot += 1
+                if slot == n:
+                    slot = 0
+            taken[slot] = True
+            new_w2 = (w2 & ~0xFFFFFFFF) | (top // 8)
+            pack(dbuf, dbase + slot * L.SLOT_SIZE, 2, w[1], new_w2, *w[3:])
+            top += L.align_record(length)
+        _, _, _, _, ops, namegen = self.counters()
+        for word, value in zip(L.COUNTER_WORDS, (top, len(indices), 0, 0, ops, namegen)):
+            dq[word] = value
+
+    def describe(self) -> dict[str, Any]:
+        top, live, tombs, garbage, ops, namegen = self.counters()
+        return {"generation": self.gen, "slots": self.nslots, "live": live, "tombstones": tombs,
+                "arena_size": self.arena_size, "arena_top": top, "garbage_bytes": garbage,
+                "ops": ops, "owner_changes": namegen, "allocated": self.counter(L.D_ALLOCATED)}

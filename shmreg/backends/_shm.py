@@ -1,0 +1,479 @@
+"""``SharedMemoryBackend``: the registry API over a ``Store`` (the default backend).
+
+Reads are lock-free seqlock reads of the current generation plus one cheap liveness probe
+(``kill(pid, 0)``) per returned entry; writes run under the writer lock through the table's
+journaled commit. Queries over many entries first filter the slot table with numpy (state,
+namespace hash, type tag, capabilities mask) and decode only the candidates.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+from shmreg import _codec, _identity
+from shmreg import _layout as L
+from shmreg._errors import (
+    AlreadyRegistered,
+    CorruptRegistry,
+    NotRegistered,
+    StaleGeneration,
+)
+from shmreg._store import Store
+from shmreg._table import SlotWords, StuckSlot, Table
+from shmreg._types import (
+    Entry,
+    HealthReport,
+    Liveness,
+    Metadata,
+    ProcessIdentity,
+    RegistryStats,
+    Service,
+)
+
+T = TypeVar("T")
+_crc32 = zlib.crc32
+_probe_alive = _identity.probe_alive
+_KeyInfo = tuple[bytes, int, int, int]  # key bytes, key hash, namespace hash, namespace length
+_KEY_CACHE_LIMIT = 65_536
+_GEN = L.R_GEN
+_LO32 = L.LO32
+
+
+class SharedMemoryBackend:
+    """Registry storage in one host's shared memory; see docs/concepts.md."""
+
+    kind = "shm"
+
+    def __init__(self, name: str, *, create: bool = True, capacity: int | None = None,
+                 max_metadata_bytes: int | None = None, mode: int = 0o600) -> None:
+        self._store = Store.open(name, create=create, capacity=capacity,
+                                 max_metadata_bytes=max_metadata_bytes, mode=mode)
+        self._name = name
+        self._keys: dict[tuple[str, Any], _KeyInfo] = {}
+        self._sweeps = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def capacity(self) -> int:
+        return self._store.capacity
+
+    @property
+    def max_metadata_bytes(self) -> int:
+        return self._store.max_metadata_bytes
+
+    def _key(self, namespace: str, service: Service) -> _KeyInfo:
+        # Only exact str / int services are cached: a tuple key would make (1,) and (True,)
+        # (equal in Python, different keys here) share one cache entry.
+        kind = type(service)
+        if kind is str or kind is int:
+            cached = self._keys.get((namespace, service))
+            if cached is not None and type(namespace) is str:
+                return cached
+        raw = _codec.encode_key(namespace, service)
+        ns_len = raw.index(b"\x00")
+        info = (raw, _crc32(raw), _crc32(raw[:ns_len]), ns_len)
+        if kind is str or kind is int:
+            if len(self._keys) >= _KEY_CACHE_LIMIT:
+                self._keys.clear()
+            self._keys[(namespace, service)] = info
+        return info
+
+    def _table(self) -> Table:
+        store = self._store
+        if store.rq[_GEN] != store.gen:
+            store.refresh()
+        return store.table
+
+    def _read(self, fn: Callable[[Table], T]) -> T:
+        """Run a lock-free read; if a slot stays odd (dead writer), repair and retry."""
+        for _ in range(3):
+            try:
+                return fn(self._table())
+            except StuckSlot:
+                self._store.begin(timeout=30.0)  # a dead writer's lock: recovery runs here
+                self._store.end()
+        return fn(self._table())
+
+    def _write(self, fn: Callable[[Table], T]) -> T:
+        store = self._store
+        table = store.begin()
+        failed = True
+        try:
+            result = fn(table)
+            failed = False
+            return result
+        finally:
+            store.end(failed)
+
+    # ------------------------------------------------------------------ reads
+
+    def lookup(self, namespace: str, service: Service) -> int | None:
+        key, key_hash, _, _ = self._key(namespace, service)
+        store = self._store
+        if store.rq[_GEN] != store.gen:
+            store.refresh()
+        try:
+            _, words = store.table.find(key, key_hash)
+        except StuckSlot:
+            _, words = self._read(lambda t: t.find(key, key_hash))
+        if words is None:
+            return None
+        pid = words[4] & _LO32
+        return pid if _probe_alive(pid) else None
+
+    def _entry(self, namespace: str, service: Service) -> tuple[SlotWords, Metadata] | None:
+        key, key_hash, _, _ = self._key(namespace, service)
+
+        def read(table: Table) -> tuple[SlotWords, bytes] | None:
+            _, words = table.find(key, key_hash)
+            if words is None:
+                return None
+            return words, table.meta_bytes(words)
+
+        found = self._read(read)
+        if found is None:
+            return None
+        words, meta = found
+        if not _probe_alive(words[4] & _LO32):
+            return None
+        if _crc32(meta, _crc32(key)) != words[4] >> 32:
+            raise CorruptRegistry(
+                f"registry {self._name!r}: record of {service!r} fails its checksum",
+                name=self._name, detail="record checksum mismatch")
+        return words, _codec.unpack_metadata(meta)
+
+    def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
+        found = self._entry(namespace, service)
+        if found is None:
+            return None
+        return found[0][4] & _LO32, found[1]
+
+    def lookup_entry(self, namespace: str, service: Service) -> tuple[int, int, Metadata] | None:
+        found = self._entry(namespace, service)
+        if found is None:
+            return None
+        words, meta = found
+        return words[4] & _LO32, words[6], meta
+
+    def _scan(self, namespace: str | None, type_tag: int | None = None,
+              caps_mask: int = 0) -> list[tuple[SlotWords, bytes, bytes]]:
+        """Validated (words, key, metadata bytes) of live candidates, filtered in numpy first."""
+
+        def scan(table: Table) -> list[tuple[SlotWords, bytes, bytes]]:
+            cols = table.columns()
+            mask = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
+            prefix = b""
+            if namespace is not None:
+                prefix = _codec.check_namespace(namespace) + b"\x00"
+                mask &= (cols[:, L.S_HASH] >> np.uint64(32)) == np.uint64(_crc32(prefix[:-1]))
+            if type_tag is not None:
+                tags = cols[:, L.S_META] >> np.uint64(32)
+                mask &= (tags == np.uint64(type_tag)) | (tags == np.uint64(_codec.TYPE_ANY))
+            if caps_mask:
+                want = np.uint64(caps_mask)
+                mask &= (cols[:, L.S_CAPS] & want) == want
+            out: list[tuple[SlotWords, bytes, bytes]] = []
+            alive: dict[int, bool] = {}
+            for index in np.flatnonzero(mask).tolist():
+                words = table.read_slot(index)
+                if (words[2] >> 48) & 0xFF != L.USED:
+                    continue
+                pid = words[4] & _LO32
+                ok = alive.get(pid)
+                if ok is None:
+                    ok = alive[pid] = _probe_alive(pid)
+                if not ok:
+                    continue
+                key, meta = table.record_bytes(words)
+                if prefix and not key.startswith(prefix):
+                    continue  # namespace hash collision
+                out.append((words, key, meta))
+            return out
+
+        return self._read(scan)
+
+    def _entries(self, rows: list[tuple[SlotWords, bytes, bytes]], ns_len: int) -> list[Entry]:
+        unpack = _codec.unpack_metadata
+        return [Entry(_codec.decode_service(key, ns_len), words[4] & _LO32, unpack(meta))
+                for words, key, meta in rows]
+
+    def list_entries(self, namespace: str) -> list[Entry]:
+        ns_len = len(_codec.check_namespace(namespace))
+        return self._entries(self._scan(namespace), ns_len)
+
+    def list_services(self, namespace: str) -> list[Service]:
+        ns_len = len(_codec.check_namespace(namespace))
+        return [_codec.decode_service(key, ns_len) for _, key, _ in self._scan(namespace)]
+
+    def find(self, namespace: str, equals: Mapping[str, Any] | None = None,
+             predicate: Callable[[Metadata], bool] | None = None) -> list[Entry]:
+        ns_len = len(_codec.check_namespace(namespace))
+        type_tag: int | None = None
+        caps = 0
+        if equals:
+            if "type" in equals and type(equals["type"]) not in (list, dict):
+                type_tag = _codec.type_tag({"type": equals["type"]})
+                if type_tag == _codec.TYPE_ANY:
+                    type_tag = None
+            if "capabilities" in equals:
+                wanted = equals["capabilities"]
+                if type(wanted) is list:
+                    for cap in wanted:
+                        caps |= _codec.capability_bit(cap)
+                elif type(wanted) is not dict:
+                    caps = _codec.capability_bit(wanted)
+        out = []
+        for entry in self._entries(self._scan(namespace, type_tag, caps), ns_len):
+            if equals and not _codec.matches(entry.metadata, equals):
+                continue
+            if predicate is not None and not predicate(entry.metadata):
+                continue
+            out.append(entry)
+        return out
+
+    def count(self, namespace: str | None = None) -> int:
+        if namespace is None:
+            def scan(table: Table) -> int:
+                cols = table.columns()
+                used = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
+                pids = cols[used, L.S_OWNER] & np.uint64(_LO32)
+                uniq, counts = np.unique(pids, return_counts=True)
+                return sum(int(c) for p, c in zip(uniq.tolist(), counts.tolist())
+                           if _probe_alive(p))
+            return self._read(scan)
+        return len(self._scan(namespace))
+
+    # ------------------------------------------------------------------ writes
+
+    def register(self, namespace: str, service: Service, owner: ProcessIdentity,
+                 metadata: Mapping[str, Any] | None) -> int:
+        key, key_hash, ns_hash, _ = self._key(namespace, service)
+        meta = _codec.as_metadata(metadata)
+        packed = _codec.pack_metadata(meta, self._store.max_metadata_bytes)
+        record = key + packed
+        body_tail = (L.pack_meta(len(packed), _codec.type_tag(meta)),
+                     L.pack_owner(owner.pid, _crc32(record)), owner.start_ticks)
+        caps = _codec.capability_mask(meta)
+        padded = L.align_record(len(record))
+        record += b"\0" * (padded - len(record))
+
+        def write(table: Table) -> int:
+            table = self._ensure_room(table, padded, adding=True)
+            index, words, free = table.probe_for_write(key, key_hash)
+            top, live, tombs, garbage, ops, owners = table.counters()
+            if words is not None:
+                held = ProcessIdentity(words[4] & _LO32, words[5])
+                if held == owner:
+                    generation = words[6]
+                else:
+                    if not _identity.check(held).is_dead:
+                        raise AlreadyRegistered(
+                            f"{namespace}/{service!r} is held by live pid {held.pid}",
+                            namespace=namespace, service=service, pid=held.pid)
+                    owners += 1
+                    generation = owners
+                garbage += _record_size(words)
+            else:
+                index = free
+                if (table.read_slot(index)[2] >> 48) & 0xFF == L.TOMB:
+                    tombs -= 1
+                live += 1
+                owners += 1
+                generation = owners
+            offset = table.stage(record)
+            body = (L.pack_hash(key_hash, ns_hash), L.pack_rec(offset, len(key), L.USED),
+                    *body_tail, generation, caps)
+            table.commit(index, body, (top + padded, live, tombs, garbage, ops + 1, owners))
+            return generation
+
+        return self._write(write)
+
+    def _ensure_room(self, table: Table, nbytes: int, adding: bool) -> Table:
+        live = table.counter(L.D_LIVE)
+        tombs = table.counter(L.D_TOMBS)
+        crowded = adding and live + tombs + 1 > L.MAX_LOAD * table.nslots
+        if crowded or not table.room_for(nbytes):
+            return self._store.rebuild(live + 1, nbytes)
+        return table
+
+    def update_metadata(self, namespace: str, service: Service, metadata: Mapping[str, Any], *,
+                        merge: bool = False, generation: int | None = None) -> None:
+        key, key_hash, _, _ = self._key(namespace, service)
+        update = _codec.as_metadata(metadata)
+        limit = self._store.max_metadata_bytes
+        packed_update = _codec.pack_metadata(update, limit) if not merge else b""
+        if merge:
+            _codec.pack_metadata(update, 2**62)  # validate the update itself up front
+
+        def write(table: Table) -> None:
+            for _ in range(2):
+                index, words = self._held(table, namespace, service, key, key_hash, generation)
+                if merge:
+                    meta = _codec.unpack_metadata(table.meta_bytes(words))
+                    meta.update(update)
+                    packed = _codec.pack_metadata(meta, limit)
+                else:
+                    meta, packed = update, packed_update
+                record = key + packed
+                padded = L.align_record(len(record))
+                if not table.room_for(padded):
+                    table = self._ensure_room(table, padded, adding=False)
+                    continue
+                top, live, tombs, garbage, ops, owners = table.counters()
+                offset = table.stage(record + b"\0" * (padded - len(record)))
+                body = (words[1], L.pack_rec(offset, len(key), L.USED),
+                        L.pack_meta(len(packed), _codec.type_tag(meta)),
+                        L.pack_owner(words[4] & _LO32, _crc32(record)), words[5], words[6],
+                        _codec.capability_mask(meta))
+                table.commit(index, body, (top + padded, live, tombs,
+                                           garbage + _record_size(words), ops + 1, owners))
+                return
+
+        self._write(write)
+
+    def _held(self, table: Table, namespace: str, service: Service, key: bytes, key_hash: int,
+              generation: int | None) -> tuple[int, SlotWords]:
+        index, words, _ = table.probe_for_write(key, key_hash)
+        if words is None or not _probe_alive(words[4] & _LO32):
+            raise NotRegistered(f"{namespace}/{service!r} is not registered",
+                                namespace=namespace, service=service)
+        if generation is not None and words[6] != generation:
+            raise StaleGeneration(
+                f"{namespace}/{service!r} is at generation {words[6]}, caller holds {generation}",
+                namespace=namespace, service=service, expected=generation, actual=words[6])
+        return index, words
+
+    def unregister(self, namespace: str, service: Service, *,
+                   generation: int | None = None) -> bool:
+        key, key_hash, _, _ = self._key(namespace, service)
+
+        def write(table: Table) -> bool:
+            index, words, _ = table.probe_for_write(key, key_hash)
+            if words is None:
+                return False
+            if generation is not None and words[6] != generation:
+                raise StaleGeneration(
+                    f"{namespace}/{service!r} is at generation {words[6]}, caller holds "
+                    f"{generation}", namespace=namespace, service=service,
+                    expected=generation, actual=words[6])
+            alive = _probe_alive(words[4] & _LO32)
+            _tombstone(table, index, words)
+            return alive
+
+        return self._write(write)
+
+    # ------------------------------------------------------------------ liveness
+
+    def sweep(self) -> int:
+        """Remove every entry whose owner is provably dead; return how many."""
+        doomed = self._dead_slots()
+        removed = 0
+        if doomed:
+            def write(table: Table) -> int:
+                count = 0
+                for index, identity in doomed:
+                    words = table.read_slot(index) if index < table.nslots else None
+                    if (words is not None and (words[2] >> 48) & 0xFF == L.USED
+                            and (words[4] & _LO32, words[5]) == identity):
+                        _tombstone(table, index, words)
+                        count += 1
+                return count
+
+            removed = self._write(write)
+        rq = self._store.rq
+        rq[L.R_SWEEPS] += 1
+        rq[L.R_LAST_SWEEP_NS] = time.time_ns()
+        rq[L.R_DEAD_FOUND] += removed
+        self._sweeps += 1
+        return removed
+
+    def _identities(self) -> dict[tuple[int, int], list[int]]:
+        def scan(table: Table) -> dict[tuple[int, int], list[int]]:
+            cols = table.columns()
+            used = np.flatnonzero(((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF))
+                                  == L.USED)
+            pids = (cols[used, L.S_OWNER] & np.uint64(_LO32)).tolist()
+            starts = cols[used, L.S_START].tolist()
+            groups: dict[tuple[int, int], list[int]] = {}
+            for index, pid, start in zip(used.tolist(), pids, starts):
+                groups.setdefault((pid, start), []).append(index)
+            return groups
+
+        return self._read(scan)
+
+    def _dead_slots(self) -> list[tuple[int, tuple[int, int]]]:
+        groups = self._identities()
+        verdicts = _identity.check_many(ProcessIdentity(p, s) for p, s in groups)
+        return [(index, ident) for ident, indices in groups.items()
+                if verdicts[ProcessIdentity(*ident)].is_dead for index in indices]
+
+    def health_check(self) -> HealthReport:
+        groups = self._identities()
+        verdicts = _identity.check_many(ProcessIdentity(p, s) for p, s in groups)
+        total = dead = unknown = 0
+        for ident, indices in groups.items():
+            verdict = verdicts[ProcessIdentity(*ident)]
+            total += len(indices)
+            if verdict.is_dead:
+                dead += len(indices)
+            elif verdict is Liveness.UNKNOWN:
+                unknown += len(indices)
+        return HealthReport(HealthReport.classify(total, dead), self.kind, total,
+                            total - dead - unknown, dead, unknown)
+
+    # ------------------------------------------------------------------ reporting
+
+    def stats(self) -> RegistryStats:
+        table = self._table()
+        info = table.describe()
+        rq = self._store.rq
+        cols = table.columns()
+        used = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
+        namespaces = int(np.unique(cols[used, L.S_HASH] >> np.uint64(32)).size)
+        memory = L.ROOT_SIZE + table.arena_off + info["allocated"]
+        last = int(rq[L.R_LAST_SWEEP_NS])
+        return RegistryStats(
+            backend=self.kind, capacity=int(table.nslots * L.MAX_LOAD), used=info["live"],
+            tombstones=info["tombstones"],
+            load_factor=(info["live"] + info["tombstones"]) / table.nslots,
+            namespaces=namespaces, memory_bytes=memory, sweeps=int(rq[L.R_SWEEPS]),
+            last_sweep_time=last / 1e9 if last else None, dead_found=int(rq[L.R_DEAD_FOUND]),
+            extra={**info, **self._store.root_info()})
+
+    def statistics(self) -> dict[str, Any]:
+        stats = self.stats()
+        return {"backend": self.kind, "name": self._name, "entries": stats.used,
+                "capacity": stats.capacity, "load_factor": stats.load_factor,
+                "memory_bytes": stats.memory_bytes, "sweeps": stats.sweeps,
+                "generation": stats.extra["generation"], "ops": stats.extra["ops"]}
+
+    def close(self) -> None:
+        self._store.close()
+
+    def destroy(self) -> None:
+        self._store.destroy()
+
+
+def _record_size(words: SlotWords) -> int:
+    return L.align_record(((words[2] >> 32) & 0xFFFF) + (words[3] & _LO32))
+
+
+def _tombstone(table: Table, index: int, words: SlotWords) -> None:
+    top, live, tombs, garbage, ops, owners = table.counters()
+    w2 = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
+    table.commit(index, (words[1], w2, *words[3:]),
+                 (top, live - 1, tombs + 1, garbage + _record_size(words), ops + 1, owners))
