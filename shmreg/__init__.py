@@ -18,8 +18,15 @@ from shmreg._types import (
 
 __version__ = "0.1.0"
 
-for _public in (Registry, Entry, HealthReport, HealthStatus, Liveness, ProcessIdentity,
-                RegistryStats):
+for _public in (
+    Registry,
+    Entry,
+    HealthReport,
+    HealthStatus,
+    Liveness,
+    ProcessIdentity,
+    RegistryStats,
+):
     _public.__module__ = "shmreg"
 del _public
 

@@ -39,6 +39,9 @@ TYPE_ABSENT = 0
 TYPE_ANY = 0xFFFFFFFF
 
 _packb = msgpack.packb
+# One reused Packer: building a new one per call (what packb does) costs ~0.4 µs. Packing
+# validated values calls back into no Python code, so the GIL keeps it whole per call.
+_pack = msgpack.Packer(use_bin_type=True).pack
 _unpackb = msgpack.unpackb
 _crc32 = zlib.crc32
 
@@ -73,16 +76,16 @@ def check_namespace(namespace: object) -> bytes:
     return raw
 
 
-def _check_service(service: object, depth: int, whole: object) -> None:
+def _check_service(service: Any, depth: int, whole: object) -> None:
     kind = type(service)
     if kind is str:
         try:
-            service.encode("utf-8")  # type: ignore[union-attr]
+            service.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidKey("service is not valid Unicode text", key=_short(whole)) from exc
         return
     if kind is int:
-        if not _INT_MIN <= service <= _INT_MAX:  # type: ignore[operator]
+        if not _INT_MIN <= service <= _INT_MAX:
             raise InvalidKey("service int does not fit in 64 bits", key=_short(whole))
         return
     if kind is tuple:
@@ -90,7 +93,7 @@ def _check_service(service: object, depth: int, whole: object) -> None:
             raise InvalidKey(f"service nests deeper than {MAX_SERVICE_DEPTH}", key=_short(whole))
         if not service:
             raise InvalidKey("service tuple must not be empty", key=_short(whole))
-        for part in service:  # type: ignore[attr-defined]
+        for part in service:
             _check_service(part, depth + 1, whole)
         return
     raise InvalidKey(
@@ -101,9 +104,17 @@ def _check_service(service: object, depth: int, whole: object) -> None:
 
 def encode_key(namespace: object, service: object) -> bytes:
     """Canonical key bytes, or ``InvalidKey`` saying what is wrong."""
-    ns_raw = check_namespace(namespace)
-    _check_service(service, 0, service)
-    raw = ns_raw + b"\x00" + _packb(service, use_bin_type=True)
+    return encode_service(check_namespace(namespace) + b"\x00", service)
+
+
+def encode_service(prefix: bytes, service: object) -> bytes:
+    """Key bytes from a checked namespace prefix (namespace + NUL) and a service."""
+    if type(service) is not str:
+        _check_service(service, 0, service)
+    try:
+        raw: bytes = prefix + _pack(service)
+    except UnicodeEncodeError as exc:
+        raise InvalidKey("service is not valid Unicode text", key=_short(service)) from exc
     if len(raw) > MAX_KEY_BYTES:
         raise InvalidKey(
             f"key is {len(raw)} bytes encoded, the limit is {MAX_KEY_BYTES}", key=_short(service)
@@ -133,26 +144,26 @@ def decode_service(raw: bytes, ns_len: int) -> Service:
 _SCALARS = (type(None), bool, str, bytes)
 
 
-def _check_value(value: object, path: str, depth: int) -> None:
+def _check_value(value: Any, path: str, depth: int) -> None:
     kind = type(value)
     if kind in _SCALARS:
         return
     if kind is int:
-        if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]
+        if not _INT_MIN <= value <= _INT_MAX:
             raise InvalidMetadata(f"{path}: int does not fit in 64 bits", path=path)
         return
     if kind is float:
-        if math.isnan(value):  # type: ignore[arg-type]
+        if math.isnan(value):
             raise InvalidMetadata(f"{path}: NaN is not allowed (it never equals itself)", path=path)
         return
     if depth >= MAX_METADATA_DEPTH:
         raise InvalidMetadata(f"{path}: nested deeper than {MAX_METADATA_DEPTH}", path=path)
     if kind is list:
-        for index, item in enumerate(value):  # type: ignore[arg-type]
+        for index, item in enumerate(value):
             _check_value(item, f"{path}[{index}]", depth + 1)
         return
     if kind is dict:
-        _check_map(value, path, depth + 1)  # type: ignore[arg-type]
+        _check_map(value, path, depth + 1)
         return
     hint = " (use a list)" if kind is tuple else ""
     raise InvalidMetadata(
@@ -184,11 +195,54 @@ def as_metadata(metadata: object) -> Metadata:
     )
 
 
+_FLAT = frozenset({str, bool, type(None), bytes})
+
+
+def _fast_ok(value: Any, depth: int) -> bool:
+    """True when ``value`` is plainly storable; False sends it to the path-naming check.
+
+    Builds no strings: nearly every metadata dict is valid, and this is on the register path.
+    """
+    if depth > MAX_METADATA_DEPTH:
+        return False
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            sub = type(item)
+            if sub in _FLAT:
+                continue
+            if sub is int:
+                if not _INT_MIN <= item <= _INT_MAX:
+                    return False
+            elif not _fast_ok(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        for item in value:
+            sub = type(item)
+            if sub in _FLAT:
+                continue
+            if sub is int:
+                if not _INT_MIN <= item <= _INT_MAX:
+                    return False
+            elif not _fast_ok(item, depth + 1):
+                return False
+        return True
+    if kind is int:
+        return bool(_INT_MIN <= value <= _INT_MAX)
+    if kind is float:
+        return not math.isnan(value)
+    return kind in _FLAT
+
+
 def pack_metadata(metadata: Metadata, limit: int) -> bytes:
     """Validate and encode; ``InvalidMetadata`` names the offending path."""
-    _check_map(metadata, "metadata", 0)
+    if not _fast_ok(metadata, 0):
+        _check_map(metadata, "metadata", 0)  # raises with the path
     try:
-        packed: bytes = _packb(metadata, use_bin_type=True)
+        packed: bytes = _pack(metadata)
     except (TypeError, ValueError, OverflowError) as exc:  # defensive: the walk should catch all
         raise InvalidMetadata(f"metadata cannot be encoded: {exc}", path="metadata") from exc
     if len(packed) > limit:
@@ -209,8 +263,19 @@ def unpack_metadata(raw: bytes) -> Metadata:
 # --------------------------------------------------------------------------- query tags
 
 
-def value_tag(value: object) -> int:
+_STR_TAGS: dict[str, int] = {}
+
+
+def value_tag(value: Any) -> int:
     """32-bit tag of one scalar value, equal for equal values (msgpack canonical form)."""
+    if type(value) is str:
+        # Types and capability names repeat endlessly: remember their tags.
+        tag = _STR_TAGS.get(value)
+        if tag is None:
+            if len(_STR_TAGS) > 4096:
+                _STR_TAGS.clear()
+            tag = _STR_TAGS[value] = _crc32(_packb(value, use_bin_type=True))
+        return tag
     try:
         return _crc32(_packb(value, use_bin_type=True))
     except (TypeError, ValueError, OverflowError):
@@ -240,10 +305,14 @@ def capability_mask(metadata: Metadata) -> int:
         return 0
     if type(caps) is list:
         mask = 0
+        tags = _STR_TAGS
         for cap in caps:
-            if type(cap) in (list, dict):
-                return 0xFFFFFFFFFFFFFFFF
-            mask |= capability_bit(cap)
+            tag = tags.get(cap) if type(cap) is str else None
+            if tag is None:
+                if type(cap) in (list, dict):
+                    return 0xFFFFFFFFFFFFFFFF
+                tag = value_tag(cap)
+            mask |= 1 << (tag & 63)
         return mask
     if type(caps) is dict:
         return 0xFFFFFFFFFFFFFFFF

@@ -35,14 +35,21 @@
         └── InvalidAgentConfig ....... 5005  (ValueError)
 
 The builtin in parentheses is a second base, so ``except LookupError`` and friends keep
-working for callers who never heard of shmreg. Codes are part of the API: the CLI prints them
-and other processes match on them, so a code is never reused for a different meaning.
+working for callers who never heard of shmreg. Mind that this makes RegistryTimeout and
+RegistryPermissionError OSErrors: an ``except OSError`` around shmreg calls catches them too.
+Codes are part of the API: the CLI prints them and other processes match on them, so a code
+is never reused for a different meaning.
 
 Every error carries ``message``, ``context`` (a dict that also holds its specific fields),
 ``correlation_id`` and its fields as attributes, and survives pickling with all of them: an
 error raised in an agent process arrives in its supervisor intact. Pickles name the class by
 its code through ``_rebuild`` below, not by ``shmreg.<Class>``, so they load even where the
-package ``__init__`` is half imported (inside a spawn child's bootstrap, say).
+package ``__init__`` is half imported (inside a spawn child's bootstrap, say). A picklable
+``__cause__`` travels along; an unpicklable one is dropped, as are ``__context__`` and
+tracebacks, which pickle cannot carry.
+
+A subclass declares its fields as annotated attributes (collected by ``__init_subclass__``)
+and takes them keyword-only in ``__init__``, passing them on to ``_init``.
 """
 
 from __future__ import annotations
@@ -242,6 +249,9 @@ def _rebuild(
     """Unpickle an error without calling ``__init__`` (its signature is the class's own)."""
     cls = error_for_code(target) if isinstance(target, int) else target
     error = cls.__new__(cls, message)
+    # OSError subclasses (RegistryTimeout, RegistryPermissionError) fill ``args`` only in
+    # ``__init__``, which is skipped here.
+    error.args = (message,)
     error.__dict__.update(state)
     if cause is not None:
         error.__cause__ = cause  # also sets __suppress_context__, as ``raise ... from`` does
@@ -267,10 +277,10 @@ def _portable(value: object) -> object:
 
 
 def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
     if isinstance(value, enum.Enum):
         return _jsonable(value.value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -338,7 +348,9 @@ class IncompatibleRegistry(ConfigurationError):
         filled = self._filled_template()
         if not message:
             return filled or self._default_message()
-        return f"{message} ({filled})" if filled and filled not in message else message
+        if filled is None or all(str(v) in message for v in (self.expected, self.actual)):
+            return message
+        return f"{message} ({filled})"
 
 
 class InvalidBackendConfig(ConfigurationError, ValueError):

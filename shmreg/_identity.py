@@ -5,7 +5,7 @@ an identity: the kernel hands a freed pid to the next process that asks, so an e
 only the pid would start to describe a stranger once its owner exits. The start time, in clock
 ticks since boot (field 22 of ``/proc/<pid>/stat``), tells the two apart.
 
-Three questions, three costs (medians on Linux, see ``docs/``):
+Three questions, three costs (medians measured on Linux):
 
 - ``probe_alive(pid)``: ``os.kill(pid, 0)``, ~0.25 µs. The per-read probe. It sees "this pid is
   taken", so it answers *alive* for zombies and for a reused pid.
@@ -59,8 +59,9 @@ _PID_LIMIT: Final = 2**22 if sys.platform.startswith("linux") else 2**31 - 1
 #: (``/proc`` mounted with ``hidepid``, another pid namespace). "?" is no kernel state letter.
 UNREADABLE: Final[tuple[str, int]] = ("?", -1)
 
-#: One page: the kernel renders a stat line into a page-sized seq_file buffer, and the longest
-#: line on a busy host is ~330 bytes, so a single read always gets the whole line.
+#: One page, the size of the kernel's seq_file buffer. A stat line holds 52 numbers of at most
+#: 20 digits plus a short name, about 1.1 KiB at worst (321 bytes was the longest measured), so
+#: one read always returns the whole line.
 _STAT_READ_SIZE: Final = 4096
 
 #: psutil's ``create_time()`` is a float; stored as an int in hundredths of a second (the size

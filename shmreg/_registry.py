@@ -29,12 +29,19 @@ def check_name(name: object) -> str:
         raise InvalidRegistryName(
             f"invalid registry name {name!r}: use 1-100 of A-Z a-z 0-9 _ : @ - "
             "(no '/', '.', NUL or spaces), not starting with a punctuation mark",
-            name=repr(name))
+            name=repr(name),
+        )
     return name
 
 
-def _open_backend(name: str, backend: object, create: bool, capacity: int | None,
-                  max_metadata_bytes: int | None, mode: int) -> Backend:
+def _open_backend(
+    name: str,
+    backend: object,
+    create: bool,
+    capacity: int | None,
+    max_metadata_bytes: int | None,
+    mode: int,
+) -> Backend:
     if backend is not None and not isinstance(backend, str):
         if not isinstance(backend, Backend):
             raise InvalidBackendConfig(f"{backend!r} does not implement shmreg.backends.Backend")
@@ -43,15 +50,18 @@ def _open_backend(name: str, backend: object, create: bool, capacity: int | None
     if kind in ("shm", "shared_memory", "sharedmemory"):
         from shmreg.backends._shm import SharedMemoryBackend
 
-        return SharedMemoryBackend(name, create=create, capacity=capacity,
-                                   max_metadata_bytes=max_metadata_bytes, mode=mode)
+        return SharedMemoryBackend(
+            name, create=create, capacity=capacity, max_metadata_bytes=max_metadata_bytes, mode=mode
+        )
     if kind == "memory":
         from shmreg.backends._memory import MemoryBackend
 
-        return MemoryBackend.named(name, create=create, capacity=capacity,
-                                   max_metadata_bytes=max_metadata_bytes)
+        return MemoryBackend.named(
+            name, create=create, capacity=capacity, max_metadata_bytes=max_metadata_bytes
+        )
     raise InvalidBackendConfig(
-        f"unknown backend {kind!r} (from SHMREG_BACKEND or backend=): use 'shm' or 'memory'")
+        f"unknown backend {kind!r} (from SHMREG_BACKEND or backend=): use 'shm' or 'memory'"
+    )
 
 
 def _reopen(name: str, kind: str) -> Registry:
@@ -70,35 +80,66 @@ class Registry:
     True
     """
 
-    def __init__(self, name: str, *, backend: object = None, capacity: int | None = None,
-                 max_metadata_bytes: int | None = None, mode: int = 0o600,
-                 create: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        backend: object = None,
+        capacity: int | None = None,
+        max_metadata_bytes: int | None = None,
+        mode: int = 0o600,
+        create: bool = True,
+    ) -> None:
         self._name = check_name(name)
         for setting, value in (("capacity", capacity), ("max_metadata_bytes", max_metadata_bytes)):
             if value is not None and (type(value) is not int or value < 1):
                 raise InvalidBackendConfig(f"{setting} must be a positive int, got {value!r}")
         if type(mode) is not int or not 0 <= mode <= 0o777:
             raise InvalidBackendConfig(f"mode must be file permission bits, got {mode!r}")
-        self._backend = _open_backend(self._name, backend, create, capacity,
-                                      max_metadata_bytes, mode)
+        self._backend = _open_backend(
+            self._name, backend, create, capacity, max_metadata_bytes, mode
+        )
         # Hot paths go straight to the backend (see the module docstring).
         self.lookup = self._backend.lookup  # type: ignore[method-assign]
         self.lookup_with_metadata = self._backend.lookup_with_metadata  # type: ignore[method-assign]
 
     @classmethod
-    def create(cls, name: str, *, capacity: int | None = None,
-               max_metadata_bytes: int | None = None, mode: int = 0o600,
-               backend: object = None) -> Registry:
+    def create(
+        cls,
+        name: str,
+        *,
+        capacity: int | None = None,
+        max_metadata_bytes: int | None = None,
+        mode: int = 0o600,
+        backend: object = None,
+    ) -> Registry:
         """Create ``name``, or attach if it exists with the same settings."""
-        return cls(name, backend=backend, capacity=capacity,
-                   max_metadata_bytes=max_metadata_bytes, mode=mode, create=True)
+        return cls(
+            name,
+            backend=backend,
+            capacity=capacity,
+            max_metadata_bytes=max_metadata_bytes,
+            mode=mode,
+            create=True,
+        )
 
     @classmethod
-    def attach(cls, name: str, *, capacity: int | None = None,
-               max_metadata_bytes: int | None = None, backend: object = None) -> Registry:
+    def attach(
+        cls,
+        name: str,
+        *,
+        capacity: int | None = None,
+        max_metadata_bytes: int | None = None,
+        backend: object = None,
+    ) -> Registry:
         """Attach to an existing registry; ``RegistryNotFound`` if there is none."""
-        return cls(name, backend=backend, capacity=capacity,
-                   max_metadata_bytes=max_metadata_bytes, create=False)
+        return cls(
+            name,
+            backend=backend,
+            capacity=capacity,
+            max_metadata_bytes=max_metadata_bytes,
+            create=False,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,8 +162,12 @@ class Registry:
     def __enter__(self) -> Registry:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __reduce__(self) -> tuple[Callable[[str, str], Registry], tuple[str, str]]:
@@ -134,15 +179,20 @@ class Registry:
 
     # ------------------------------------------------------------------ registration
 
-    def register(self, namespace: str, service: Service, pid: int | None = None,
-                 metadata: Mapping[str, Any] | None = None) -> int:
+    def register(
+        self,
+        namespace: str,
+        service: Service,
+        pid: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> int:
         """Register ``pid`` (default: this process); return the name's generation."""
         owner = _identity.self_identity() if pid is None else _identity.identity_of(pid)
         return self._backend.register(namespace, service, owner, metadata)
 
-    def register_many(self, namespace: str,
-                      items: Iterable[tuple[Service, int | None, Mapping[str, Any] | None]]
-                      ) -> list[int]:
+    def register_many(
+        self, namespace: str, items: Iterable[tuple[Service, int | None, Mapping[str, Any] | None]]
+    ) -> list[int]:
         """Register several ``(service, pid, metadata)``; one generation per item."""
         many = getattr(self._backend, "register_many", None)
         resolved = [(service, self._owner(pid), metadata) for service, pid, metadata in items]
@@ -165,12 +215,14 @@ class Registry:
     def get_metadata(self, namespace: str, service: Service) -> Metadata:
         found = self._backend.lookup_with_metadata(namespace, service)
         if found is None:
-            raise NotRegistered(f"{namespace}/{service!r} is not registered",
-                                namespace=namespace, service=service)
+            raise NotRegistered(
+                f"{namespace}/{service!r} is not registered", namespace=namespace, service=service
+            )
         return found[1]
 
-    def get_metadata_field(self, namespace: str, service: Service, field: str,
-                           default: Any = None) -> Any:
+    def get_metadata_field(
+        self, namespace: str, service: Service, field: str, default: Any = None
+    ) -> Any:
         return self.get_metadata(namespace, service).get(field, default)
 
     def generation(self, namespace: str, service: Service) -> int | None:
@@ -178,13 +230,22 @@ class Registry:
         found = self._backend.lookup_entry(namespace, service)
         return None if found is None else found[1]
 
-    def update_metadata(self, namespace: str, service: Service, metadata: Mapping[str, Any], *,
-                        merge: bool = False, generation: int | None = None) -> None:
-        self._backend.update_metadata(namespace, service, metadata, merge=merge,
-                                      generation=generation)
+    def update_metadata(
+        self,
+        namespace: str,
+        service: Service,
+        metadata: Mapping[str, Any],
+        *,
+        merge: bool = False,
+        generation: int | None = None,
+    ) -> None:
+        self._backend.update_metadata(
+            namespace, service, metadata, merge=merge, generation=generation
+        )
 
-    def unregister(self, namespace: str, service: Service, *,
-                   generation: int | None = None) -> bool:
+    def unregister(
+        self, namespace: str, service: Service, *, generation: int | None = None
+    ) -> bool:
         return self._backend.unregister(namespace, service, generation=generation)
 
     def registered(self, namespace: str, service: Service) -> bool:
@@ -198,11 +259,14 @@ class Registry:
     def list_services_with_metadata(self, namespace: str) -> dict[Service, Metadata]:
         return {e.service: e.metadata for e in self._backend.list_entries(namespace)}
 
-    def find_services_by_metadata(self, namespace: str, predicate: Callable[[Metadata], bool]
-                                  ) -> list[tuple[Service, int, Metadata]]:
+    def find_services_by_metadata(
+        self, namespace: str, predicate: Callable[[Metadata], bool]
+    ) -> list[tuple[Service, int, Metadata]]:
         return [tuple(e) for e in self._backend.find(namespace, predicate=predicate)]  # type: ignore[misc]
 
-    def find_by_metadata(self, namespace: str, **equals: Any) -> list[tuple[Service, int, Metadata]]:
+    def find_by_metadata(
+        self, namespace: str, **equals: Any
+    ) -> list[tuple[Service, int, Metadata]]:
         """Entries whose fields equal ``equals``; a list field matches by membership (AND)."""
         return [tuple(e) for e in self._backend.find(namespace, equals=equals)]  # type: ignore[misc]
 

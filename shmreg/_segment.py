@@ -72,8 +72,9 @@ def allocate(shm: SharedMemory, offset: int, length: int, registry: str) -> None
             raise
 
 
-def create_segment(name: str, size: int, registry: str, *, allocate_bytes: int | None = None,
-                   mode: int = 0o600) -> SharedMemory:
+def create_segment(
+    name: str, size: int, registry: str, *, allocate_bytes: int | None = None, mode: int = 0o600
+) -> SharedMemory:
     """Create a new untracked segment (fails if it exists) with pages allocated up front."""
     shm = _construct(name, True, size)
     try:
@@ -111,7 +112,7 @@ def close_segment(shm: SharedMemory) -> None:
 def unlink_segment(name: str) -> bool:
     """Remove a segment by name without involving the resource tracker."""
     try:
-        import _posixshmem
+        import _posixshmem  # type: ignore[import-not-found,unused-ignore]
 
         _posixshmem.shm_unlink("/" + name)
         return True

@@ -89,8 +89,15 @@ class Store:
     # ----------------------------------------------------------------- open / create
 
     @classmethod
-    def open(cls, name: str, *, create: bool, capacity: int | None,
-             max_metadata_bytes: int | None, mode: int = 0o600) -> Store:
+    def open(
+        cls,
+        name: str,
+        *,
+        create: bool,
+        capacity: int | None,
+        max_metadata_bytes: int | None,
+        mode: int = 0o600,
+    ) -> Store:
         """Attach to ``name``; if absent and ``create``, build it first (race-safe)."""
         for _ in range(50):
             try:
@@ -98,8 +105,12 @@ class Store:
             except RegistryNotFound:
                 if not create:
                     raise
-                store = cls._try_create(name, capacity or DEFAULT_CAPACITY,
-                                        max_metadata_bytes or DEFAULT_MAX_METADATA_BYTES, mode)
+                store = cls._try_create(
+                    name,
+                    capacity or DEFAULT_CAPACITY,
+                    max_metadata_bytes or DEFAULT_MAX_METADATA_BYTES,
+                    mode,
+                )
                 if store is not None:
                     return store
                 continue  # another process created it first: attach to theirs
@@ -114,8 +125,13 @@ class Store:
         nslots = L.slots_for(capacity)
         arena_size = _arena_size(capacity, max_meta)
         data_name = L.data_name(name, incarnation, 1)
-        data = create_segment(data_name, L.arena_offset(nslots) + arena_size, name,
-                              allocate_bytes=L.arena_offset(nslots), mode=mode)
+        data = create_segment(
+            data_name,
+            L.arena_offset(nslots) + arena_size,
+            name,
+            allocate_bytes=L.arena_offset(nslots),
+            mode=mode,
+        )
         Table.initialise(data, 1, nslots, arena_size)
         close_segment(data)
         temp = f"shmreg-{name}.init-{os.getpid()}-{secrets.token_hex(4)}"
@@ -149,31 +165,44 @@ class Store:
             self._close_root()
             raise CorruptRegistry(
                 f"registry {self.name!r}: root segment has a bad magic word "
-                "(not a shmreg registry, or overwritten)", name=self.name, detail="bad root magic")
+                "(not a shmreg registry, or overwritten)",
+                name=self.name,
+                detail="bad root magic",
+            )
         if rq[L.R_VERSION] != L.LAYOUT_VERSION:
             version = int(rq[L.R_VERSION])
             self._close_root()
             raise IncompatibleRegistry(
                 f"layout version: registry has {version}, this shmreg reads {L.LAYOUT_VERSION}",
-                setting="layout_version", expected=L.LAYOUT_VERSION, actual=version)
+                setting="layout_version",
+                expected=L.LAYOUT_VERSION,
+                actual=version,
+            )
         if rq[L.R_GEN] == L.DESTROYED:
             self._close_root()
             raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
         max_meta = int(rq[L.R_MAX_META])
         if not 0 < max_meta <= MAX_METADATA_LIMIT or rq[L.R_CAPACITY] < 1:
             self._close_root()
-            raise CorruptRegistry(f"registry {self.name!r}: settings out of range",
-                                  name=self.name, detail="settings out of range")
+            raise CorruptRegistry(
+                f"registry {self.name!r}: settings out of range",
+                name=self.name,
+                detail="settings out of range",
+            )
 
     def check_settings(self, capacity: int | None, max_metadata_bytes: int | None) -> None:
-        for setting, asked, actual in (("capacity", capacity, self.capacity),
-                                       ("max_metadata_bytes", max_metadata_bytes,
-                                        self.max_metadata_bytes)):
+        for setting, asked, actual in (
+            ("capacity", capacity, self.capacity),
+            ("max_metadata_bytes", max_metadata_bytes, self.max_metadata_bytes),
+        ):
             if asked is not None and asked != actual:
                 self.close()
                 raise IncompatibleRegistry(
                     f"{setting}: registry {self.name!r} has {actual}, caller asked for {asked}",
-                    setting=setting, expected=asked, actual=actual)
+                    setting=setting,
+                    expected=asked,
+                    actual=actual,
+                )
 
     def _attach_data(self) -> Table:
         last_error: Exception | None = None
@@ -194,8 +223,11 @@ class Store:
             except BaseException:
                 close_segment(shm)
                 raise
-        raise CorruptRegistry(f"registry {self.name!r}: data segment missing",
-                              name=self.name, detail="data segment missing") from last_error
+        raise CorruptRegistry(
+            f"registry {self.name!r}: data segment missing",
+            name=self.name,
+            detail="data segment missing",
+        ) from last_error
 
     def refresh(self) -> None:
         """Follow the root to the current generation (after another process grew the table)."""
@@ -212,19 +244,24 @@ class Store:
         self.lock.acquire(timeout)
         try:
             rq = self.rq
-            if rq[L.R_GEN] == L.DESTROYED:
-                raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
-            if rq[L.R_OWNER_PID] != 0:
-                self._recover_locked()
+            if rq[L.R_OWNER_PID] != 0 or rq[L.R_GEN] != self.gen:
+                self._begin_slow()
             me = _identity.self_identity()
             rq[L.R_OWNER_START] = me.start_ticks
             rq[L.R_OWNER_PID] = me.pid
-            if rq[L.R_GEN] != self.gen:
-                self.refresh()
         except BaseException:
             self.lock.release()
             raise
         return self.table
+
+    def _begin_slow(self) -> None:
+        rq = self.rq
+        if rq[L.R_GEN] == L.DESTROYED:
+            raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
+        if rq[L.R_OWNER_PID] != 0:
+            self._recover_locked()
+        if rq[L.R_GEN] != self.gen:
+            self.refresh()
 
     def end(self, failed: bool = False) -> None:
         try:
@@ -266,14 +303,14 @@ class Store:
         used_bytes = old.counter(L.D_TOP) - old.counter(L.D_GARBAGE)
         capacity = max(self.capacity, 2 * max(live, min_live))
         nslots = L.slots_for(capacity)
-        arena = max(_arena_size(capacity, self.max_metadata_bytes),
-                    2 * (used_bytes + extra_arena))
+        arena = max(_arena_size(capacity, self.max_metadata_bytes), 2 * (used_bytes + extra_arena))
         gen = self.gen + 1
         name = L.data_name(self.name, self.incarnation, gen)
         self.rq[L.R_BUILDING] = gen
         unlink_segment(name)
-        shm = create_segment(name, L.arena_offset(nslots) + arena, self.name,
-                             allocate_bytes=L.arena_offset(nslots))
+        shm = create_segment(
+            name, L.arena_offset(nslots) + arena, self.name, allocate_bytes=L.arena_offset(nslots)
+        )
         try:
             Table.initialise(shm, gen, nslots, arena)
             new = Table(shm, self.name)
@@ -335,12 +372,17 @@ class Store:
     def root_info(self) -> dict[str, Any]:
         rq = self.rq
         return {
-            "name": self.name, "layout_version": int(rq[L.R_VERSION]),
-            "generation": int(rq[L.R_GEN]), "capacity": self.capacity,
+            "name": self.name,
+            "layout_version": int(rq[L.R_VERSION]),
+            "generation": int(rq[L.R_GEN]),
+            "capacity": self.capacity,
             "max_metadata_bytes": self.max_metadata_bytes,
-            "created_ns": int(rq[L.R_CREATED_NS]), "pid_namespace": int(rq[L.R_PIDNS]),
-            "recoveries": int(rq[L.R_RECOVERIES]), "sweeps": int(rq[L.R_SWEEPS]),
-            "dead_found": int(rq[L.R_DEAD_FOUND]), "writer_pid": int(rq[L.R_OWNER_PID]),
+            "created_ns": int(rq[L.R_CREATED_NS]),
+            "pid_namespace": int(rq[L.R_PIDNS]),
+            "recoveries": int(rq[L.R_RECOVERIES]),
+            "sweeps": int(rq[L.R_SWEEPS]),
+            "dead_found": int(rq[L.R_DEAD_FOUND]),
+            "writer_pid": int(rq[L.R_OWNER_PID]),
         }
 
 

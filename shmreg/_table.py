@@ -22,6 +22,7 @@ see that zero as a stable even sequence.
 
 from __future__ import annotations
 
+import struct
 import time
 import zlib
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from shmreg import _layout as L
 from shmreg._errors import CorruptRegistry
 
 SlotWords = tuple[int, int, int, int, int, int, int, int]
+_COUNTERS = struct.Struct("<6Q")  # data header words 5..10, in COUNTER_WORDS order
 _crc32 = zlib.crc32
 _SPINS_BEFORE_YIELD = 64
 _STUCK_AFTER_S = 0.010
@@ -52,8 +54,11 @@ class Table:
         self.registry = registry
         buf = shm.buf
         if buf is None or len(buf) < L.HEADER_SIZE:
-            raise CorruptRegistry(f"registry {registry!r}: data segment too small",
-                                  name=registry, detail="data segment too small")
+            raise CorruptRegistry(
+                f"registry {registry!r}: data segment too small",
+                name=registry,
+                detail="data segment too small",
+            )
         self.buf: memoryview = buf
         self.q: memoryview = buf.cast("Q")
         q = self.q
@@ -76,12 +81,18 @@ class Table:
         self._columns: npt.NDArray[np.uint64] | None = None
 
     def _corrupt(self, detail: str) -> None:
-        raise CorruptRegistry(f"registry {self.registry!r}: {detail}", name=self.registry,
-                              detail=detail)
+        raise CorruptRegistry(
+            f"registry {self.registry!r}: {detail}", name=self.registry, detail=detail
+        )
 
     @staticmethod
-    def initialise(shm: SharedMemory, gen: int, nslots: int, arena_size: int,
-                   counters: tuple[int, ...] = (0, 0, 0, 0, 0, 0)) -> None:
+    def initialise(
+        shm: SharedMemory,
+        gen: int,
+        nslots: int,
+        arena_size: int,
+        counters: tuple[int, ...] = (0, 0, 0, 0, 0, 0),
+    ) -> None:
         """Write a fresh header into a new, zero-filled segment (not yet visible to anyone)."""
         assert shm.buf is not None
         q = shm.buf.cast("Q")
@@ -90,7 +101,7 @@ class Table:
             q[L.D_NSLOTS] = nslots
             q[L.D_ARENA_OFF] = L.arena_offset(nslots)
             q[L.D_ARENA_SIZE] = arena_size
-            for word, value in zip(L.COUNTER_WORDS, counters):
+            for word, value in zip(L.COUNTER_WORDS, counters, strict=True):
                 q[word] = value
             q[L.D_MAGIC] = L.DATA_MAGIC
         finally:
@@ -109,9 +120,9 @@ class Table:
         return value
 
     def counters(self) -> tuple[int, int, int, int, int, int]:
-        q = self.q
-        return (q[L.D_TOP], q[L.D_LIVE], q[L.D_TOMBS], q[L.D_GARBAGE], q[L.D_OPS],
-                q[L.D_NAMEGEN])
+        """(arena top, live, tombstones, garbage bytes, ops, owner changes)."""
+        counters: tuple[int, int, int, int, int, int] = _COUNTERS.unpack_from(self.buf, 40)
+        return counters
 
     # --------------------------------------------------------------------------- reads
 
@@ -138,20 +149,27 @@ class Table:
                 time.sleep(0)
 
     def find(self, key: bytes, key_hash: int) -> tuple[int, SlotWords | None]:
-        """Lock-free probe: ``(index, words)`` of the used slot holding ``key``, or ``(-1, None)``."""
+        """Lock-free probe: ``(index, words)`` of the used slot holding ``key``, or (-1, None)."""
+        # The hottest loop in shmreg: the seqlock read of ``read_slot`` is inlined, and the
+        # method is only called when a slot is being written (odd or changed sequence).
         n = self.nslots
         buf = self.buf
+        q = self.q
+        unpack = L.SLOT.unpack_from
         arena = self.arena_off
         key_len = len(key)
         i = key_hash % n
-        read = self.read_slot
+        w0 = self.slot_word0
         for _ in range(n):
-            words = read(i)
+            w = w0 + i * 8
+            s1 = q[w]
+            words: SlotWords = unpack(buf, w * 8)
+            if s1 & 1 or q[w] != s1:
+                words = self.read_slot(i)
             w2 = words[2]
-            state = (w2 >> 48) & 0xFF
-            if state == L.EMPTY:
+            if w2 >> 48 == L.EMPTY:
                 return -1, None
-            if state == L.USED and (words[1] & 0xFFFFFFFF) == key_hash:
+            if w2 >> 48 == L.USED and (words[1] & 0xFFFFFFFF) == key_hash:
                 off = arena + (w2 & 0xFFFFFFFF) * 8
                 if (w2 >> 32) & 0xFFFF == key_len and buf[off : off + key_len] == key:
                     return i, words
@@ -255,25 +273,43 @@ class Table:
     def room_for(self, nbytes: int) -> bool:
         return bool(self.q[L.D_TOP] + nbytes <= self.arena_size)
 
-    def commit(self, index: int, body: tuple[int, ...], counters: tuple[int, ...]) -> None:
-        """Publish one slot change through the redo journal (see the module docstring)."""
+    def commit(
+        self, index: int, body: tuple[int, ...], counters: tuple[int, ...], journal: bool = True
+    ) -> None:
+        """Publish one slot change (see the module docstring).
+
+        ``journal=False`` is for changes whose half-applied state recovery may simply
+        tombstone: filling an empty or tombstoned slot (the registration was not yet
+        acknowledged, so dropping it loses nothing) and tombstoning a slot (the outcome
+        recovery produces anyway). Overwriting a used slot with another used image must
+        journal: tombstoning it would lose a registration that was acknowledged earlier.
+        """
         q = self.q
         w = self.slot_word0 + index * L.SLOT_WORDS
         target = (q[w] | 1) + 1
-        journal = L.JOURNAL_BODY.pack(index, target, *body, *counters)
-        self.buf[L.J_SLOT * 8 : L.J_SLOT * 8 + L.JOURNAL_BODY.size] = journal
-        q[L.J_CRC] = _crc32(journal)
+        if not journal:
+            self._apply(w, target, body, counters)
+            return
+        record = L.JOURNAL_BODY.pack(index, target, *body, *counters)
+        self.buf[L.J_SLOT * 8 : L.J_SLOT * 8 + L.JOURNAL_BODY.size] = record
+        q[L.J_CRC] = _crc32(record)
         q[L.J_STATE] = L.J_VALID
         self._apply(w, target, body, counters)
         q[L.J_STATE] = 0
 
-    def _apply(self, w: int, target: int, body: tuple[int, ...] | list[int],
-               counters: tuple[int, ...] | list[int]) -> None:
+    def _apply(
+        self,
+        w: int,
+        target: int,
+        body: tuple[int, ...] | list[int],
+        counters: tuple[int, ...] | list[int],
+    ) -> None:
         q = self.q
         q[w] = target - 1
         L.SLOT_BODY.pack_into(self.buf, w * 8 + 8, *body)
-        for word, value in zip(L.COUNTER_WORDS, counters):
-            q[word] = value
+        # One 8-byte store per counter (never pack_into: it zero-fills first, and a
+        # concurrent stats() would read the zeros). Unrolled: this runs on every write.
+        q[5], q[6], q[7], q[8], q[9], q[10] = counters
         q[w] = target
 
     def recover(self) -> list[str]:
@@ -285,9 +321,10 @@ class Table:
             journal = bytes(self.buf[start : start + L.JOURNAL_BODY.size])
             fields = L.JOURNAL_BODY.unpack(journal)
             index, target = fields[0], fields[1]
-            if (_crc32(journal) == q[L.J_CRC] and index < self.nslots and not target & 1):
-                self._apply(self.slot_word0 + index * L.SLOT_WORDS, target, fields[2:9],
-                            fields[9:15])
+            if _crc32(journal) == q[L.J_CRC] and index < self.nslots and not target & 1:
+                self._apply(
+                    self.slot_word0 + index * L.SLOT_WORDS, target, fields[2:9], fields[9:15]
+                )
                 notes.append(f"replayed the journal for slot {index}")
             else:
                 notes.append("discarded a journal that failed its checksum")
@@ -304,7 +341,9 @@ class Table:
         live = int(np.count_nonzero(states == L.USED))
         tombs = int(np.count_nonzero(states == L.TOMB))
         if live != q[L.D_LIVE] or tombs != q[L.D_TOMBS]:
-            notes.append(f"recounted: live {q[L.D_LIVE]} -> {live}, tombs {q[L.D_TOMBS]} -> {tombs}")
+            notes.append(
+                f"recounted: live {q[L.D_LIVE]} -> {live}, tombs {q[L.D_TOMBS]} -> {tombs}"
+            )
             q[L.D_LIVE] = live
             q[L.D_TOMBS] = tombs
         return notes
@@ -349,11 +388,22 @@ class Table:
             pack(dbuf, dbase + slot * L.SLOT_SIZE, 2, w[1], new_w2, *w[3:])
             top += L.align_record(length)
         _, _, _, _, ops, namegen = self.counters()
-        for word, value in zip(L.COUNTER_WORDS, (top, len(indices), 0, 0, ops, namegen)):
+        for word, value in zip(
+            L.COUNTER_WORDS, (top, len(indices), 0, 0, ops, namegen), strict=True
+        ):
             dq[word] = value
 
     def describe(self) -> dict[str, Any]:
         top, live, tombs, garbage, ops, namegen = self.counters()
-        return {"generation": self.gen, "slots": self.nslots, "live": live, "tombstones": tombs,
-                "arena_size": self.arena_size, "arena_top": top, "garbage_bytes": garbage,
-                "ops": ops, "owner_changes": namegen, "allocated": self.counter(L.D_ALLOCATED)}
+        return {
+            "generation": self.gen,
+            "slots": self.nslots,
+            "live": live,
+            "tombstones": tombs,
+            "arena_size": self.arena_size,
+            "arena_top": top,
+            "garbage_bytes": garbage,
+            "ops": ops,
+            "owner_changes": namegen,
+            "allocated": self.counter(L.D_ALLOCATED),
+        }

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 # A service name: a str, an int, or a (possibly nested) tuple of those.
-Service = Union[str, int, tuple[Any, ...]]
+Service = str | int | tuple[Any, ...]
 Metadata = dict[str, Any]
 
 

@@ -63,8 +63,8 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
 
 
 @pytest.fixture
-def zombie() -> Iterator[tuple[subprocess.Popen[bytes], ProcessIdentity]]:
-    """A killed child not yet reaped, with the identity it had while alive."""
+def zombie(reader: str) -> Iterator[tuple[subprocess.Popen[bytes], ProcessIdentity]]:
+    """A killed child not yet reaped, with the identity it had while alive (per reader)."""
     proc = subprocess.Popen(_SLEEPER)
     try:
         ident = identity_of(proc.pid)
@@ -127,7 +127,14 @@ def test_parse_stat_exactly_22_fields() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"no paren here", b"7 (x)", b"7 (x) S 1 2 3\n", b"7 (x)  S 1 " + _TAIL[2:], b"7 (x) " + _TAIL.replace(b"7341", b"zz")],
+    [
+        b"",
+        b"no paren here",
+        b"7 (x)",
+        b"7 (x) S 1 2 3\n",
+        b"7 (x)  S 1 " + _TAIL[2:],
+        b"7 (x) " + _TAIL.replace(b"7341", b"zz"),
+    ],
 )
 def test_parse_stat_rejects_malformed(data: bytes) -> None:
     with pytest.raises(ValueError):
@@ -232,10 +239,10 @@ def test_fork_refreshes_self_identity() -> None:
         code = 1
         try:
             os.close(r)
-            line = f"{os.getpid()} {self_identity().start_ticks} {_identity._pid_ns} {pid_namespace()}"
-            ident = identity_of(os.getpid())
-            line += f" {ident.start_ticks}"
-            os.write(w, line.encode())
+            cached_ns = _identity._pid_ns  # before pid_namespace() fills it again
+            fields = [os.getpid(), self_identity().start_ticks, cached_ns, pid_namespace()]
+            fields.append(identity_of(os.getpid()).start_ticks)
+            os.write(w, " ".join(map(str, fields)).encode())
             code = 0
         finally:
             os._exit(code)
@@ -246,10 +253,10 @@ def test_fork_refreshes_self_identity() -> None:
     finally:
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    child_pid, child_ticks, cached_ns, child_ns, fresh_ticks = reported
+    child_pid, child_ticks, child_cached_ns, child_ns, fresh_ticks = reported
     assert int(child_pid) == pid != parent.pid
     assert int(child_ticks) == int(fresh_ticks)
-    assert cached_ns == "None"  # dropped by the fork hook
+    assert child_cached_ns == "None"  # dropped by the fork hook
     assert int(child_ns) == ns
     assert self_identity() is parent
 
@@ -450,9 +457,14 @@ def test_probe_alive(dead_pid: int) -> None:
     assert probe_alive(dead_pid) is False
 
 
-@pytest.mark.parametrize("pid", [0, -1, -os.getpid(), 2**31, 2**64])
+@pytest.mark.parametrize("pid", [0, -1, 2**31, 2**64])
 def test_probe_alive_never_probes_groups_or_overflows(pid: int) -> None:
+    # kill(0, 0), kill(-1, 0) and kill(-pgid, 0) succeed: they probe process groups.
     assert probe_alive(pid) is False
+
+
+def test_probe_alive_negative_pid_is_not_our_process_group() -> None:
+    assert probe_alive(-os.getpgid(0)) is False
 
 
 def test_probe_alive_eperm_means_exists(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -481,7 +493,7 @@ def test_boot_id_and_pid_namespace_unavailable(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(_identity, "_boot_id", None)
     monkeypatch.setattr(_identity, "_pid_ns", None)
     monkeypatch.setattr(_identity, "open", missing, raising=False)
-    monkeypatch.setattr(_identity.os, "stat", missing)
+    monkeypatch.setattr(os, "stat", missing)
     assert boot_id() == ""
     assert pid_namespace() == 0
 

@@ -1,0 +1,17 @@
+"""Storage backends behind the ``Registry`` facade.
+
+``Backend`` is the protocol the facade talks to; ``SharedMemoryBackend`` is the default,
+``MemoryBackend`` the in-process reference and test double. ``shmreg.testing.check_backend``
+is the conformance suite every backend passes.
+"""
+
+from shmreg.backends._memory import MemoryBackend
+from shmreg.backends._protocol import Backend
+from shmreg.backends._shm import SharedMemoryBackend
+
+# Tracebacks, reprs and pickles name the import path users know, not the private module.
+for _public in (Backend, MemoryBackend, SharedMemoryBackend):
+    _public.__module__ = "shmreg.backends"
+del _public
+
+__all__ = ["Backend", "MemoryBackend", "SharedMemoryBackend"]

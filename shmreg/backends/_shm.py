@@ -39,8 +39,12 @@ T = TypeVar("T")
 _crc32 = zlib.crc32
 _probe_alive = _identity.probe_alive
 _KeyInfo = tuple[bytes, int, int, int]  # key bytes, key hash, namespace hash, namespace length
+# key, key hash, padded record, slot words 1-5 (record offset still to add), capabilities mask
+_Prepared = tuple[bytes, int, bytes, tuple[int, int, int, int, int], int]
 _KEY_CACHE_LIMIT = 65_536
 _GEN = L.R_GEN
+_PADDING = [bytes(n) for n in range(8)]
+_NAMESPACES: dict[str, tuple[bytes, int, int]] = {}  # namespace -> (prefix, crc32, length)
 _LO32 = L.LO32
 
 
@@ -49,10 +53,18 @@ class SharedMemoryBackend:
 
     kind = "shm"
 
-    def __init__(self, name: str, *, create: bool = True, capacity: int | None = None,
-                 max_metadata_bytes: int | None = None, mode: int = 0o600) -> None:
-        self._store = Store.open(name, create=create, capacity=capacity,
-                                 max_metadata_bytes=max_metadata_bytes, mode=mode)
+    def __init__(
+        self,
+        name: str,
+        *,
+        create: bool = True,
+        capacity: int | None = None,
+        max_metadata_bytes: int | None = None,
+        mode: int = 0o600,
+    ) -> None:
+        self._store = Store.open(
+            name, create=create, capacity=capacity, max_metadata_bytes=max_metadata_bytes, mode=mode
+        )
         self._name = name
         self._keys: dict[tuple[str, Any], _KeyInfo] = {}
         self._sweeps = 0
@@ -77,18 +89,23 @@ class SharedMemoryBackend:
 
     def _key(self, namespace: str, service: Service) -> _KeyInfo:
         # Only exact str / int services are cached: a tuple key would make (1,) and (True,)
-        # (equal in Python, different keys here) share one cache entry.
+        # (equal in Python, different keys here) share one cache entry. A full cache stops
+        # growing rather than being cleared: entries never go stale, and clearing made a
+        # working set larger than the cache miss every time.
         kind = type(service)
         if kind is str or kind is int:
             cached = self._keys.get((namespace, service))
             if cached is not None and type(namespace) is str:
                 return cached
-        raw = _codec.encode_key(namespace, service)
-        ns_len = raw.index(b"\x00")
-        info = (raw, _crc32(raw), _crc32(raw[:ns_len]), ns_len)
-        if kind is str or kind is int:
-            if len(self._keys) >= _KEY_CACHE_LIMIT:
-                self._keys.clear()
+        ns = _NAMESPACES.get(namespace) if type(namespace) is str else None
+        if ns is None:
+            ns_raw = _codec.check_namespace(namespace)
+            ns = (ns_raw + b"\x00", _crc32(ns_raw), len(ns_raw))
+            if len(_NAMESPACES) < _KEY_CACHE_LIMIT:
+                _NAMESPACES[namespace] = ns
+        raw = _codec.encode_service(ns[0], service)
+        info = (raw, _crc32(raw), ns[1], ns[2])
+        if (kind is str or kind is int) and len(self._keys) < _KEY_CACHE_LIMIT:
             self._keys[(namespace, service)] = info
         return info
 
@@ -153,7 +170,9 @@ class SharedMemoryBackend:
         if _crc32(meta, _crc32(key)) != words[4] >> 32:
             raise CorruptRegistry(
                 f"registry {self._name!r}: record of {service!r} fails its checksum",
-                name=self._name, detail="record checksum mismatch")
+                name=self._name,
+                detail="record checksum mismatch",
+            )
         return words, _codec.unpack_metadata(meta)
 
     def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
@@ -169,8 +188,9 @@ class SharedMemoryBackend:
         words, meta = found
         return words[4] & _LO32, words[6], meta
 
-    def _scan(self, namespace: str | None, type_tag: int | None = None,
-              caps_mask: int = 0) -> list[tuple[SlotWords, bytes, bytes]]:
+    def _scan(
+        self, namespace: str | None, type_tag: int | None = None, caps_mask: int = 0
+    ) -> list[tuple[SlotWords, bytes, bytes]]:
         """Validated (words, key, metadata bytes) of live candidates, filtered in numpy first."""
 
         def scan(table: Table) -> list[tuple[SlotWords, bytes, bytes]]:
@@ -208,8 +228,10 @@ class SharedMemoryBackend:
 
     def _entries(self, rows: list[tuple[SlotWords, bytes, bytes]], ns_len: int) -> list[Entry]:
         unpack = _codec.unpack_metadata
-        return [Entry(_codec.decode_service(key, ns_len), words[4] & _LO32, unpack(meta))
-                for words, key, meta in rows]
+        return [
+            Entry(_codec.decode_service(key, ns_len), words[4] & _LO32, unpack(meta))
+            for words, key, meta in rows
+        ]
 
     def list_entries(self, namespace: str) -> list[Entry]:
         ns_len = len(_codec.check_namespace(namespace))
@@ -219,8 +241,12 @@ class SharedMemoryBackend:
         ns_len = len(_codec.check_namespace(namespace))
         return [_codec.decode_service(key, ns_len) for _, key, _ in self._scan(namespace)]
 
-    def find(self, namespace: str, equals: Mapping[str, Any] | None = None,
-             predicate: Callable[[Metadata], bool] | None = None) -> list[Entry]:
+    def find(
+        self,
+        namespace: str,
+        equals: Mapping[str, Any] | None = None,
+        predicate: Callable[[Metadata], bool] | None = None,
+    ) -> list[Entry]:
         ns_len = len(_codec.check_namespace(namespace))
         type_tag: int | None = None
         caps = 0
@@ -247,60 +273,135 @@ class SharedMemoryBackend:
 
     def count(self, namespace: str | None = None) -> int:
         if namespace is None:
+
             def scan(table: Table) -> int:
                 cols = table.columns()
                 used = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
                 pids = cols[used, L.S_OWNER] & np.uint64(_LO32)
                 uniq, counts = np.unique(pids, return_counts=True)
-                return sum(int(c) for p, c in zip(uniq.tolist(), counts.tolist())
-                           if _probe_alive(p))
+                return sum(
+                    int(c)
+                    for p, c in zip(uniq.tolist(), counts.tolist(), strict=True)
+                    if _probe_alive(p)
+                )
+
             return self._read(scan)
         return len(self._scan(namespace))
 
     # ------------------------------------------------------------------ writes
 
-    def register(self, namespace: str, service: Service, owner: ProcessIdentity,
-                 metadata: Mapping[str, Any] | None) -> int:
+    def register(
+        self,
+        namespace: str,
+        service: Service,
+        owner: ProcessIdentity,
+        metadata: Mapping[str, Any] | None,
+    ) -> int:
+        item = self._prepare(namespace, service, owner, metadata)
+        store = self._store
+        table = store.begin()
+        failed = True
+        try:
+            generation = self._register_locked(table, namespace, service, owner, item)
+            failed = False
+            return generation
+        finally:
+            store.end(failed)
+
+    def register_many(
+        self, namespace: str, items: list[tuple[Service, ProcessIdentity, Mapping[str, Any] | None]]
+    ) -> list[int]:
+        """Register a batch under one lock hold: each item still commits on its own."""
+        prepared = [
+            (service, owner, self._prepare(namespace, service, owner, metadata))
+            for service, owner, metadata in items
+        ]
+        store = self._store
+        table = store.begin()
+        failed = True
+        try:
+            out = [
+                self._register_locked(table, namespace, service, owner, item)
+                for service, owner, item in prepared
+            ]
+            failed = False
+            return out
+        finally:
+            store.end(failed)
+
+    def _prepare(
+        self,
+        namespace: str,
+        service: Service,
+        owner: ProcessIdentity,
+        metadata: Mapping[str, Any] | None,
+    ) -> _Prepared:
+        """Everything a registration needs that does not need the lock."""
         key, key_hash, ns_hash, _ = self._key(namespace, service)
         meta = _codec.as_metadata(metadata)
         packed = _codec.pack_metadata(meta, self._store.max_metadata_bytes)
         record = key + packed
-        body_tail = (L.pack_meta(len(packed), _codec.type_tag(meta)),
-                     L.pack_owner(owner.pid, _crc32(record)), owner.start_ticks)
-        caps = _codec.capability_mask(meta)
-        padded = L.align_record(len(record))
-        record += b"\0" * (padded - len(record))
+        crc = _crc32(record)
+        record += _PADDING[-len(record) & 7]
+        return (
+            key,
+            key_hash,
+            record,
+            (
+                key_hash | (ns_hash << 32),
+                len(key) << 32 | L.USED << 48,
+                len(packed) | (_codec.type_tag(meta) << 32),
+                owner.pid | (crc << 32),
+                owner.start_ticks,
+            ),
+            _codec.capability_mask(meta),
+        )
 
-        def write(table: Table) -> int:
-            table = self._ensure_room(table, padded, adding=True)
-            index, words, free = table.probe_for_write(key, key_hash)
-            top, live, tombs, garbage, ops, owners = table.counters()
-            if words is not None:
-                held = ProcessIdentity(words[4] & _LO32, words[5])
-                if held == owner:
-                    generation = words[6]
-                else:
-                    if not _identity.check(held).is_dead:
-                        raise AlreadyRegistered(
-                            f"{namespace}/{service!r} is held by live pid {held.pid}",
-                            namespace=namespace, service=service, pid=held.pid)
-                    owners += 1
-                    generation = owners
-                garbage += _record_size(words)
+    def _register_locked(
+        self,
+        table: Table,
+        namespace: str,
+        service: Service,
+        owner: ProcessIdentity,
+        item: _Prepared,
+    ) -> int:
+        key, key_hash, record, head, caps = item
+        padded = len(record)
+        live, tombs = table.q[6], table.q[7]
+        if live + tombs + 1 > L.MAX_LOAD * table.nslots or not table.room_for(padded):
+            table = self._store.rebuild(live + 1, padded)
+        index, words, free = table.probe_for_write(key, key_hash)
+        top, live, tombs, garbage, ops, owners = table.counters()
+        if words is not None:
+            if words[4] & _LO32 == owner.pid and words[5] == owner.start_ticks:
+                generation = words[6]
             else:
-                index = free
-                if (table.read_slot(index)[2] >> 48) & 0xFF == L.TOMB:
-                    tombs -= 1
-                live += 1
+                held = ProcessIdentity(words[4] & _LO32, words[5])
+                if not _identity.check(held).is_dead:
+                    raise AlreadyRegistered(
+                        f"{namespace}/{service!r} is held by live pid {held.pid}",
+                        namespace=namespace,
+                        service=service,
+                        pid=held.pid,
+                    )
                 owners += 1
                 generation = owners
-            offset = table.stage(record)
-            body = (L.pack_hash(key_hash, ns_hash), L.pack_rec(offset, len(key), L.USED),
-                    *body_tail, generation, caps)
-            table.commit(index, body, (top + padded, live, tombs, garbage, ops + 1, owners))
-            return generation
-
-        return self._write(write)
+            garbage += _record_size(words)
+        else:
+            index = free
+            if table.q[table.slot_word0 + index * 8 + 2] >> 48 == L.TOMB:
+                tombs -= 1
+            live += 1
+            owners += 1
+            generation = owners
+        offset = table.stage(record)
+        table.commit(
+            index,
+            (head[0], head[1] | offset >> 3, head[2], head[3], head[4], generation, caps),
+            (top + padded, live, tombs, garbage, ops + 1, owners),
+            journal=words is not None,
+        )
+        return generation
 
     def _ensure_room(self, table: Table, nbytes: int, adding: bool) -> Table:
         live = table.counter(L.D_LIVE)
@@ -310,8 +411,15 @@ class SharedMemoryBackend:
             return self._store.rebuild(live + 1, nbytes)
         return table
 
-    def update_metadata(self, namespace: str, service: Service, metadata: Mapping[str, Any], *,
-                        merge: bool = False, generation: int | None = None) -> None:
+    def update_metadata(
+        self,
+        namespace: str,
+        service: Service,
+        metadata: Mapping[str, Any],
+        *,
+        merge: bool = False,
+        generation: int | None = None,
+    ) -> None:
         key, key_hash, _, _ = self._key(namespace, service)
         update = _codec.as_metadata(metadata)
         limit = self._store.max_metadata_bytes
@@ -335,30 +443,51 @@ class SharedMemoryBackend:
                     continue
                 top, live, tombs, garbage, ops, owners = table.counters()
                 offset = table.stage(record + b"\0" * (padded - len(record)))
-                body = (words[1], L.pack_rec(offset, len(key), L.USED),
-                        L.pack_meta(len(packed), _codec.type_tag(meta)),
-                        L.pack_owner(words[4] & _LO32, _crc32(record)), words[5], words[6],
-                        _codec.capability_mask(meta))
-                table.commit(index, body, (top + padded, live, tombs,
-                                           garbage + _record_size(words), ops + 1, owners))
+                body = (
+                    words[1],
+                    L.pack_rec(offset, len(key), L.USED),
+                    L.pack_meta(len(packed), _codec.type_tag(meta)),
+                    L.pack_owner(words[4] & _LO32, _crc32(record)),
+                    words[5],
+                    words[6],
+                    _codec.capability_mask(meta),
+                )
+                table.commit(
+                    index,
+                    body,
+                    (top + padded, live, tombs, garbage + _record_size(words), ops + 1, owners),
+                )
                 return
 
         self._write(write)
 
-    def _held(self, table: Table, namespace: str, service: Service, key: bytes, key_hash: int,
-              generation: int | None) -> tuple[int, SlotWords]:
+    def _held(
+        self,
+        table: Table,
+        namespace: str,
+        service: Service,
+        key: bytes,
+        key_hash: int,
+        generation: int | None,
+    ) -> tuple[int, SlotWords]:
         index, words, _ = table.probe_for_write(key, key_hash)
         if words is None or not _probe_alive(words[4] & _LO32):
-            raise NotRegistered(f"{namespace}/{service!r} is not registered",
-                                namespace=namespace, service=service)
+            raise NotRegistered(
+                f"{namespace}/{service!r} is not registered", namespace=namespace, service=service
+            )
         if generation is not None and words[6] != generation:
             raise StaleGeneration(
                 f"{namespace}/{service!r} is at generation {words[6]}, caller holds {generation}",
-                namespace=namespace, service=service, expected=generation, actual=words[6])
+                namespace=namespace,
+                service=service,
+                expected=generation,
+                actual=words[6],
+            )
         return index, words
 
-    def unregister(self, namespace: str, service: Service, *,
-                   generation: int | None = None) -> bool:
+    def unregister(
+        self, namespace: str, service: Service, *, generation: int | None = None
+    ) -> bool:
         key, key_hash, _, _ = self._key(namespace, service)
 
         def write(table: Table) -> bool:
@@ -368,8 +497,12 @@ class SharedMemoryBackend:
             if generation is not None and words[6] != generation:
                 raise StaleGeneration(
                     f"{namespace}/{service!r} is at generation {words[6]}, caller holds "
-                    f"{generation}", namespace=namespace, service=service,
-                    expected=generation, actual=words[6])
+                    f"{generation}",
+                    namespace=namespace,
+                    service=service,
+                    expected=generation,
+                    actual=words[6],
+                )
             alive = _probe_alive(words[4] & _LO32)
             _tombstone(table, index, words)
             return alive
@@ -383,12 +516,16 @@ class SharedMemoryBackend:
         doomed = self._dead_slots()
         removed = 0
         if doomed:
+
             def write(table: Table) -> int:
                 count = 0
                 for index, identity in doomed:
                     words = table.read_slot(index) if index < table.nslots else None
-                    if (words is not None and (words[2] >> 48) & 0xFF == L.USED
-                            and (words[4] & _LO32, words[5]) == identity):
+                    if (
+                        words is not None
+                        and (words[2] >> 48) & 0xFF == L.USED
+                        and (words[4] & _LO32, words[5]) == identity
+                    ):
                         _tombstone(table, index, words)
                         count += 1
                 return count
@@ -404,12 +541,11 @@ class SharedMemoryBackend:
     def _identities(self) -> dict[tuple[int, int], list[int]]:
         def scan(table: Table) -> dict[tuple[int, int], list[int]]:
             cols = table.columns()
-            used = np.flatnonzero(((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF))
-                                  == L.USED)
+            used = np.flatnonzero(((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED)
             pids = (cols[used, L.S_OWNER] & np.uint64(_LO32)).tolist()
             starts = cols[used, L.S_START].tolist()
             groups: dict[tuple[int, int], list[int]] = {}
-            for index, pid, start in zip(used.tolist(), pids, starts):
+            for index, pid, start in zip(used.tolist(), pids, starts, strict=True):
                 groups.setdefault((pid, start), []).append(index)
             return groups
 
@@ -418,8 +554,12 @@ class SharedMemoryBackend:
     def _dead_slots(self) -> list[tuple[int, tuple[int, int]]]:
         groups = self._identities()
         verdicts = _identity.check_many(ProcessIdentity(p, s) for p, s in groups)
-        return [(index, ident) for ident, indices in groups.items()
-                if verdicts[ProcessIdentity(*ident)].is_dead for index in indices]
+        return [
+            (index, ident)
+            for ident, indices in groups.items()
+            if verdicts[ProcessIdentity(*ident)].is_dead
+            for index in indices
+        ]
 
     def health_check(self) -> HealthReport:
         groups = self._identities()
@@ -432,8 +572,14 @@ class SharedMemoryBackend:
                 dead += len(indices)
             elif verdict is Liveness.UNKNOWN:
                 unknown += len(indices)
-        return HealthReport(HealthReport.classify(total, dead), self.kind, total,
-                            total - dead - unknown, dead, unknown)
+        return HealthReport(
+            HealthReport.classify(total, dead),
+            self.kind,
+            total,
+            total - dead - unknown,
+            dead,
+            unknown,
+        )
 
     # ------------------------------------------------------------------ reporting
 
@@ -447,19 +593,32 @@ class SharedMemoryBackend:
         memory = L.ROOT_SIZE + table.arena_off + info["allocated"]
         last = int(rq[L.R_LAST_SWEEP_NS])
         return RegistryStats(
-            backend=self.kind, capacity=int(table.nslots * L.MAX_LOAD), used=info["live"],
+            backend=self.kind,
+            capacity=int(table.nslots * L.MAX_LOAD),
+            used=info["live"],
             tombstones=info["tombstones"],
             load_factor=(info["live"] + info["tombstones"]) / table.nslots,
-            namespaces=namespaces, memory_bytes=memory, sweeps=int(rq[L.R_SWEEPS]),
-            last_sweep_time=last / 1e9 if last else None, dead_found=int(rq[L.R_DEAD_FOUND]),
-            extra={**info, **self._store.root_info()})
+            namespaces=namespaces,
+            memory_bytes=memory,
+            sweeps=int(rq[L.R_SWEEPS]),
+            last_sweep_time=last / 1e9 if last else None,
+            dead_found=int(rq[L.R_DEAD_FOUND]),
+            extra={**info, **self._store.root_info()},
+        )
 
     def statistics(self) -> dict[str, Any]:
         stats = self.stats()
-        return {"backend": self.kind, "name": self._name, "entries": stats.used,
-                "capacity": stats.capacity, "load_factor": stats.load_factor,
-                "memory_bytes": stats.memory_bytes, "sweeps": stats.sweeps,
-                "generation": stats.extra["generation"], "ops": stats.extra["ops"]}
+        return {
+            "backend": self.kind,
+            "name": self._name,
+            "entries": stats.used,
+            "capacity": stats.capacity,
+            "load_factor": stats.load_factor,
+            "memory_bytes": stats.memory_bytes,
+            "sweeps": stats.sweeps,
+            "generation": stats.extra["generation"],
+            "ops": stats.extra["ops"],
+        }
 
     def close(self) -> None:
         self._store.close()
@@ -475,5 +634,9 @@ def _record_size(words: SlotWords) -> int:
 def _tombstone(table: Table, index: int, words: SlotWords) -> None:
     top, live, tombs, garbage, ops, owners = table.counters()
     w2 = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
-    table.commit(index, (words[1], w2, *words[3:]),
-                 (top, live - 1, tombs + 1, garbage + _record_size(words), ops + 1, owners))
+    table.commit(
+        index,
+        (words[1], w2, *words[3:]),
+        (top, live - 1, tombs + 1, garbage + _record_size(words), ops + 1, owners),
+        journal=False,
+    )

@@ -1,0 +1,637 @@
+"""``shmreg bench``: a short side-by-side run, and the workload core of ``bench/run.py``.
+
+Every store sits behind :class:`Store` (one adapter per peer) and one workload drives them
+all in the same run: register, lookup hit / miss / with metadata, update, unregister, find by
+type / capability, list, attach from a fresh process, and a 90/10 lookup/register mix across
+a ``ProcessPoolExecutor`` whose workers attach by name (spawn, as independent services do).
+After each multi-process run, the registrations the workers had acknowledged are looked
+for: a benchmark that loses writes is not measuring a registry.
+
+Only the standard library, msgpack, shmreg's public API and whichever peers are installed
+(lmdb) are used; ``bench/`` is not installed, so it imports this module, never the reverse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence, Sized
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, cast
+
+import msgpack
+
+NS = "bench"
+Rec = dict[str, Any]
+Hit = tuple[Any, int, Rec]
+Item = tuple[str, int, Rec]
+Spec = tuple[str, str, str, int, dict[str, Any]]
+TYPES = tuple(f"t{i}" for i in range(10))
+_pc = time.perf_counter_ns
+
+
+def key(prefix: str, i: int) -> str:
+    return f"{prefix}{i:07d}"
+
+
+def records(pid: int) -> list[Rec]:
+    """910 distinct records (i % 7, i % 13, i % 10); entry i gets ``records(pid)[i % 910]``.
+
+    ``{"pid", "capabilities": [2 str], "type"}`` packs to 41-43 bytes, as in anchors.md.
+    """
+    return [{"pid": pid, "capabilities": [f"ca{i % 7}", f"cb{i % 13}"], "type": TYPES[i % 10]}
+            for i in range(910)]
+
+
+class Store:
+    """One peer, opened by name so another process can attach; see ``make_store``."""
+
+    kind, shared = "?", True  # shared: visible to other processes (the plain dict is not)
+    # Each peer defines these; create/attach open the store, _scan yields every entry.
+    create: Callable[[], None]
+    attach: Callable[[], None]
+    register: Callable[[str, int, Rec], bool]  # insert if absent; True = acknowledged
+    lookup: Callable[[str], int | None]
+    lookup_with_metadata: Callable[[str], tuple[int, Rec] | None]
+    update: Callable[[str, Rec], None]
+    unregister: Callable[[str], bool]
+    _scan: Callable[[], Iterable[tuple[str, Rec]]]
+
+    def __init__(self, ident: str, capacity: int, **opts: Any) -> None:
+        self.ident, self.capacity, self.opts = ident, capacity, opts
+
+    def spec(self) -> Spec:
+        cls = type(self)
+        return cls.__module__, cls.__qualname__, self.ident, self.capacity, self.opts
+
+    def preload(self) -> None:
+        """Import the backing library, so attach timings leave the import out."""
+
+    def register_many(self, items: Sequence[Item]) -> int:
+        return sum(self.register(k, p, r) for k, p, r in items)
+
+    def find_by_type(self, type_: str) -> list[Hit]:
+        return [(k, r["pid"], r) for k, r in self._scan() if r["type"] == type_]
+
+    def find_by_capability(self, cap: str) -> list[Hit]:
+        return [(k, r["pid"], r) for k, r in self._scan() if cap in r["capabilities"]]
+
+    def list_all(self) -> dict[Any, Rec]:
+        return dict(self._scan())
+
+    def count(self) -> int:
+        return len(self.list_all())
+
+    def memory_bytes(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def destroy(self) -> None:
+        self.close()
+
+
+def make_store(spec: Spec) -> Store:
+    module, cls, ident, capacity, opts = spec
+    return cast(Store, getattr(importlib.import_module(module), cls)(ident, capacity, **opts))
+
+
+def file_bytes(*paths: str) -> int:
+    """Bytes the files really occupy (tmpfs allocates pages on first touch)."""
+    return sum(os.stat(p).st_blocks * 512 for p in paths if os.path.exists(p))
+
+
+def unlink(*paths: str) -> None:
+    for p in paths:
+        if os.path.exists(p):
+            os.unlink(p)
+
+
+class DictStore(Store):
+    """The floor: a plain dict in this process. Not shared: no multi-process figures."""
+
+    kind, shared = "dict", False
+
+    def create(self) -> None:
+        self.d: dict[str, Rec] = {}
+
+    def register(self, key: str, pid: int, rec: Rec) -> bool:
+        return self.d.setdefault(key, rec) is rec
+
+    def lookup(self, key: str) -> int | None:
+        r = self.d.get(key)
+        return None if r is None else int(r["pid"])
+
+    def lookup_with_metadata(self, key: str) -> tuple[int, Rec] | None:
+        r = self.d.get(key)
+        return None if r is None else (r["pid"], r)
+
+    def update(self, key: str, rec: Rec) -> None:
+        if key not in self.d:
+            raise KeyError(key)
+        self.d[key] = rec
+
+    def unregister(self, key: str) -> bool:
+        return self.d.pop(key, None) is not None
+
+    def _scan(self) -> Iterable[tuple[str, Rec]]:
+        return self.d.items()
+
+    def memory_bytes(self) -> int | None:
+        # The table, plus per entry its key and its own record dict and list (the harness
+        # shares 910 records between entries; a real program would not).
+        k, r = next(iter(self.d.items()), ("", {"capabilities": []}))
+        each = sys.getsizeof(k) + sys.getsizeof(r) + sys.getsizeof(r["capabilities"])
+        return sys.getsizeof(self.d) + each * len(self.d)
+
+
+class LmdbStore(Store):
+    """lmdb in /dev/shm, msgpack values, one transaction per operation."""
+
+    kind = "lmdb"
+
+    def preload(self) -> None:
+        self.lmdb = importlib.import_module("lmdb")
+
+    def _open(self, create: bool) -> None:
+        self.preload()
+        self.path = self.opts["path"]
+        self.env = self.lmdb.open(self.path, map_size=max(64 << 20, self.capacity * 1024),
+                                  subdir=False, create=create, max_readers=512,
+                                  readahead=False, meminit=False)
+
+    def create(self) -> None:
+        self._open(True)
+
+    def attach(self) -> None:
+        self._open(False)
+
+    def register(self, key: str, pid: int, rec: Rec) -> bool:
+        with self.env.begin(write=True) as txn:
+            return bool(txn.put(key.encode(), msgpack.packb(rec), overwrite=False))
+
+    def register_many(self, items: Sequence[Item]) -> int:
+        with self.env.begin(write=True) as txn:
+            return sum(bool(txn.put(k.encode(), msgpack.packb(r), overwrite=False))
+                       for k, _, r in items)
+
+    def lookup(self, key: str) -> int | None:
+        with self.env.begin(buffers=True) as txn:
+            v = txn.get(key.encode())
+            return None if v is None else int(msgpack.unpackb(v)["pid"])
+
+    def lookup_with_metadata(self, key: str) -> tuple[int, Rec] | None:
+        with self.env.begin(buffers=True) as txn:
+            v = txn.get(key.encode())
+            r = None if v is None else msgpack.unpackb(v)
+            return None if r is None else (r["pid"], r)
+
+    def update(self, key: str, rec: Rec) -> None:
+        with self.env.begin(write=True) as txn:
+            if txn.replace(key.encode(), msgpack.packb(rec)) is None:
+                raise KeyError(key)
+
+    def unregister(self, key: str) -> bool:
+        with self.env.begin(write=True) as txn:
+            return bool(txn.delete(key.encode()))
+
+    def _scan(self) -> Iterable[tuple[str, Rec]]:
+        with self.env.begin(buffers=True) as txn:
+            return [(bytes(k).decode(), msgpack.unpackb(v)) for k, v in txn.cursor()]
+
+    def count(self) -> int:
+        return int(self.env.stat()["entries"])
+
+    def memory_bytes(self) -> int | None:
+        return file_bytes(self.path)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def destroy(self) -> None:
+        self.close()
+        unlink(self.path, self.path + "-lock")
+
+
+class SqliteStore(Store):
+    """SQLite, WAL, in /dev/shm: pid and type as columns (type indexed), msgpack blob."""
+
+    kind = "sqlite"
+    _INSERT = "INSERT OR IGNORE INTO reg VALUES (?,?,?,?,?)"
+
+    def attach(self) -> None:
+        self.path = self.opts["path"]
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+
+    def create(self) -> None:
+        self.attach()
+        self.db.execute("CREATE TABLE reg (key TEXT PRIMARY KEY, pid INTEGER NOT NULL, "
+                        "type TEXT, caps TEXT, meta BLOB) WITHOUT ROWID")
+        self.db.execute("CREATE INDEX reg_type ON reg(type)")
+
+    @staticmethod
+    def _row(key: str, pid: int, rec: Rec) -> tuple[str, int, str, str, bytes]:
+        caps = "," + ",".join(rec["capabilities"]) + ","
+        return key, pid, rec["type"], caps, msgpack.packb(rec)
+
+    def register(self, key: str, pid: int, rec: Rec) -> bool:
+        return self.db.execute(self._INSERT, self._row(key, pid, rec)).rowcount == 1
+
+    def register_many(self, items: Sequence[Item]) -> int:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            n = self.db.executemany(self._INSERT, [self._row(*it) for it in items]).rowcount
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return n
+
+    def lookup(self, key: str) -> int | None:
+        row = self.db.execute("SELECT pid FROM reg WHERE key=?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def lookup_with_metadata(self, key: str) -> tuple[int, Rec] | None:
+        row = self.db.execute("SELECT pid, meta FROM reg WHERE key=?", (key,)).fetchone()
+        return None if row is None else (row[0], msgpack.unpackb(row[1]))
+
+    def update(self, key: str, rec: Rec) -> None:
+        _, _, t, caps, blob = self._row(key, 0, rec)
+        sql = "UPDATE reg SET type=?, caps=?, meta=? WHERE key=?"
+        if self.db.execute(sql, (t, caps, blob, key)).rowcount != 1:
+            raise KeyError(key)
+
+    def unregister(self, key: str) -> bool:
+        return self.db.execute("DELETE FROM reg WHERE key=?", (key,)).rowcount == 1
+
+    def _query(self, where: str, arg: str) -> list[Hit]:
+        rows = self.db.execute("SELECT key, pid, meta FROM reg WHERE " + where, (arg,))
+        return [(k, p, msgpack.unpackb(m)) for k, p, m in rows]
+
+    def find_by_type(self, type_: str) -> list[Hit]:
+        return self._query("type=?", type_)
+
+    def find_by_capability(self, cap: str) -> list[Hit]:
+        return self._query("instr(caps, ?) > 0", f",{cap},")
+
+    def _scan(self) -> Iterable[tuple[str, Rec]]:
+        return [(k, msgpack.unpackb(m)) for k, m in self.db.execute("SELECT key, meta FROM reg")]
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM reg").fetchone()[0])
+
+    def memory_bytes(self) -> int | None:
+        return file_bytes(self.path, self.path + "-wal", self.path + "-shm")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def destroy(self) -> None:
+        self.close()
+        unlink(self.path, self.path + "-wal", self.path + "-shm")
+
+
+class ShmregStore(Store):
+    """shmreg through its public API only (api.md); the benchmark key is the service."""
+
+    kind = "shmreg"
+
+    def preload(self) -> None:
+        self.mod = importlib.import_module("shmreg")
+        self.taken: type[BaseException] = self.mod.AlreadyRegistered
+
+    def create(self) -> None:
+        self.preload()
+        self.reg = self.mod.Registry.create(self.ident, capacity=self.capacity,
+                                            max_metadata_bytes=self.opts.get("meta_bytes", 256))
+
+    def attach(self) -> None:
+        self.preload()
+        self.reg = self.mod.Registry.attach(self.ident)
+
+    def register(self, key: str, pid: int, rec: Rec) -> bool:
+        try:
+            self.reg.register(NS, key, pid=pid, metadata=rec)
+        except self.taken:
+            return False
+        return True
+
+    def register_many(self, items: Sequence[Item]) -> int:
+        if not hasattr(self.reg, "register_many"):  # not in api.md yet; used once it exists
+            return super().register_many(items)
+        done = self.reg.register_many(NS, items)
+        return len(items) if done is None else done if isinstance(done, int) else len(done)
+
+    def lookup(self, key: str) -> int | None:
+        return cast("int | None", self.reg.lookup(NS, key))
+
+    def lookup_with_metadata(self, key: str) -> tuple[int, Rec] | None:
+        return cast("tuple[int, Rec] | None", self.reg.lookup_with_metadata(NS, key))
+
+    def update(self, key: str, rec: Rec) -> None:
+        self.reg.update_metadata(NS, key, rec)
+
+    def unregister(self, key: str) -> bool:
+        return bool(self.reg.unregister(NS, key))
+
+    def find_by_type(self, type_: str) -> list[Hit]:
+        return list(self.reg.find_by_metadata(NS, type=type_))
+
+    def find_by_capability(self, cap: str) -> list[Hit]:
+        return list(self.reg.find_by_metadata(NS, capabilities=cap))
+
+    def list_all(self) -> dict[Any, Rec]:
+        return dict(self.reg.list_services_with_metadata(NS))
+
+    def count(self) -> int:
+        return int(self.reg.count(NS))
+
+    def memory_bytes(self) -> int | None:
+        return int(self.reg.stats().memory_bytes)
+
+    def close(self) -> None:
+        self.reg.close()
+
+    def destroy(self) -> None:
+        self.reg.destroy()
+
+
+def timer_overhead_ns() -> int:
+    return sorted(-(_pc() - _pc()) for _ in range(2001))[1000]
+
+
+def measure(op: Callable[..., object], args: Sequence[tuple[Any, ...]], seconds: float,
+            sample: int = 20_000, overhead: int = 0) -> dict[str, Any]:
+    """Run ``op(*a)`` for each ``a`` in ``args`` until done or ``seconds`` have passed.
+
+    One op in every ``len(args) // sample`` is timed alone (percentiles, less the timer's
+    own cost); the ops in between are timed as a batch (throughput). Exceptions are counted.
+    """
+    stride, lat, total, done, errors, first = max(1, len(args) // max(1, sample)), [], 0, 0, 0, ""
+    deadline = _pc() + int(seconds * 1e9)
+    for i in range(0, len(args), stride):
+        head, rest = args[i], args[i + 1: i + stride]
+        t0 = _pc()
+        try:
+            op(*head)
+        except Exception as exc:
+            errors, first = errors + 1, first or repr(exc)
+        t1 = _pc()
+        for a in rest:
+            try:
+                op(*a)
+            except Exception as exc:
+                errors, first = errors + 1, first or repr(exc)
+        t2 = _pc()
+        lat.append(max(0, t1 - t0 - overhead))
+        total, done = total + t2 - t0, done + 1 + len(rest)
+        if t2 > deadline:
+            break
+    lat.sort()
+    q = [lat[min(len(lat) - 1, int(p * len(lat)))] / 1e3 if lat else 0.0 for p in (.5, .9, .99)]
+    return {"ops": done, "of": len(args), "ops_s": done / (total / 1e9) if total else 0.0,
+            "mean_us": total / done / 1e3 if done else 0.0, "p50_us": q[0], "p90_us": q[1],
+            "p99_us": q[2], "samples": len(lat), "errors": errors, "first_error": first}
+
+
+def run_ops(store: Store, n: int, pid: int, seconds: float, fill_seconds: float,
+            sample: int = 20_000, note: Callable[[str], None] = print) -> dict[str, Any]:
+    """Single-process operations on a freshly created ``store``, filled with ``n`` entries.
+
+    One-at-a-time registration runs for at most ``fill_seconds``; the rest is bulk-filled
+    (``register_many``) for as long again; what is still missing is a capped size (``n_eff``).
+    """
+    rnd, recs, ov = random.Random(1), records(pid), timer_overhead_ns()
+    keys, out = [key("s", i) for i in range(n)], cast("dict[str, Any]", {"n": n})
+    note("register")
+    out["register"] = measure(store.register, [(keys[i], pid, recs[i % 910]) for i in range(n)],
+                              fill_seconds, sample, ov)
+    n_eff, t_end = out["register"]["ops"], time.monotonic() + fill_seconds
+    while n_eff < n and time.monotonic() < t_end:
+        top = min(n, n_eff + 10_000)
+        store.register_many([(keys[i], pid, recs[i % 910]) for i in range(n_eff, top)])
+        n_eff = top
+    out.update(n_eff=n_eff, capped=n_eff < n, memory_bytes=store.memory_bytes())
+    m = min(max(2 * n_eff, sample), 200_000)
+    hit = [(keys[rnd.randrange(n_eff)],) for _ in range(m)]
+    for name, op, args in (("lookup_hit", store.lookup, hit),
+                           ("lookup_miss", store.lookup, [(key("x", i),) for i in range(m)]),
+                           ("lookup_meta", store.lookup_with_metadata, hit),
+                           ("update", store.update, [(k, recs[int(k[1:]) % 910]) for k, in hit])):
+        note(name)
+        out[name] = measure(op, args, seconds, sample, ov)
+    check = [rnd.randrange(n_eff) for _ in range(1000)]
+    out["wrong_reads"] = sum(store.lookup(keys[i]) != pid for i in check) + sum(
+        (store.lookup_with_metadata(keys[i]) or (0, {}))[1].get("type") != TYPES[i % 10]
+        for i in check)
+    scans: dict[str, tuple[Callable[[Any], Sized], Any, int]] = {
+        "find_type": (store.find_by_type, "t3", sum(i % 10 == 3 for i in range(n_eff))),
+        "find_capability": (store.find_by_capability, "ca3", sum(i % 7 == 3 for i in range(n_eff))),
+        "list_all": (lambda _: store.list_all(), None, n_eff)}
+    for name, (fn, arg, expect) in scans.items():
+        note(name)
+        out[name] = measure(fn, [(arg,)] * 30, seconds, 30, ov)
+        out[name].update(results=len(fn(arg)), expected=expect)
+    b = min(max(n_eff, 1000), 20_000)  # extra keys: batched registration, then unregister
+    batches = [([(key("b", j), pid, recs[j % 910]) for j in range(i, min(b, i + 1000))],)
+               for i in range(0, b, 1000)]
+    note("register_batch")
+    out["register_batch"] = res = measure(store.register_many, batches, 4 * seconds, 1000, ov)
+    res["ops_s"] *= 1000  # per entry, not per call
+    note("unregister")
+    out["unregister"] = measure(store.unregister, [(key("b", j),) for j in range(b)],
+                                4 * seconds, sample, ov)
+    out["count_after"] = store.count()
+    return out
+
+
+_W: Store | None = None
+_BARRIER: Any = None
+
+
+def _mixed_init(spec: Spec, barrier: Any) -> None:
+    global _W, _BARRIER
+    _W, _BARRIER = make_store(spec), barrier
+    _W.attach()
+
+
+def _mixed_task(wid: int, tag: str, n: int, pid: int, seconds: float, max_ops: int
+                ) -> dict[str, Any]:
+    st, rnd, rec = cast(Store, _W), random.Random(wid), records(pid)[wid]
+    look = [key("s", rnd.randrange(n)) for _ in range(4096)]
+    _BARRIER.wait(timeout=120)
+    t0 = _pc()
+    acked, errors, wrong, first, i, j, deadline = [], 0, 0, "", 0, 0, t0 + int(seconds * 1e9)
+    while i < max_ops:
+        try:
+            if i % 10 == 9:
+                k, j = f"{tag}w{wid}-{j}", j + 1
+                if st.register(k, pid, rec):
+                    acked.append(k)
+            elif st.lookup(look[i & 4095]) != pid:
+                wrong += 1
+        except Exception as exc:
+            errors, first = errors + 1, first or repr(exc)
+        i += 1
+        if i & 127 == 0 and _pc() > deadline:
+            break
+    return {"ops": i, "t0": t0, "t1": _pc(), "acked": acked, "errors": errors,
+            "wrong_reads": wrong, "first_error": first}
+
+
+def run_mixed(store: Store, procs: int, n: int, pid: int, seconds: float,
+              max_ops: int = 400_000) -> dict[str, Any]:
+    """90 % lookups of preloaded keys and 10 % new registrations, in ``procs`` workers that
+    start together (barrier); then every acknowledged registration is looked for."""
+    ctx, tag, futs = mp.get_context("spawn"), f"m{procs}", []
+    ex = ProcessPoolExecutor(procs, mp_context=ctx, initializer=_mixed_init,
+                             initargs=(store.spec(), ctx.Barrier(procs)))
+    try:
+        futs = [ex.submit(_mixed_task, w, tag, n, pid, seconds, max_ops) for w in range(procs)]
+        res = [f.result(timeout=seconds + 180) for f in futs]
+    finally:
+        if any(not f.done() for f in futs):  # a worker hung: do not wait for it
+            for p in list(getattr(ex, "_processes", {}).values()):
+                p.kill()
+        ex.shutdown(wait=True, cancel_futures=True)
+    acked, present = [k for r in res for k in r["acked"]], store.list_all()
+    ops, span = sum(r["ops"] for r in res), max(r["t1"] for r in res) - min(r["t0"] for r in res)
+    return {"procs": procs, "ops": ops, "ops_s": ops / (span / 1e9), "acked": len(acked),
+            "lost": sum(k not in present for k in acked),
+            "base_missing": sum(key("s", i) not in present for i in range(n)),
+            "errors": sum(r["errors"] for r in res),
+            "wrong_reads": sum(r["wrong_reads"] for r in res),
+            "first_error": next((r["first_error"] for r in res if r["first_error"]), "")}
+
+
+def _attach_child(spec: Spec, probe: str, q: Any) -> None:
+    st = make_store(spec)
+    st.preload()
+    t0 = _pc()
+    st.attach()
+    found = st.lookup(probe) is not None
+    q.put((_pc() - t0, found))
+    st.close()
+
+
+def run_attach(store: Store, probe: str, reps: int, timeout: float = 60) -> dict[str, Any]:
+    """In a fresh spawned process: time from nothing open to attached and one lookup done."""
+    ctx, ms, found = mp.get_context("spawn"), cast("list[float]", []), True
+    for _ in range(reps):
+        q = ctx.Queue()
+        p = ctx.Process(target=_attach_child, args=(store.spec(), probe, q))
+        p.start()
+        try:
+            ns, ok = q.get(timeout=timeout)
+            ms, found = [*ms, ns / 1e6], found and ok
+        finally:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    ms.sort()
+    return {"reps": len(ms), "p50_ms": ms[len(ms) // 2], "max_ms": ms[-1], "found": found}
+
+
+# --- `shmreg bench` ---------------------------------------------------------------------------
+
+PEERS: dict[str, type[Store]] = {"dict": DictStore, "lmdb": LmdbStore, "sqlite": SqliteStore,
+                                 "shmreg": ShmregStore}
+ROWS = ["register", "register_batch", "lookup_hit", "lookup_miss", "lookup_meta", "update",
+        "unregister", "find_type", "find_capability", "list_all", "attach"]
+
+
+def fmt(v: float | None, unit: str) -> str:
+    """``unit``: ops_s (a rate), p50_us or p50_ms (a time)."""
+    if v is None:
+        return "-"
+    if unit == "ops_s":
+        return f"{v / 1e6:.2f}M/s" if v >= 1e6 else f"{v / 1e3:.1f}k/s" if v >= 1e3 else (
+            f"{v:.0f}/s")
+    us = v * 1000 if unit.endswith("ms") else v
+    return f"{us:.3g} us" if us < 1e3 else f"{us / 1e3:.3g} ms" if us < 1e6 else f"{us / 1e6:.3g} s"
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    procs = sorted({k for r in results.values() for k in r if k.startswith("mixed_")})
+    lines = ["op".ljust(16) + "".join(n.rjust(13) for n in names)]
+    for row in ROWS + procs:
+        unit = "ops_s" if row.startswith(("register", "mixed")) else (
+            "p50_ms" if row == "attach" else "p50_us")
+        lines.append(row.ljust(16) + "".join(
+            fmt(results[n].get(row, {}).get(unit), unit).rjust(13) for n in names))
+    return "\n".join(lines + [f"{n}: lost {r['lost']}, exceptions {r['exceptions']}, wrong reads "
+                              f"{r['wrong']}" for n, r in results.items()
+                              if r["lost"] or r["exceptions"] or r["wrong"]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="shmreg bench", description="Short side-by-side run; "
+                                 "bench/run.py in the repository is the full harness.")
+    ap.add_argument("--size", type=int, default=10_000, help="entries (default 10000)")
+    ap.add_argument("--procs", default="1,2", help="process counts for the 90/10 mix")
+    ap.add_argument("--peers", default=",".join(PEERS), help="default: " + ",".join(PEERS))
+    ap.add_argument("--seconds", type=float, default=0.5, help="cap per measured operation")
+    ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    a = ap.parse_args(argv)
+    procs = sorted({int(x) for x in a.procs.split(",")})
+    tmp = tempfile.mkdtemp(prefix="shmreg-bench-", dir="/dev/shm" if os.path.isdir(
+        "/dev/shm") else None)
+    t_start, pid, results = time.monotonic(), os.getpid(), {}
+
+    def noter(peer: str) -> Callable[[str], None]:
+        def note(msg: str) -> None:
+            end = "\r" if sys.stderr.isatty() else "\n"
+            sys.stderr.write(f"[{time.monotonic() - t_start:5.1f}s] {peer}: {msg:<40}{end}")
+        return note
+
+    try:
+        for name in a.peers.split(","):
+            cap = a.size + 20_000 + 10_000 * sum(procs) + 1000  # fill, batch, mixed writes
+            st = PEERS[name](f"benchq{pid}{name}", cap, path=os.path.join(tmp, name))
+            try:
+                st.create()
+            except Exception as exc:
+                sys.stderr.write(f"skip {name}: {exc!r}\n")
+                continue
+            try:
+                note = noter(name)
+                r = results[name] = run_ops(st, a.size, pid, a.seconds, 3.0, 5000, note)
+                r.update(wrong=r["wrong_reads"], lost=0, exceptions=sum(
+                    v.get("errors", 0) for v in r.values() if isinstance(v, dict)))
+                if st.shared:
+                    note("attach")
+                    r["attach"] = run_attach(st, key("s", 0), 2)
+                    for p in procs:
+                        note(f"mixed 90/10, {p} procs")
+                        mx = r[f"mixed_{p}"] = run_mixed(st, p, r["n_eff"], pid, a.seconds,
+                                                         100_000)
+                        r["lost"] += mx["lost"] + mx["base_missing"]
+                        r["exceptions"] += mx["errors"]
+                        r["wrong"] += mx["wrong_reads"]
+            except Exception as exc:
+                results.pop(name, None)
+                sys.stderr.write(f"\n{name} failed: {exc!r}\n")
+            finally:
+                st.destroy()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sys.stderr.write(f"\ndone in {time.monotonic() - t_start:.1f}s\n")
+    if a.json:
+        print(json.dumps(results, indent=1, default=str))
+    else:
+        print(f"N = {a.size}: median per operation (rate where /s); {os.cpu_count()} CPUs")
+        print(table(results))
+    return 0 if results else 1

@@ -1,0 +1,432 @@
+"""``MemoryBackend``: the registry API over a plain dict, in one process.
+
+Two jobs. It is the readable reference: every rule ``SharedMemoryBackend`` implements with
+slots, seqlocks and numpy filters is written here as a few lines over a dict, so when the two
+disagree this one is the easier to believe (``shmreg.testing.check_backend`` holds both to the
+same checks). And it is a test double: ``Registry(name, backend="memory")`` needs no
+``/dev/shm`` and leaves nothing behind.
+
+Metadata is stored packed, as msgpack bytes, exactly as the shared-memory backend stores it:
+a caller who mutates a dict after registering it, or mutates a dict a read returned, cannot
+reach the stored value, and validation, size limits and errors come from the same
+``shmreg._codec`` calls.
+
+Handles and state: ``MemoryBackend.named(name)`` returns a new *handle* on state shared per
+name in this process, the way every ``SharedMemoryBackend("x")`` is a handle on one segment.
+So ``close()`` detaches only that handle (another ``Registry("x", backend="memory")`` in the
+same process keeps working), and ``destroy()`` ends the state for every handle.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+from shmreg import _codec, _identity
+from shmreg._errors import (
+    AlreadyRegistered,
+    IncompatibleRegistry,
+    InvalidBackendConfig,
+    NotRegistered,
+    RegistryClosed,
+    RegistryDestroyed,
+    RegistryNotFound,
+    StaleGeneration,
+)
+from shmreg._store import DEFAULT_CAPACITY, DEFAULT_MAX_METADATA_BYTES, MAX_METADATA_LIMIT
+from shmreg._types import (
+    Entry,
+    HealthReport,
+    Liveness,
+    Metadata,
+    ProcessIdentity,
+    RegistryStats,
+    Service,
+)
+
+# What one stored entry costs beyond its key and metadata bytes (a tuple, a dict slot, the
+# identity): measured with sys.getsizeof and rounded, good enough for an estimate.
+_ENTRY_OVERHEAD = 200
+
+
+class _Record(NamedTuple):
+    service: Service  # decoded from the key bytes once: str, int and tuples are immutable
+    owner: ProcessIdentity
+    generation: int
+    packed: bytes  # msgpack metadata, never a live dict (see the module docstring)
+
+
+class _State:
+    """What every handle on one name shares."""
+
+    def __init__(self, name: str, capacity: int, max_metadata_bytes: int) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.max_metadata_bytes = max_metadata_bytes
+        self.lock = threading.Lock()
+        # namespace bytes -> key bytes -> record. Keyed by the canonical bytes, not the Python
+        # values, for the reason _codec gives: 1 and True, or (1,) and (True,), are equal in
+        # Python but are different names.
+        self.spaces: dict[bytes, dict[bytes, _Record]] = {}
+        self.owner_changes = 0  # the generation counter: grows on every change of owner
+        self.ops = 0
+        self.sweeps = 0
+        self.last_sweep: float | None = None
+        self.dead_found = 0
+        self.destroyed = False
+
+
+_NAMED: dict[str, _State] = {}
+_NAMED_LOCK = threading.Lock()
+
+
+def _setting(setting: str, value: int | None, default: int, limit: int) -> int:
+    if value is None:
+        return default
+    if type(value) is not int or not 1 <= value <= limit:
+        raise InvalidBackendConfig(f"{setting} must be an int in 1..{limit}, got {value!r}")
+    return value
+
+
+class MemoryBackend:
+    """Registry storage in this process's memory; same semantics as ``SharedMemoryBackend``.
+
+    >>> from shmreg._identity import self_identity
+    >>> backend = MemoryBackend()
+    >>> backend.register("production", "db", self_identity(), {"type": "postgres"}) > 0
+    True
+    >>> backend.lookup_with_metadata("production", "db")[1]
+    {'type': 'postgres'}
+    >>> backend.destroy()
+    """
+
+    kind = "memory"
+
+    def __init__(self, name: str = "memory", *, capacity: int | None = None,
+                 max_metadata_bytes: int | None = None) -> None:
+        """A private registry no other handle can reach; ``named()`` shares one by name."""
+        self._state = _State(
+            name, _setting("capacity", capacity, DEFAULT_CAPACITY, 2**62),
+            _setting("max_metadata_bytes", max_metadata_bytes, DEFAULT_MAX_METADATA_BYTES,
+                     MAX_METADATA_LIMIT))
+        self._closed = False
+
+    @classmethod
+    def named(cls, name: str, *, create: bool = True, capacity: int | None = None,
+              max_metadata_bytes: int | None = None) -> MemoryBackend:
+        """A handle on this process's registry ``name``, created with the settings if absent.
+
+        ``RegistryNotFound`` if it is absent and ``create`` is false; ``IncompatibleRegistry``
+        if it exists and an explicit setting disagrees, like attaching to a shared segment.
+        """
+        with _NAMED_LOCK:
+            state = _NAMED.get(name)
+            if state is None:
+                if not create:
+                    raise RegistryNotFound(f"no memory registry named {name!r} in this process",
+                                           name=name)
+                handle = cls(name, capacity=capacity, max_metadata_bytes=max_metadata_bytes)
+                _NAMED[name] = handle._state
+                return handle
+        for setting, asked, actual in (("capacity", capacity, state.capacity),
+                                       ("max_metadata_bytes", max_metadata_bytes,
+                                        state.max_metadata_bytes)):
+            if asked is not None and asked != actual:
+                raise IncompatibleRegistry(
+                    f"{setting}: registry {name!r} has {actual}, caller asked for {asked}",
+                    setting=setting, expected=asked, actual=actual)
+        return cls._on(state)
+
+    @classmethod
+    def _on(cls, state: _State) -> MemoryBackend:
+        handle = cls.__new__(cls)
+        handle._state = state
+        handle._closed = False
+        return handle
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def name(self) -> str:
+        return self._state.name
+
+    @property
+    def capacity(self) -> int:
+        return self._state.capacity
+
+    @property
+    def max_metadata_bytes(self) -> int:
+        return self._state.max_metadata_bytes
+
+    def _open(self) -> _State:
+        state = self._state
+        # Destroyed wins over closed: it is the reason the handle can never work again.
+        if state.destroyed:
+            raise RegistryDestroyed(f"registry {state.name!r} was destroyed", name=state.name)
+        if self._closed:
+            raise RegistryClosed(f"registry {state.name!r} is closed in this handle",
+                                 name=state.name)
+        return state
+
+    def _find(self, namespace: str, service: Service) -> tuple[_State, bytes, bytes]:
+        key = _codec.encode_key(namespace, service)
+        return self._open(), key[: key.index(b"\x00")], key
+
+    def _live(self, namespace: str, service: Service) -> _Record | None:
+        state, ns, key = self._find(namespace, service)
+        with state.lock:
+            record = state.spaces.get(ns, {}).get(key)
+        # The per-read probe: an owner that exited and was reaped is gone at once, sweep or
+        # no sweep. A zombie or a reused pid passes it; sweeps catch those.
+        if record is None or not _identity.probe_alive(record.owner.pid):
+            return None
+        return record
+
+    def _space(self, namespace: str) -> list[_Record]:
+        """Live records of one namespace, a snapshot taken under the lock."""
+        ns = _codec.check_namespace(namespace)
+        state = self._open()
+        with state.lock:
+            records = list(state.spaces.get(ns, {}).values())
+        alive: dict[int, bool] = {}
+        out = []
+        for record in records:
+            pid = record.owner.pid
+            if pid not in alive:
+                alive[pid] = _identity.probe_alive(pid)
+            if alive[pid]:
+                out.append(record)
+        return out
+
+    # ------------------------------------------------------------------ reads
+
+    def lookup(self, namespace: str, service: Service) -> int | None:
+        record = self._live(namespace, service)
+        return None if record is None else record.owner.pid
+
+    def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
+        record = self._live(namespace, service)
+        if record is None:
+            return None
+        return record.owner.pid, _codec.unpack_metadata(record.packed)
+
+    def lookup_entry(self, namespace: str, service: Service) -> tuple[int, int, Metadata] | None:
+        record = self._live(namespace, service)
+        if record is None:
+            return None
+        return record.owner.pid, record.generation, _codec.unpack_metadata(record.packed)
+
+    def list_entries(self, namespace: str) -> list[Entry]:
+        return [Entry(r.service, r.owner.pid, _codec.unpack_metadata(r.packed))
+                for r in self._space(namespace)]
+
+    def list_services(self, namespace: str) -> list[Service]:
+        return [r.service for r in self._space(namespace)]
+
+    def find(self, namespace: str, equals: Mapping[str, Any] | None = None,
+             predicate: Callable[[Metadata], bool] | None = None) -> list[Entry]:
+        # The predicate runs outside the lock (list_entries has released it): it is the
+        # caller's code and may well call back into this backend.
+        out = []
+        for entry in self.list_entries(namespace):
+            if equals and not _codec.matches(entry.metadata, equals):
+                continue
+            if predicate is not None and not predicate(entry.metadata):
+                continue
+            out.append(entry)
+        return out
+
+    def count(self, namespace: str | None = None) -> int:
+        if namespace is not None:
+            return len(self._space(namespace))
+        state = self._open()
+        with state.lock:
+            pids = [r.owner.pid for space in state.spaces.values() for r in space.values()]
+        alive: dict[int, bool] = {}
+        for pid in pids:
+            if pid not in alive:
+                alive[pid] = _identity.probe_alive(pid)
+        return sum(1 for pid in pids if alive[pid])
+
+    # ------------------------------------------------------------------ writes
+
+    def register(self, namespace: str, service: Service, owner: ProcessIdentity,
+                 metadata: Mapping[str, Any] | None) -> int:
+        state, ns, key = self._find(namespace, service)
+        # Validate everything before touching state: a refused call changes nothing.
+        packed = _codec.pack_metadata(_codec.as_metadata(metadata), state.max_metadata_bytes)
+        with state.lock:
+            self._open()  # destroyed by another handle while we validated?
+            return self._register_locked(state, namespace, service, ns, key, owner, packed)
+
+    def register_many(self, namespace: str,
+                      items: Iterable[tuple[Service, ProcessIdentity, Mapping[str, Any] | None]]
+                      ) -> list[int]:
+        """Register a batch under one lock hold; one generation per item.
+
+        Every item is validated before the first is stored, so a bad key or bad metadata
+        stores none of them. A name held by a live process raises ``AlreadyRegistered`` in the
+        middle: the items before it stay registered, as with ``SharedMemoryBackend``.
+        """
+        state = self._open()
+        prepared = []
+        for service, owner, metadata in items:
+            _, ns, key = self._find(namespace, service)
+            packed = _codec.pack_metadata(_codec.as_metadata(metadata), state.max_metadata_bytes)
+            prepared.append((service, ns, key, owner, packed))
+        with state.lock:
+            self._open()
+            return [self._register_locked(state, namespace, service, ns, key, owner, packed)
+                    for service, ns, key, owner, packed in prepared]
+
+    def _register_locked(self, state: _State, namespace: str, service: Service, ns: bytes,
+                         key: bytes, owner: ProcessIdentity, packed: bytes) -> int:
+        space = state.spaces.get(ns, {})
+        held = space.get(key)
+        if held is not None and held.owner == owner:
+            generation = held.generation
+        else:
+            # Taken over only on proof of death (gone, zombie, pid reused): a holder we
+            # cannot judge (UNKNOWN) keeps its name.
+            if held is not None and not _identity.check(held.owner).is_dead:
+                raise AlreadyRegistered(
+                    f"{namespace}/{service!r} is held by live pid {held.owner.pid}",
+                    namespace=namespace, service=service, pid=held.owner.pid)
+            state.owner_changes += 1
+            generation = state.owner_changes
+        value = held.service if held is not None else _codec.decode_service(key, len(ns))
+        state.spaces.setdefault(ns, space)[key] = _Record(value, owner, generation, packed)
+        state.ops += 1
+        return generation
+
+    def update_metadata(self, namespace: str, service: Service, metadata: Mapping[str, Any], *,
+                        merge: bool = False, generation: int | None = None) -> None:
+        state, ns, key = self._find(namespace, service)
+        update = _codec.as_metadata(metadata)
+        limit = state.max_metadata_bytes
+        # A merge's update is checked for validity up front but sized only once merged.
+        packed = _codec.pack_metadata(update, 2**62 if merge else limit)
+        with state.lock:
+            self._open()
+            record = state.spaces.get(ns, {}).get(key)
+            if record is None or not _identity.probe_alive(record.owner.pid):
+                raise NotRegistered(f"{namespace}/{service!r} is not registered",
+                                    namespace=namespace, service=service)
+            _check_generation(namespace, service, record, generation)
+            if merge:
+                merged = _codec.unpack_metadata(record.packed)
+                merged.update(update)  # shallow, as documented: nested dicts are replaced
+                packed = _codec.pack_metadata(merged, limit)
+            state.spaces[ns][key] = record._replace(packed=packed)
+            state.ops += 1
+
+    def unregister(self, namespace: str, service: Service, *,
+                   generation: int | None = None) -> bool:
+        state, ns, key = self._find(namespace, service)
+        with state.lock:
+            self._open()
+            space = state.spaces.get(ns)
+            record = None if space is None else space.get(key)
+            if space is None or record is None:
+                return False
+            _check_generation(namespace, service, record, generation)
+            del space[key]
+            if not space:
+                del state.spaces[ns]
+            state.ops += 1
+        # A dead owner's entry is removed all the same, but it was not "there" for any read,
+        # so the answer agrees with what lookup said a moment ago.
+        return _identity.probe_alive(record.owner.pid)
+
+    # ------------------------------------------------------------------ liveness
+
+    def _verdicts(self, state: _State) -> tuple[list[tuple[bytes, bytes, _Record]],
+                                                 dict[ProcessIdentity, Liveness]]:
+        rows = [(ns, key, record) for ns, space in state.spaces.items()
+                for key, record in space.items()]
+        return rows, _identity.check_many(record.owner for _, _, record in rows)
+
+    def sweep(self) -> int:
+        """Remove every entry whose owner is provably dead; return how many."""
+        state = self._open()
+        with state.lock:
+            rows, verdicts = self._verdicts(state)
+            removed = 0
+            for ns, key, record in rows:
+                if verdicts[record.owner].is_dead:
+                    space = state.spaces[ns]
+                    del space[key]
+                    if not space:
+                        del state.spaces[ns]
+                    removed += 1
+            state.ops += removed
+            state.sweeps += 1
+            state.last_sweep = time.time()
+            state.dead_found += removed
+        return removed
+
+    def health_check(self) -> HealthReport:
+        state = self._open()
+        with state.lock:
+            rows, verdicts = self._verdicts(state)
+        total = len(rows)
+        dead = sum(1 for _, _, r in rows if verdicts[r.owner].is_dead)
+        unknown = sum(1 for _, _, r in rows if verdicts[r.owner] is Liveness.UNKNOWN)
+        return HealthReport(HealthReport.classify(total, dead), self.kind, total,
+                            total - dead - unknown, dead, unknown)
+
+    # ------------------------------------------------------------------ reporting
+
+    def stats(self) -> RegistryStats:
+        state = self._open()
+        with state.lock:
+            used = sum(len(space) for space in state.spaces.values())
+            namespaces = len(state.spaces)
+            memory = sum(len(key) + len(r.packed) + _ENTRY_OVERHEAD
+                         for space in state.spaces.values() for key, r in space.items())
+            # Like the shared table, it grows instead of refusing: capacity is a floor.
+            capacity = max(state.capacity, used)
+            return RegistryStats(
+                backend=self.kind, capacity=capacity, used=used, tombstones=0,
+                load_factor=used / capacity, namespaces=namespaces, memory_bytes=memory,
+                sweeps=state.sweeps, last_sweep_time=state.last_sweep,
+                dead_found=state.dead_found,
+                extra={"name": state.name, "capacity_setting": state.capacity,
+                       "max_metadata_bytes": state.max_metadata_bytes, "ops": state.ops,
+                       "owner_changes": state.owner_changes})
+
+    def statistics(self) -> dict[str, Any]:
+        stats = self.stats()
+        return {"backend": self.kind, "name": self.name, "entries": stats.used,
+                "capacity": stats.capacity, "load_factor": stats.load_factor,
+                "memory_bytes": stats.memory_bytes, "sweeps": stats.sweeps,
+                "generation": 1, "ops": stats.extra["ops"]}
+
+    def close(self) -> None:
+        """Detach this handle; the registry stays for other handles. Idempotent."""
+        self._closed = True
+
+    def destroy(self) -> None:
+        """End the registry for every handle (their next call raises RegistryDestroyed)."""
+        state = self._state
+        with _NAMED_LOCK:
+            if _NAMED.get(state.name) is state:
+                del _NAMED[state.name]
+        with state.lock:
+            state.destroyed = True
+            state.spaces.clear()
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return f"<shmreg.backends.MemoryBackend {self.name!r}>"
+
+
+def _check_generation(namespace: str, service: Service, record: _Record,
+                      generation: int | None) -> None:
+    if generation is not None and record.generation != generation:
+        raise StaleGeneration(
+            f"{namespace}/{service!r} is at generation {record.generation}, caller holds "
+            f"{generation}", namespace=namespace, service=service, expected=generation,
+            actual=record.generation)

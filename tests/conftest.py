@@ -1,0 +1,51 @@
+"""Shared fixtures: unique registry names, and a session guard against leaked segments."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import shmreg
+from shmreg._segment import list_segments, unlink_segment
+
+TEST_PREFIX = "t-"
+
+
+def _ours() -> set[str]:
+    return {s for s in list_segments(f"shmreg-{TEST_PREFIX}")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_segments() -> Iterator[None]:
+    """Fail the run if a test leaves a registry segment behind (and remove it)."""
+    before = _ours()
+    yield
+    # Under xdist every worker runs this; each only judges segments created by its own pid
+    # tag so one worker's finished session does not blame another's live registries.
+    tag = f"-{os.getpid()}-"
+    leaked = sorted(s for s in _ours() - before if tag in s)
+    for seg in leaked:
+        unlink_segment(seg)
+    assert not leaked, f"tests left shared-memory segments behind: {leaked}"
+
+
+@pytest.fixture
+def reg_name() -> str:
+    """A registry name unique to this test (carries the worker pid for the leak guard)."""
+    return f"{TEST_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def registry(reg_name: str) -> Iterator[shmreg.Registry]:
+    reg = shmreg.Registry.create(reg_name, capacity=1024)
+    try:
+        yield reg
+    finally:
+        try:
+            shmreg.Registry.attach(reg_name).destroy()
+        except shmreg.RegistryNotFound:
+            pass
+        reg.close()

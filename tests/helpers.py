@@ -1,0 +1,281 @@
+"""Helpers for tests that need real processes: independent interpreters, barriers, cleanup.
+
+Everything a test starts goes through a ``Children`` context manager, which SIGKILLs and
+reaps every child it knows about on the way out, failure or not. Child programs are short
+``python -c`` strings; ``CHILD_PRELUDE`` gives them the same small toolbox (file barrier,
+acknowledgement file, JSON result line) so each test's child code stays a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+#: Upper bound for anything a test waits on; only ever reached when something is broken.
+DEADLINE_S = 60.0
+
+#: Imported by every child program: a barrier on a file, and a way to report a result.
+CHILD_PRELUDE = r'''
+import json, os, sys, time
+import shmreg
+
+def wait_file(path, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            sys.exit(f"timed out waiting for {path}")
+        time.sleep(0.001)
+
+def touch(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+
+def report(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+'''
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The current environment with the repository (and tests/) importable."""
+    env = dict(os.environ)
+    paths = [str(REPO), str(TESTS)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.pop("SHMREG_BACKEND", None)
+    env.update(extra)
+    return env
+
+
+def run_py(code: str, *args: str, prelude: bool = True, flags: tuple[str, ...] = (),
+           stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.PIPE,
+           stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    """Start ``sys.executable -c code *args`` as an independent interpreter.
+
+    Its own session (so no terminal signal reaches it), the repository on ``PYTHONPATH``,
+    text-mode pipes for stdout and stderr by default.
+    """
+    source = (CHILD_PRELUDE + "\n" + code) if prelude else code
+    return subprocess.Popen(
+        [sys.executable, *flags, "-c", source, *args],
+        stdin=stdin, stdout=stdout, stderr=stderr, env=child_env(), cwd=str(REPO),
+        text=True, start_new_session=True,
+    )
+
+
+def wait_for_file(path: str | Path, *, procs: tuple[Any, ...] = (),
+                  timeout: float = DEADLINE_S) -> None:
+    """Wait until ``path`` exists; fail early if one of ``procs`` exited first."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        for proc in procs:
+            code = proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode
+            if code is not None and not os.path.exists(path):
+                raise AssertionError(f"child {proc.pid} exited ({code}) before {path} appeared"
+                                     + _stderr_of(proc))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.002)
+
+
+def _stderr_of(proc: Any) -> str:
+    if isinstance(proc, subprocess.Popen) and proc.stderr is not None and proc.poll() is not None:
+        try:
+            return ":\n" + proc.stderr.read()
+        except (OSError, ValueError):
+            return ""
+    return ""
+
+
+def touch(path: str | Path) -> None:
+    """Create ``path`` atomically (a barrier release: waiters see it whole or not at all)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = DEADLINE_S) -> tuple[str, str]:
+    """Wait for a child to exit on its own; return (stdout, stderr). Fails on a timeout."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"child {proc.pid} did not finish in {timeout} s:\n{err}") from None
+    return out, err
+
+
+def finish_ok(proc: subprocess.Popen[str], timeout: float = DEADLINE_S) -> list[Any]:
+    """``finish``, assert exit status 0 and a clean stderr; return the JSON lines it printed."""
+    out, err = finish(proc, timeout)
+    assert proc.returncode == 0, f"child {proc.pid} exited {proc.returncode}:\n{err}\n{out}"
+    assert err == "", f"child {proc.pid} wrote to stderr:\n{err}"
+    return json_lines(out)
+
+
+def json_lines(text: str) -> list[Any]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_line(proc: subprocess.Popen[str]) -> Any:
+    """The next JSON line a child printed (blocks; the child must print or exit)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise AssertionError(f"child {proc.pid} exited ({proc.returncode}) without a reply"
+                             + _stderr_of(proc))
+    return json.loads(line)
+
+
+def send_line(proc: subprocess.Popen[str], obj: Any) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(obj) + "\n")
+    proc.stdin.flush()
+
+
+def proc_state(pid: int) -> str | None:
+    """Kernel state letter of ``pid`` (``"Z"`` for a zombie), or ``None`` if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return chr(data[data.rfind(b")") + 2])
+
+
+def wait_zombie(pid: int, timeout: float = DEADLINE_S) -> None:
+    """Wait until ``pid`` has exited but is not yet reaped."""
+    deadline = time.monotonic() + timeout
+    while proc_state(pid) != "Z":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pid {pid} did not become a zombie (state {proc_state(pid)})")
+        time.sleep(0.001)
+
+
+def segments_of(name: str) -> list[str]:
+    """The /dev/shm files of registry ``name``: its root and every ``name.*`` segment."""
+    root = f"shmreg-{name}"
+    try:
+        files = os.listdir("/dev/shm")
+    except FileNotFoundError:
+        return []
+    return sorted(f for f in files if f == root or f.startswith(root + "."))
+
+
+class Children:
+    """Tracks child processes; on exit SIGKILLs and reaps every one of them.
+
+    Accepts ``subprocess.Popen`` objects, ``multiprocessing`` processes and bare pids of
+    our own children.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def add(self, proc: Any) -> Any:
+        self.items.append(proc)
+        return proc
+
+    def py(self, code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+        """``run_py`` and track the child."""
+        proc = run_py(code, *args, **kwargs)
+        self.items.append(proc)
+        return proc
+
+    def sleeper(self, seconds: int = 120) -> subprocess.Popen[bytes]:
+        """A long-lived helper process whose pid entries can be registered under."""
+        proc = subprocess.Popen(["sleep", str(seconds)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.items.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for item in reversed(self.items):
+            try:
+                _kill_and_reap(item)
+            except Exception:  # cleanup must reach every child
+                pass
+        self.items.clear()
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill_all()
+
+
+def _kill_and_reap(item: Any) -> None:
+    if isinstance(item, int):
+        try:
+            os.kill(item, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(item, 0)
+        except ChildProcessError:
+            pass
+        return
+    if isinstance(item, subprocess.Popen):
+        if item.returncode is None:
+            try:
+                item.kill()
+            except ProcessLookupError:
+                pass
+        try:
+            item.communicate(timeout=DEADLINE_S)
+        except (ValueError, OSError, subprocess.TimeoutExpired):
+            item.wait()
+        return
+    # A multiprocessing.Process (any start method).
+    if item.exitcode is None:
+        try:
+            item.kill()
+        except (ProcessLookupError, AttributeError):
+            pass
+    item.join(DEADLINE_S)
+    try:
+        item.close()
+    except ValueError:
+        pass
+
+
+@contextmanager
+def children() -> Iterator[Children]:
+    """``with children() as kids:`` ... every child SIGKILLed and reaped on the way out."""
+    kids = Children()
+    try:
+        yield kids
+    finally:
+        kids.kill_all()
+
+
+@contextmanager
+def destroying(name: str) -> Iterator[None]:
+    """Destroy registry ``name`` (by name, even if corrupt) on the way out."""
+    try:
+        yield
+    finally:
+        from shmreg._store import destroy_by_name
+
+        destroy_by_name(name)
+        for seg in segments_of(name):
+            try:
+                os.unlink(os.path.join("/dev/shm", seg))
+            except FileNotFoundError:
+                pass
