@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                     v.get("errors", 0) for v in r.values() if isinstance(v, dict)))
                 if st.shared:
                     note("attach")
-                    r["attach"] = run_attach(st, key("s", 0), 2)
+                    r["attach"] = run_attach(st, key("s", 0), 3)
                     for p in procs:
                         note(f"mixed 90/10, {p} procs")
                         mx = r[f"mixed_{p}"] = run_mixed(st, p, r["n_eff"], pid, a.seconds,

@@ -267,8 +267,15 @@ _STR_TAGS: dict[str, int] = {}
 
 
 def value_tag(value: Any) -> int:
-    """32-bit tag of one scalar value, equal for equal values (msgpack canonical form)."""
-    if type(value) is str:
+    """32-bit tag of one scalar value, equal whenever Python's ``==`` says equal.
+
+    Queries compare with ``==``, where ``True == 1 == 1.0``; so bools and integral floats
+    are tagged as the int they equal, or a scan would drop entries a decode would keep.
+    """
+    kind = type(value)
+    if kind is bool or (kind is float and value.is_integer()):
+        value = int(value)
+    elif kind is str:
         # Types and capability names repeat endlessly: remember their tags.
         tag = _STR_TAGS.get(value)
         if tag is None:
@@ -300,9 +307,9 @@ def capability_bit(value: object) -> int:
 
 def capability_mask(metadata: Metadata) -> int:
     """A 64-bit Bloom-style mask of ``metadata["capabilities"]`` (all ones: cannot filter)."""
-    caps = metadata.get("capabilities")
-    if caps is None:
+    if "capabilities" not in metadata:
         return 0
+    caps = metadata["capabilities"]
     if type(caps) is list:
         mask = 0
         tags = _STR_TAGS

@@ -12,7 +12,7 @@ A registry ``NAME`` is two kinds of POSIX shared-memory segment:
           4 writer owner start      15 recoveries run
           5 generation being built  16 incarnation (random; names data segments)
           6 capacity setting        17 event sequence (reserved for watch)
-          7 max metadata bytes
+          7 max metadata bytes      18 segment permission bits
 
   The writer lock is ``flock`` on this segment's file, so it never moves when the table grows.
 
@@ -79,6 +79,7 @@ R_DEAD_FOUND = 14
 R_RECOVERIES = 15
 R_INCARNATION = 16
 R_EVENT_SEQ = 17
+R_MODE = 18  # permission bits every segment of the registry is created with
 
 # Data header words.
 D_MAGIC = 0

@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 
-from shmreg._errors import RegistryDestroyed, RegistryTimeout
+from shmreg._errors import RegistryClosed, RegistryDestroyed, RegistryTimeout
 
 _LIVE_LOCKS: weakref.WeakSet[WriterLock] = weakref.WeakSet()
 
@@ -37,6 +37,7 @@ class WriterLock:
         self._path = path
         self._registry = registry
         self._thread_lock = threading.Lock()
+        self._closed = False
         self._fd = self._open()
         _LIVE_LOCKS.add(self)
 
@@ -55,6 +56,12 @@ class WriterLock:
             )
         try:
             if self._fd < 0:
+                if self._closed:
+                    raise RegistryClosed(
+                        f"registry {self._registry!r} is closed in this process",
+                        name=self._registry,
+                    )
+                # Only a fork can get here: the child found the root file already unlinked.
                 raise RegistryDestroyed(
                     f"registry {self._registry!r} was destroyed", name=self._registry
                 )
@@ -87,6 +94,7 @@ class WriterLock:
         self._thread_lock.release()
 
     def close(self) -> None:
+        self._closed = True
         _LIVE_LOCKS.discard(self)
         if self._fd >= 0:
             os.close(self._fd)

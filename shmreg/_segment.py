@@ -102,11 +102,32 @@ def open_segment(name: str, registry: str) -> SharedMemory:
 
 
 def close_segment(shm: SharedMemory) -> None:
-    """Unmap; views still exported (a caller's numpy array) keep the mapping until collected."""
+    """Unmap now, or, if views are still exported, as soon as the last one is collected.
+
+    A view can outlive us (a traceback keeping a frame with a numpy column alive, say).
+    Then ``close()`` raises BufferError, and ``SharedMemory.__del__`` would raise it again
+    at some random later collection ("Exception ignored ..."). Dropping the object's own
+    references instead leaves the mapping to the views: it is unmapped with the last one.
+    """
     try:
         shm.close()
     except BufferError:
-        pass
+        forget_segment(shm)
+
+
+def forget_segment(shm: SharedMemory) -> None:
+    """Let go of a segment without touching the views other threads may still read through.
+
+    The object drops its references and closes its fd; the mapping itself stays until the
+    last view into it is collected. (``SharedMemory.close()`` would release its ``buf``
+    first, and every view taken from that very object would fail in a reader's hands.)
+    """
+    shm._buf = None  # type: ignore[attr-defined]
+    shm._mmap = None  # type: ignore[attr-defined]
+    fd = segment_fd(shm)
+    if fd >= 0:
+        os.close(fd)
+        shm._fd = -1  # type: ignore[attr-defined]
 
 
 def unlink_segment(name: str) -> bool:

@@ -38,6 +38,7 @@ from shmreg._lock import WriterLock
 from shmreg._segment import (
     close_segment,
     create_segment,
+    forget_segment,
     link_segment,
     list_segments,
     open_segment,
@@ -53,12 +54,15 @@ _ARENA_PER_ENTRY = 256  # virtual arena bytes reserved per entry of capacity (sp
 
 
 class _Closed:
-    """Stands in for the root words after close(): any use raises a clear error."""
+    """Stands in for the root words after close() or destroy(): any use raises a clear error."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, destroyed: bool = False) -> None:
         self.name = name
+        self.destroyed = destroyed
 
     def __getitem__(self, index: int) -> int:
+        if self.destroyed:
+            raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
         raise RegistryClosed(f"registry {self.name!r} is closed in this process", name=self.name)
 
     def __setitem__(self, index: int, value: int) -> None:
@@ -148,6 +152,7 @@ class Store:
             boot = bytes.fromhex(_identity.boot_id().replace("-", "") or "0" * 32)[:16]
             root.buf[L.R_BOOT_ID * 8 : L.R_BOOT_ID * 8 + 16] = boot.ljust(16, b"\0")
             rq[L.R_INCARNATION] = incarnation
+            rq[L.R_MODE] = mode
             rq[L.R_MAGIC] = L.ROOT_MAGIC
         finally:
             rq.release()
@@ -234,13 +239,12 @@ class Store:
         old = self.table
         self.table = self._attach_data()
         self.gen = self.table.gen
-        old_shm = old.shm
-        old.release()
-        close_segment(old_shm)
+        _retire(old)
 
     # ---------------------------------------------------------------------- writing
 
     def begin(self, timeout: float | None = None) -> Table:
+        self.rq[L.R_GEN]  # raises RegistryClosed / RegistryDestroyed on a finished handle
         self.lock.acquire(timeout)
         try:
             rq = self.rq
@@ -309,7 +313,11 @@ class Store:
         self.rq[L.R_BUILDING] = gen
         unlink_segment(name)
         shm = create_segment(
-            name, L.arena_offset(nslots) + arena, self.name, allocate_bytes=L.arena_offset(nslots)
+            name,
+            L.arena_offset(nslots) + arena,
+            self.name,
+            allocate_bytes=L.arena_offset(nslots),
+            mode=int(self.rq[L.R_MODE]) or 0o600,
         )
         try:
             Table.initialise(shm, gen, nslots, arena)
@@ -325,12 +333,18 @@ class Store:
         unlink_segment(L.data_name(self.name, self.incarnation, self.gen))
         self.table = new
         self.gen = gen
-        old_shm = old.shm
-        old.release()
-        close_segment(old_shm)
+        _retire(old)
         return new
 
     # -------------------------------------------------------------------- lifecycle
+
+    def __del__(self) -> None:
+        # A handle dropped without close(): release our views before SharedMemory's own
+        # finalizer tries to unmap under them (which prints BufferError noise and leaks fds).
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def _close_root(self) -> None:
         rq = self.rq
@@ -357,7 +371,13 @@ class Store:
         return isinstance(self.rq, _Closed)
 
     def destroy(self) -> None:
-        """Mark destroyed (other processes' next call fails cleanly) and remove every segment."""
+        """Mark destroyed (other processes' next call fails cleanly) and remove every segment.
+
+        Destroying twice is a no-op; every other call on this handle afterwards raises
+        ``RegistryDestroyed``.
+        """
+        if isinstance(self.rq, _Closed) and self.rq.destroyed:
+            return
         self.begin()
         try:
             self.rq[L.R_GEN] = L.DESTROYED
@@ -368,6 +388,7 @@ class Store:
             self.rq[L.R_OWNER_PID] = 0
             self.lock.release()
         self.close()
+        self.rq = _Closed(self.name, destroyed=True)
 
     def root_info(self) -> dict[str, Any]:
         rq = self.rq
@@ -384,6 +405,15 @@ class Store:
             "dead_found": int(rq[L.R_DEAD_FOUND]),
             "writer_pid": int(rq[L.R_OWNER_PID]),
         }
+
+
+def _retire(table: Table) -> None:
+    """Unmap a generation this process no longer uses.
+
+    Its views are not released here: another thread may still be reading through them.
+    The mapping goes with the last view instead.
+    """
+    forget_segment(table.shm)
 
 
 def destroy_by_name(name: str) -> bool:

@@ -19,8 +19,10 @@ same process keeps working), and ``destroy()`` ends the state for every handle.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -76,10 +78,26 @@ class _State:
         self.last_sweep: float | None = None
         self.dead_found = 0
         self.destroyed = False
+        _ALL.add(self)
 
 
 _NAMED: dict[str, _State] = {}
 _NAMED_LOCK = threading.Lock()
+_ALL: weakref.WeakSet[_State] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child gets a copy of every registry (from then on its own, this is process
+    # memory) and of every lock, possibly held by a parent thread that does not exist in the
+    # child: such a lock would never be released. Fresh locks, same data.
+    global _NAMED_LOCK
+    _NAMED_LOCK = threading.Lock()
+    for state in list(_ALL):
+        state.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _setting(setting: str, value: int | None, default: int, limit: int) -> int:

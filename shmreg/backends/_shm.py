@@ -93,9 +93,10 @@ class SharedMemoryBackend:
         # growing rather than being cleared: entries never go stale, and clearing made a
         # working set larger than the cache miss every time.
         kind = type(service)
-        if kind is str or kind is int:
+        cacheable = (kind is str or kind is int) and type(namespace) is str
+        if cacheable:
             cached = self._keys.get((namespace, service))
-            if cached is not None and type(namespace) is str:
+            if cached is not None:
                 return cached
         ns = _NAMESPACES.get(namespace) if type(namespace) is str else None
         if ns is None:
@@ -105,7 +106,7 @@ class SharedMemoryBackend:
                 _NAMESPACES[namespace] = ns
         raw = _codec.encode_service(ns[0], service)
         info = (raw, _crc32(raw), ns[1], ns[2])
-        if (kind is str or kind is int) and len(self._keys) < _KEY_CACHE_LIMIT:
+        if cacheable and len(self._keys) < _KEY_CACHE_LIMIT:
             self._keys[(namespace, service)] = info
         return info
 
@@ -193,12 +194,14 @@ class SharedMemoryBackend:
     ) -> list[tuple[SlotWords, bytes, bytes]]:
         """Validated (words, key, metadata bytes) of live candidates, filtered in numpy first."""
 
+        # Validate before any view of the segment exists: an exception raised while a numpy
+        # column is alive would keep the mapping pinned for as long as its traceback lives.
+        prefix = b"" if namespace is None else _codec.check_namespace(namespace) + b"\x00"
+
         def scan(table: Table) -> list[tuple[SlotWords, bytes, bytes]]:
             cols = table.columns()
             mask = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
-            prefix = b""
-            if namespace is not None:
-                prefix = _codec.check_namespace(namespace) + b"\x00"
+            if prefix:
                 mask &= (cols[:, L.S_HASH] >> np.uint64(32)) == np.uint64(_crc32(prefix[:-1]))
             if type_tag is not None:
                 tags = cols[:, L.S_META] >> np.uint64(32)
@@ -287,6 +290,32 @@ class SharedMemoryBackend:
 
             return self._read(scan)
         return len(self._scan(namespace))
+
+    def dump(self) -> list[dict[str, Any]]:
+        """Every used slot, dead owners included (flagged): for ``shmreg ls`` and debugging."""
+
+        def scan(table: Table) -> list[tuple[SlotWords, bytes, bytes]]:
+            rows = []
+            for _, words in table.iter_used():
+                key, meta = table.record_bytes(words)
+                rows.append((words, key, meta))
+            return rows
+
+        out = []
+        for words, key, meta in self._read(scan):
+            namespace, service = _codec.decode_key(key)
+            pid = words[4] & _LO32
+            out.append(
+                {
+                    "namespace": namespace,
+                    "service": service,
+                    "pid": pid,
+                    "alive": _probe_alive(pid),
+                    "generation": words[6],
+                    "metadata": _codec.unpack_metadata(meta),
+                }
+            )
+        return out
 
     # ------------------------------------------------------------------ writes
 

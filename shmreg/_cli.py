@@ -1,0 +1,186 @@
+"""The ``shmreg`` command (also ``python -m shmreg``).
+
+Every command that reads works on a registry whose writers are all dead: reading needs no
+lock, and a write (``sweep``) repairs what a dead writer left half-done before it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from shmreg._errors import ShmregError
+from shmreg._registry import Registry
+from shmreg._segment import list_segments
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple):
+        return list(value)
+    return repr(value)
+
+
+def _registries() -> list[str]:
+    return sorted(seg[len("shmreg-") :] for seg in list_segments() if "." not in seg)
+
+
+def _open(name: str) -> Registry:
+    return Registry.attach(name)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    if not args.name:
+        names = _registries()
+        if args.json:
+            _print_json(names)
+        else:
+            print("\n".join(names) if names else "(no registries)")
+        return 0
+    with _open(args.name) as reg:
+        rows = reg.backend.dump()  # type: ignore[attr-defined]
+    if args.namespace is not None:
+        rows = [r for r in rows if r["namespace"] == args.namespace]
+    if not args.all:
+        rows = [r for r in rows if r["alive"]]
+    rows.sort(key=lambda r: (r["namespace"], repr(r["service"])))
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("(no entries)")
+    for r in rows:
+        dead = "" if r["alive"] else "  [dead]"
+        print(
+            f"{r['namespace']}\t{r['service']!r}\tpid {r['pid']}\tgen {r['generation']}\t"
+            f"{json.dumps(r['metadata'], default=_jsonable)}{dead}"
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _open(args.name) as reg:
+        stats = reg.stats()
+        health = reg.health_check()
+    info = {
+        "name": args.name,
+        "backend": stats.backend,
+        "entries": stats.used,
+        "capacity": stats.capacity,
+        "tombstones": stats.tombstones,
+        "load_factor": round(stats.load_factor, 4),
+        "namespaces": stats.namespaces,
+        "memory_bytes": stats.memory_bytes,
+        "sweeps": stats.sweeps,
+        "last_sweep_time": stats.last_sweep_time,
+        "dead_found": stats.dead_found,
+        "health": {
+            "status": health.status.value,
+            "total": health.total,
+            "alive": health.alive,
+            "dead": health.dead,
+            "unknown": health.unknown,
+        },
+        "engine": stats.extra,
+    }
+    if args.json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key:16} {value}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    with _open(args.name) as reg:
+        removed = reg.sweep()
+    if args.json:
+        _print_json({"removed": removed})
+    else:
+        print(f"removed {removed} dead entr{'y' if removed == 1 else 'ies'}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from shmreg._store import destroy_by_name
+
+    removed = destroy_by_name(args.name)
+    if args.json:
+        _print_json({"destroyed": removed, "name": args.name})
+    elif removed:
+        print(f"destroyed registry {args.name!r}")
+    else:
+        print(f"no registry named {args.name!r}", file=sys.stderr)
+    return 0 if removed else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shmreg import _demo
+
+    return _demo.run(workers=args.workers)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from shmreg import _bench
+
+    return int(_bench.main(args.rest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmreg", description="A process registry in shared memory."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(
+        name: str, help: str, *, named: bool = True, optional: bool = False
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        if named:
+            p.add_argument("name", nargs="?" if optional else None, help="registry name")
+        p.add_argument("--json", action="store_true", help="print data as JSON")
+        return p
+
+    p = command("ls", "list registries, or the entries of one", optional=True)
+    p.add_argument("--namespace", "-n", help="only this namespace")
+    p.add_argument("--all", "-a", action="store_true", help="include entries of dead owners")
+    p.set_defaults(fn=cmd_ls)
+    command("info", "settings, counters and health of a registry").set_defaults(fn=cmd_info)
+    command("sweep", "remove entries whose owners are dead").set_defaults(fn=cmd_sweep)
+    command("destroy", "remove a registry for every process").set_defaults(fn=cmd_destroy)
+    p = command("demo", "worker pool, a crash, the sweep and a capability query", named=False)
+    p.add_argument("--workers", type=int, default=4)
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser(
+        "bench", help="a short benchmark against the installed peers", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    try:
+        code: int = args.fn(args)
+        return code
+    except ShmregError as exc:
+        if getattr(args, "json", False):
+            _print_json({"error": exc.to_dict()})
+        else:
+            print(f"shmreg: {type(exc).__name__} [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        del started
