@@ -49,3 +49,25 @@ def registry(reg_name: str) -> Iterator[shmreg.Registry]:
         except shmreg.RegistryNotFound:
             pass
         reg.close()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run the soak and stress tests (bounded by SHMREG_SOAK_SECONDS, default 20)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def soak_seconds() -> float:
+    """How long a soak or stress test may run (CI keeps the default)."""
+    return float(os.environ.get("SHMREG_SOAK_SECONDS", "20"))
