@@ -78,6 +78,7 @@ __all__ = [
     "DataError",
     "IncompatibleRegistry",
     "InvalidAgentConfig",
+    "InvalidArgument",
     "InvalidBackendConfig",
     "InvalidKey",
     "InvalidMetadata",
@@ -665,6 +666,27 @@ class StaleGeneration(DataError):
             expected=expected,
             actual=actual,
         )
+
+
+class InvalidArgument(DataError, ValueError):
+    """An argument other than a key or metadata is out of range or of the wrong type."""
+
+    code = 3008
+    severity = Severity.LOW
+    argument: str | None
+    value: str | None
+    _template = "invalid {argument}: {value}"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        argument: str | None = None,
+        value: str | None = None,
+        context: _Context = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        self._init(message, context, correlation_id, argument=argument, value=value)
 
 
 # ---------------------------------------------------------------------------- 4xxx backend

@@ -2,7 +2,8 @@
 
 A registry ``NAME`` is two kinds of POSIX shared-memory segment:
 
-``shmreg-NAME`` (the root, 4 KiB, lives as long as the registry)::
+``shmreg-NAME`` (the root: 4 KiB of words, then the 1 MiB event ring of
+``shmreg._events``; it lives as long as the registry)::
 
     word  0 magic "SHMREG\\x00R"     8 pid namespace inode of the creator
           1 layout version          9 created at (ns since epoch)
@@ -11,7 +12,7 @@ A registry ``NAME`` is two kinds of POSIX shared-memory segment:
           3 writer owner pid        14 dead entries found
           4 writer owner start      15 recoveries run
           5 generation being built  16 incarnation (random; names data segments)
-          6 capacity setting        17 event sequence (reserved for watch)
+          6 capacity setting        17 last event sequence number
           7 max metadata bytes      18 segment permission bits
 
   The writer lock is ``flock`` on this segment's file, so it never moves when the table grows.
@@ -24,7 +25,8 @@ A registry ``NAME`` is two kinds of POSIX shared-memory segment:
     | 8 garbage bytes  9 ops committed  10 owner changes   |
     | 11 arena bytes allocated (fallocate'd)               |
     | 16.. redo journal: state, slot, image[8], top, live, |
-    |      tombs, garbage, ops, owner changes, crc32       |
+    |      tombs, garbage, ops, owner changes, event word, |
+    |      event time, crc32                               |
     +-------------------- slots, 64 B each ----------------+
     | w0 seq (odd while being written)                     |
     | w1 key crc32 (lo 32) | namespace crc32 (hi 32)       |
@@ -53,7 +55,10 @@ DATA_MAGIC = int.from_bytes(b"SHMREG\x00D", "little")
 LAYOUT_VERSION = 1
 
 PAGE = 4096
-ROOT_SIZE = PAGE
+RING_OFFSET = PAGE  # the event ring (see shmreg._events) follows the root words
+RING_EVENTS = 4096
+EVENT_SIZE = 256
+ROOT_SIZE = RING_OFFSET + RING_EVENTS * EVENT_SIZE
 HEADER_SIZE = PAGE
 SLOT_SIZE = 64
 SLOT_WORDS = SLOT_SIZE // 8
@@ -101,9 +106,11 @@ J_STATE = 16
 J_SLOT = 17
 J_IMG = 18  # eight words: the slot image, word 0 the even seq to publish
 J_COUNTERS = 26  # six words, in COUNTER_WORDS order
-J_CRC = 32
+J_EVENT = 32  # kind | reason << 8 | event sequence << 16 (shmreg._events)
+J_EVENT_TIME = 33
+J_CRC = 34
 J_VALID = 1
-JOURNAL_BODY = struct.Struct("<15Q")  # slot, image[8], counters[6]: words 17..31
+JOURNAL_BODY = struct.Struct("<17Q")  # slot, image[8], counters[6], event, time: words 17..33
 
 # Slot words and states.
 S_SEQ = 0

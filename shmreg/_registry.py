@@ -8,14 +8,24 @@ the backend's methods when the registry opens, so the facade adds no call on tho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
 from shmreg import _identity
-from shmreg._errors import InvalidBackendConfig, InvalidRegistryName, NotRegistered
+from shmreg._clock import SYSTEM, Clock, check_timeout
+from shmreg._errors import (
+    InvalidBackendConfig,
+    InvalidRegistryName,
+    NotRegistered,
+    RegistryTimeout,
+    StaleGeneration,
+)
+from shmreg._events import Event
+from shmreg._liveness import CleanupReport, Monitor, terminate_owners
 from shmreg._types import HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
 from shmreg.backends._protocol import Backend
 
@@ -99,6 +109,7 @@ class Registry:
         self._backend = _open_backend(
             self._name, backend, create, capacity, max_metadata_bytes, mode
         )
+        self._monitor: Monitor | None = None
         # Hot paths go straight to the backend (see the module docstring).
         self.lookup = self._backend.lookup  # type: ignore[method-assign]
         self.lookup_with_metadata = self._backend.lookup_with_metadata  # type: ignore[method-assign]
@@ -153,10 +164,12 @@ class Registry:
 
     def close(self) -> None:
         """Detach this process; the registry stays for everyone else."""
+        self.stop_monitor()
         self._backend.close()
 
     def destroy(self) -> None:
         """Remove the registry for every process (their next call raises RegistryDestroyed)."""
+        self.stop_monitor()
         self._backend.destroy()
 
     def __enter__(self) -> Registry:
@@ -288,3 +301,153 @@ class Registry:
     def sweep(self) -> int:
         """Remove every entry whose owner is provably dead; return how many were removed."""
         return self._backend.sweep()
+
+    # ------------------------------------------------------------------ liveness
+
+    def start_monitor(
+        self,
+        *,
+        poll_interval: float = 0.01,
+        sweep_interval: float = 1.0,
+        on_death: Callable[[Any, Any, int], None] | None = None,
+    ) -> Monitor:
+        """Start this process's death monitor (a daemon thread); idempotent.
+
+        It removes an entry within milliseconds of its owner dying, whoever registered it.
+        Several monitors, in one process or many, do not fight: each removal is re-checked
+        under the writer lock and reported once.
+        """
+        if self._monitor is None or not self._monitor.running:
+            self._monitor = Monitor(
+                self._backend,
+                poll_interval=poll_interval,
+                sweep_interval=sweep_interval,
+                on_death=on_death,
+            ).start()
+        return self._monitor
+
+    def stop_monitor(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.stop()
+
+    @contextlib.contextmanager
+    def monitor(self, **options: Any) -> Iterator[Monitor]:
+        """``with reg.monitor(): ...`` runs the death monitor for the block."""
+        started = self.start_monitor(**options)
+        try:
+            yield started
+        finally:
+            self.stop_monitor()
+
+    def wait_for(
+        self,
+        namespace: str,
+        service: Service,
+        timeout: float | None = None,
+        *,
+        clock: Clock = SYSTEM,
+        poll_interval: float = 0.0005,
+    ) -> int:
+        """Block until ``(namespace, service)`` is registered to a live process; its pid.
+
+        Between checks it reads one word (the newest event number) every ``poll_interval``
+        seconds and looks the name up again only when that moved: waking within a
+        millisecond or so of the registration without keeping a core busy.
+        """
+        timeout = check_timeout(timeout)
+        deadline = None if timeout is None else clock.monotonic() + timeout
+        last_seen = getattr(self._backend, "last_event_seq", lambda: -1)
+        while True:
+            seq = last_seen()
+            pid = self._backend.lookup(namespace, service)
+            if pid is not None:
+                return pid
+            while last_seen() == seq:
+                if deadline is not None and clock.monotonic() >= deadline:
+                    raise RegistryTimeout(
+                        f"{namespace}/{service!r} not registered within {timeout} s",
+                        timeout=timeout,
+                    )
+                clock.sleep(poll_interval)
+                if seq == -1:
+                    break  # no event counter on this backend: poll the name itself
+
+    def watch(
+        self,
+        namespace: str | None = None,
+        since: int | None = None,
+        *,
+        timeout: float | None = None,
+        clock: Clock = SYSTEM,
+        poll_interval: float = 0.001,
+    ) -> Iterator[Event]:
+        """Events (registered, updated, unregistered, died), oldest first, as they happen.
+
+        ``since=None`` starts with the next event; ``since=N`` resumes after event N. A
+        reader that fell behind the ring first gets an event of kind ``lost`` saying how
+        many it missed. Stops after ``timeout`` seconds without an event (None: never).
+        """
+        timeout = check_timeout(timeout)
+        if since is not None and (type(since) is not int or since < 0):
+            from shmreg._errors import InvalidArgument
+
+            raise InvalidArgument(
+                f"since must be an event number >= 0, got {since!r}",
+                argument="since",
+                value=repr(since),
+            )
+        position = self._backend.last_event_seq() if since is None else since  # type: ignore[attr-defined]
+        idle_since = clock.monotonic()
+        while True:
+            events, lost = self._backend.read_events(position)  # type: ignore[attr-defined]
+            if lost:
+                yield Event(seq=position + lost, kind="lost", lost=lost)
+                position += lost
+            for event in events:
+                position = event.seq
+                if namespace is None or event.namespace == namespace:
+                    yield event
+            if events or lost:
+                idle_since = clock.monotonic()
+                continue
+            if timeout is not None and clock.monotonic() - idle_since >= timeout:
+                return
+            clock.sleep(poll_interval)
+
+    @contextlib.contextmanager
+    def register_self(
+        self, namespace: str, service: Service, metadata: Mapping[str, Any] | None = None
+    ) -> Iterator[int]:
+        """Register the calling process for the block; unregister on the way out.
+
+        The exit is fenced by the generation: if the name changed hands meanwhile (this
+        process was presumed dead and taken over), the new owner's entry is left alone.
+        """
+        generation = self.register(namespace, service, metadata=metadata)
+        try:
+            yield generation
+        finally:
+            try:
+                self.unregister(namespace, service, generation=generation)
+            except StaleGeneration:
+                pass
+
+    def cleanup_namespace(
+        self, namespace: str, *, grace: float = 5.0, clock: Clock = SYSTEM
+    ) -> CleanupReport:
+        """SIGTERM every live owner in ``namespace``, SIGKILL survivors after ``grace``
+        seconds, and remove the entries. The calling process is never signalled (its own
+        entries are removed)."""
+        grace_s = check_timeout(grace, "grace") or 0.0
+        owned = self._backend.namespace_owners(namespace)  # type: ignore[attr-defined]
+        owners = {ident for _, ident, _ in owned}
+        terminated, killed, skipped = terminate_owners(owners, grace_s, clock)
+        removed = 0
+        for service, _, generation in owned:
+            try:
+                removed += bool(self._backend.unregister(namespace, service, generation=generation))
+            except (StaleGeneration, NotRegistered):
+                pass
+        removed += self._backend.sweep()
+        return CleanupReport(namespace, terminated, killed, removed, skipped)

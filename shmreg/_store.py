@@ -34,6 +34,7 @@ from shmreg._errors import (
     RegistryDestroyed,
     RegistryNotFound,
 )
+from shmreg._events import Ring
 from shmreg._lock import WriterLock
 from shmreg._segment import (
     close_segment,
@@ -81,6 +82,7 @@ class Store:
         self.rq: Any = root.buf.cast("Q")
         self.created = created
         self._check_root()
+        self.ring = Ring(root.buf, L.RING_OFFSET)
         self.capacity = int(self.rq[L.R_CAPACITY])
         self.max_metadata_bytes = int(self.rq[L.R_MAX_META])
         self.incarnation = int(self.rq[L.R_INCARNATION])
@@ -224,7 +226,7 @@ class Store:
                     time.sleep(0.001)
                 continue
             try:
-                return Table(shm, self.name)
+                return Table(shm, self.name, self.ring)
             except BaseException:
                 close_segment(shm)
                 raise
@@ -321,7 +323,7 @@ class Store:
         )
         try:
             Table.initialise(shm, gen, nslots, arena)
-            new = Table(shm, self.name)
+            new = Table(shm, self.name, self.ring)
             old.copy_live_into(new)
         except BaseException:
             close_segment(shm)
@@ -347,6 +349,9 @@ class Store:
             pass
 
     def _close_root(self) -> None:
+        ring = getattr(self, "ring", None)
+        if ring is not None:
+            ring.release()
         rq = self.rq
         if isinstance(rq, memoryview):
             rq.release()

@@ -8,13 +8,17 @@ so bytes referenced by a validated slot cannot change underneath the reader.
 Writers hold the writer lock and change exactly one slot per operation:
 
 1. stage the new record above ``arena top`` (unreferenced, so a crash here is harmless);
-2. write the redo journal (slot index, new slot image, new counters), its VALID word last
-   with a single store;
+2. write the redo journal (slot index, new slot image, new counters, the event to append),
+   its VALID word last with a single store;
 3. apply: slot seq odd, slot words, counters, slot seq even (the publish point);
-4. retire the journal.
+4. append the event to the ring in the root segment;
+5. retire the journal.
+
+Every change is journaled, inserts included: the event must appear exactly when the change
+does, and only the journal lets recovery finish both or neither.
 
 Recovery, run by the next writer when it finds the previous one died holding the lock,
-replays a valid journal (idempotent: the image and counters are absolute values), then
+replays a valid journal (idempotent: image, counters and event are absolute values), then
 tombstones any other odd slot and recounts. Sequence words are written with one 8-byte store
 (``cast('Q')[i] = v``): ``struct.pack_into`` zero-fills its target first, and a reader could
 see that zero as a stable even sequence.
@@ -34,10 +38,12 @@ import numpy.typing as npt
 
 from shmreg import _layout as L
 from shmreg._errors import CorruptRegistry
+from shmreg._events import Ring
 
 SlotWords = tuple[int, int, int, int, int, int, int, int]
 _COUNTERS = struct.Struct("<6Q")  # data header words 5..10, in COUNTER_WORDS order
 _crc32 = zlib.crc32
+_time_ns = time.time_ns
 _SPINS_BEFORE_YIELD = 64
 _STUCK_AFTER_S = 0.010
 
@@ -49,9 +55,10 @@ class StuckSlot(Exception):
 class Table:
     """A view of one data generation. Not thread-safe for writes: callers hold the lock."""
 
-    def __init__(self, shm: SharedMemory, registry: str) -> None:
+    def __init__(self, shm: SharedMemory, registry: str, events: Ring) -> None:
         self.shm = shm
         self.registry = registry
+        self.events = events  # the root's event ring: every commit appends to it
         buf = shm.buf
         if buf is None or len(buf) < L.HEADER_SIZE:
             raise CorruptRegistry(
@@ -274,27 +281,25 @@ class Table:
         return bool(self.q[L.D_TOP] + nbytes <= self.arena_size)
 
     def commit(
-        self, index: int, body: tuple[int, ...], counters: tuple[int, ...], journal: bool = True
+        self,
+        index: int,
+        body: tuple[int, ...],
+        counters: tuple[int, ...],
+        kind: int,
+        reason: int = 0,
     ) -> None:
-        """Publish one slot change (see the module docstring).
-
-        ``journal=False`` is for changes whose half-applied state recovery may simply
-        tombstone: filling an empty or tombstoned slot (the registration was not yet
-        acknowledged, so dropping it loses nothing) and tombstoning a slot (the outcome
-        recovery produces anyway). Overwriting a used slot with another used image must
-        journal: tombstoning it would lose a registration that was acknowledged earlier.
-        """
+        """Publish one slot change and its event (see the module docstring)."""
         q = self.q
         w = self.slot_word0 + index * L.SLOT_WORDS
         target = (q[w] | 1) + 1
-        if not journal:
-            self._apply(w, target, body, counters)
-            return
-        record = L.JOURNAL_BODY.pack(index, target, *body, *counters)
+        event = kind | (reason << 8) | ((self.events.q[L.R_EVENT_SEQ] + 1) << 16)
+        now = _time_ns()
+        record = L.JOURNAL_BODY.pack(index, target, *body, *counters, event, now)
         self.buf[L.J_SLOT * 8 : L.J_SLOT * 8 + L.JOURNAL_BODY.size] = record
         q[L.J_CRC] = _crc32(record)
         q[L.J_STATE] = L.J_VALID
         self._apply(w, target, body, counters)
+        self._emit(body, event, now)
         q[L.J_STATE] = 0
 
     def _apply(
@@ -312,6 +317,26 @@ class Table:
         q[5], q[6], q[7], q[8], q[9], q[10] = counters
         q[w] = target
 
+    def _emit(self, body: tuple[int, ...] | list[int], event: int, time_ns: int) -> None:
+        """Append the operation's event to the ring; idempotent, so recovery can redo it."""
+        w2 = body[1]
+        off = self.arena_off + (w2 & 0xFFFFFFFF) * 8
+        key = bytes(self.buf[off : off + ((w2 >> 32) & 0xFFFF)])
+        seq = event >> 16
+        events = self.events
+        events.write(
+            seq,
+            event & 0xFF,
+            (event >> 8) & 0xFF,
+            key,
+            body[3] & 0xFFFFFFFF,
+            body[5],
+            body[4],
+            time_ns,
+        )
+        if events.q[L.R_EVENT_SEQ] < seq:
+            events.q[L.R_EVENT_SEQ] = seq
+
     def recover(self) -> list[str]:
         """Repair after a writer died inside; return what was done, for logs and fsck."""
         q = self.q
@@ -325,6 +350,7 @@ class Table:
                 self._apply(
                     self.slot_word0 + index * L.SLOT_WORDS, target, fields[2:9], fields[9:15]
                 )
+                self._emit(fields[2:9], fields[15], fields[16])
                 notes.append(f"replayed the journal for slot {index}")
             else:
                 notes.append("discarded a journal that failed its checksum")

@@ -67,6 +67,7 @@ EXPECTED_TREE: dict[str, tuple[str | None, int, tuple[type[BaseException], ...]]
     "NotRegistered": ("DataError", 3005, (LookupError,)),
     "ProcessNotAlive": ("DataError", 3006, ()),
     "StaleGeneration": ("DataError", 3007, ()),
+    "InvalidArgument": ("DataError", 3008, (ValueError,)),
     "BackendError": ("ShmregError", 4000, ()),
     "BackendUnavailable": ("BackendError", 4001, ()),
     "BackendOperationFailed": ("BackendError", 4002, ()),
@@ -100,6 +101,8 @@ SAMPLE_FIELDS: dict[str, Any] = {
     "backend": "redis",
     "operation": "register",
     "missing": ["command", "name"],
+    "argument": "timeout",
+    "value": "-1",
 }
 
 

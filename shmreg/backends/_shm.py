@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from shmreg import _codec, _identity
+from shmreg import _events as _ev
 from shmreg import _layout as L
 from shmreg._errors import (
     AlreadyRegistered,
@@ -240,6 +241,18 @@ class SharedMemoryBackend:
         ns_len = len(_codec.check_namespace(namespace))
         return self._entries(self._scan(namespace), ns_len)
 
+    def namespace_owners(self, namespace: str) -> list[tuple[Service, ProcessIdentity, int]]:
+        """(service, owner identity, generation) of every live entry in ``namespace``."""
+        ns_len = len(_codec.check_namespace(namespace))
+        return [
+            (
+                _codec.decode_service(key, ns_len),
+                ProcessIdentity(words[4] & _LO32, words[5]),
+                words[6],
+            )
+            for words, key, _ in self._scan(namespace)
+        ]
+
     def list_services(self, namespace: str) -> list[Service]:
         ns_len = len(_codec.check_namespace(namespace))
         return [_codec.decode_service(key, ns_len) for _, key, _ in self._scan(namespace)]
@@ -402,8 +415,10 @@ class SharedMemoryBackend:
         index, words, free = table.probe_for_write(key, key_hash)
         top, live, tombs, garbage, ops, owners = table.counters()
         if words is not None:
+            kind, reason = _ev.REGISTERED, _ev.TAKEOVER
             if words[4] & _LO32 == owner.pid and words[5] == owner.start_ticks:
                 generation = words[6]
+                kind, reason = _ev.UPDATED, _ev.NO_REASON
             else:
                 held = ProcessIdentity(words[4] & _LO32, words[5])
                 if not _identity.check(held).is_dead:
@@ -417,6 +432,7 @@ class SharedMemoryBackend:
                 generation = owners
             garbage += _record_size(words)
         else:
+            kind, reason = _ev.REGISTERED, _ev.NO_REASON
             index = free
             if table.q[table.slot_word0 + index * 8 + 2] >> 48 == L.TOMB:
                 tombs -= 1
@@ -428,7 +444,8 @@ class SharedMemoryBackend:
             index,
             (head[0], head[1] | offset >> 3, head[2], head[3], head[4], generation, caps),
             (top + padded, live, tombs, garbage, ops + 1, owners),
-            journal=words is not None,
+            kind,
+            reason,
         )
         return generation
 
@@ -485,6 +502,7 @@ class SharedMemoryBackend:
                     index,
                     body,
                     (top + padded, live, tombs, garbage + _record_size(words), ops + 1, owners),
+                    _ev.UPDATED,
                 )
                 return
 
@@ -541,25 +559,13 @@ class SharedMemoryBackend:
     # ------------------------------------------------------------------ liveness
 
     def sweep(self) -> int:
-        """Remove every entry whose owner is provably dead; return how many."""
-        doomed = self._dead_slots()
-        removed = 0
-        if doomed:
+        """Remove every entry whose owner is provably dead; return how many.
 
-            def write(table: Table) -> int:
-                count = 0
-                for index, identity in doomed:
-                    words = table.read_slot(index) if index < table.nslots else None
-                    if (
-                        words is not None
-                        and (words[2] >> 48) & 0xFF == L.USED
-                        and (words[4] & _LO32, words[5]) == identity
-                    ):
-                        _tombstone(table, index, words)
-                        count += 1
-                return count
-
-            removed = self._write(write)
+        Each distinct owner is checked once (``/proc`` read), so the cost grows with live
+        processes and slots, not with entries per process.
+        """
+        verdicts = _identity.check_many(self.owners())
+        removed = self.remove_dead(verdicts)
         rq = self._store.rq
         rq[L.R_SWEEPS] += 1
         rq[L.R_LAST_SWEEP_NS] = time.time_ns()
@@ -567,40 +573,70 @@ class SharedMemoryBackend:
         self._sweeps += 1
         return removed
 
-    def _identities(self) -> dict[tuple[int, int], list[int]]:
-        def scan(table: Table) -> dict[tuple[int, int], list[int]]:
+    def owner_counts(self) -> dict[ProcessIdentity, int]:
+        """Entries per distinct owner identity, over all used slots."""
+
+        def scan(table: Table) -> dict[ProcessIdentity, int]:
             cols = table.columns()
-            used = np.flatnonzero(((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED)
-            pids = (cols[used, L.S_OWNER] & np.uint64(_LO32)).tolist()
-            starts = cols[used, L.S_START].tolist()
-            groups: dict[tuple[int, int], list[int]] = {}
-            for index, pid, start in zip(used.tolist(), pids, starts, strict=True):
-                groups.setdefault((pid, start), []).append(index)
-            return groups
+            used = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
+            pairs = np.empty((int(np.count_nonzero(used)), 2), dtype=np.uint64)
+            pairs[:, 0] = cols[used, L.S_OWNER] & np.uint64(_LO32)
+            pairs[:, 1] = cols[used, L.S_START]
+            del cols, used
+            uniq, counts = np.unique(pairs, axis=0, return_counts=True)
+            return {
+                ProcessIdentity(p, s): c
+                for (p, s), c in zip(uniq.tolist(), counts.tolist(), strict=True)
+            }
 
         return self._read(scan)
 
-    def _dead_slots(self) -> list[tuple[int, tuple[int, int]]]:
-        groups = self._identities()
-        verdicts = _identity.check_many(ProcessIdentity(p, s) for p, s in groups)
-        return [
-            (index, ident)
-            for ident, indices in groups.items()
-            if verdicts[ProcessIdentity(*ident)].is_dead
-            for index in indices
-        ]
+    def owners(self) -> set[ProcessIdentity]:
+        """The distinct owner identities of all used slots."""
+        return set(self.owner_counts())
+
+    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
+        """Tombstone the entries of every identity whose verdict is dead, with a died event.
+
+        Safe from many processes at once: each slot is re-read under the lock, and only an
+        entry still held by that very identity is removed (and reported) once.
+        """
+        dead = {
+            ident: _ev.REASON_CODES.get(v.value, _ev.SWEPT)
+            for ident, v in verdicts.items()
+            if v.is_dead
+        }
+        if not dead:
+            return 0
+        dead_pids = np.fromiter({ident.pid for ident in dead}, dtype=np.uint64)
+
+        def write(table: Table) -> int:
+            cols = table.columns()
+            used = np.flatnonzero(((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED)
+            hits = used[np.isin(cols[used, L.S_OWNER] & np.uint64(_LO32), dead_pids)].tolist()
+            del cols, used
+            removed = 0
+            for index in hits:
+                words = table.read_slot(index)
+                reason = dead.get(ProcessIdentity(words[4] & _LO32, words[5]))
+                if reason is not None and (words[2] >> 48) & 0xFF == L.USED:
+                    _tombstone(table, index, words, _ev.DIED, reason)
+                    removed += 1
+            return removed
+
+        return self._write(write)
 
     def health_check(self) -> HealthReport:
-        groups = self._identities()
-        verdicts = _identity.check_many(ProcessIdentity(p, s) for p, s in groups)
+        counts = self.owner_counts()
+        verdicts = _identity.check_many(counts)
         total = dead = unknown = 0
-        for ident, indices in groups.items():
-            verdict = verdicts[ProcessIdentity(*ident)]
-            total += len(indices)
+        for ident, n in counts.items():
+            verdict = verdicts[ident]
+            total += n
             if verdict.is_dead:
-                dead += len(indices)
+                dead += n
             elif verdict is Liveness.UNKNOWN:
-                unknown += len(indices)
+                unknown += n
         return HealthReport(
             HealthReport.classify(total, dead),
             self.kind,
@@ -609,6 +645,31 @@ class SharedMemoryBackend:
             dead,
             unknown,
         )
+
+    # ------------------------------------------------------------------ events
+
+    def last_event_seq(self) -> int:
+        """Sequence number of the newest event (0 before the first): one word read."""
+        seq: int = self._store.rq[L.R_EVENT_SEQ]
+        return seq
+
+    def read_events(self, after: int, limit: int = 1024) -> tuple[list[_ev.Event], int]:
+        """Events after ``after`` (at most ``limit``) and how many were lost to overwrite."""
+        ring = self._store.ring
+        last = self.last_event_seq()
+        lost = 0
+        first = after + 1
+        if last - after > L.RING_EVENTS:
+            first = last - L.RING_EVENTS + 1
+            lost = first - after - 1
+        out = []
+        for seq in range(first, min(last, first + limit - 1) + 1):
+            raw = ring.read(seq)
+            if raw is None:  # overwritten while we read: the writer lapped us
+                lost += 1
+                continue
+            out.append(_ev.decode(seq, raw))
+        return out, lost
 
     # ------------------------------------------------------------------ reporting
 
@@ -660,12 +721,15 @@ def _record_size(words: SlotWords) -> int:
     return L.align_record(((words[2] >> 32) & 0xFFFF) + (words[3] & _LO32))
 
 
-def _tombstone(table: Table, index: int, words: SlotWords) -> None:
+def _tombstone(
+    table: Table, index: int, words: SlotWords, kind: int = _ev.UNREGISTERED, reason: int = 0
+) -> None:
     top, live, tombs, garbage, ops, owners = table.counters()
     w2 = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
     table.commit(
         index,
         (words[1], w2, *words[3:]),
         (top, live - 1, tombs + 1, garbage + _record_size(words), ops + 1, owners),
-        journal=False,
+        kind,
+        reason,
     )

@@ -1,0 +1,324 @@
+"""Following processes to their death: the monitor thread and namespace cleanup.
+
+The monitor is the BEAM monitor for OS processes. It follows the registry's event ring to
+learn every owner as it registers (from any process), opens a pidfd for it, and sleeps in
+``epoll`` until one becomes readable, which the kernel does the moment that process exits
+(or turns zombie). It then checks the identity (``/proc`` start ticks) and removes that
+owner's entries through the same journaled path a sweep uses, with a ``died`` event.
+
+Why pidfd: it names one process, not a pid number, so a pid reused later cannot be mistaken
+for the process watched; and the kernel wakes the waiter within tens of microseconds. The
+pidfd is opened first and the start ticks checked after, which closes the window in which
+the pid could have been reused between reading the registry and opening the fd.
+
+Where pidfds are missing (other systems, an exhausted fd limit) the monitor falls back to
+sweeps every ``sweep_interval`` seconds. Idle, it wakes every ``poll_interval`` to read one
+word (the newest event number); it touches the table only when something changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmreg import _identity
+from shmreg._clock import SYSTEM, Clock
+from shmreg._types import Liveness, ProcessIdentity
+
+_HAS_PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "epoll")
+
+
+def _raise_fd_limit() -> None:
+    """Watching thousands of processes needs thousands of fds: use the hard limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+@dataclass
+class MonitorStats:
+    watched: int = 0
+    deaths: int = 0
+    removed: int = 0
+    sweeps: int = 0
+    rescans: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Monitor:
+    """A background thread removing entries of dead owners within milliseconds.
+
+    ``backend`` needs ``owners()``, ``remove_dead(verdicts)``, ``last_event_seq()``,
+    ``read_events(after)`` and ``sweep()``. ``on_death`` (optional) is called with each
+    dead identity, its verdict and the number of entries removed.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        poll_interval: float = 0.01,
+        sweep_interval: float = 1.0,
+        rescan_interval: float = 5.0,
+        clock: Clock = SYSTEM,
+        on_death: Callable[[ProcessIdentity, Liveness, int], None] | None = None,
+        use_pidfd: bool = True,
+    ) -> None:
+        self._backend = backend
+        self._poll = poll_interval
+        self._sweep_interval = sweep_interval
+        self._rescan_interval = rescan_interval
+        self._clock = clock
+        self._on_death = on_death
+        self._use_pidfd = use_pidfd and _HAS_PIDFD
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        self.stats = MonitorStats()
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Monitor:
+        if self.running:
+            return self
+        if self._use_pidfd:
+            _raise_fd_limit()
+        self._stop.clear()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="shmreg-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        thread.join(timeout)
+        self._thread = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def run_forever(self) -> None:
+        """Run in the calling thread until ``stop()`` (from a signal handler, say)."""
+        self._wake_r, self._wake_w = os.pipe()
+        if self._use_pidfd:
+            _raise_fd_limit()
+        self._run()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        poller = select.epoll() if self._use_pidfd else None
+        by_fd: dict[int, ProcessIdentity] = {}
+        watched: dict[ProcessIdentity, int] = {}  # identity -> pidfd (-1: sweep covers it)
+        try:
+            if poller is not None:
+                poller.register(self._wake_r, select.EPOLLIN)
+            seen = self._backend.last_event_seq()
+            self._reconcile(self._backend.owners(), poller, by_fd, watched)
+            next_rescan = self._clock.monotonic() + self._rescan_interval
+            next_sweep = self._clock.monotonic() + self._sweep_interval
+            while not self._stop.is_set():
+                latest = self._backend.last_event_seq()
+                if latest != seen:
+                    seen = self._follow(seen, poller, by_fd, watched)
+                now = self._clock.monotonic()
+                if now >= next_rescan:
+                    self._reconcile(self._backend.owners(), poller, by_fd, watched)
+                    self.stats.rescans += 1
+                    next_rescan = now + self._rescan_interval
+                if now >= next_sweep:
+                    # Owners without a pidfd (none available, or the fd limit reached) are
+                    # covered by sweeps; with every owner watched there is nothing to do.
+                    if poller is None or any(fd < 0 for fd in watched.values()):
+                        self.stats.removed += self._backend.sweep()
+                        self.stats.sweeps += 1
+                    next_sweep = now + self._sweep_interval
+                if poller is None:
+                    self._stop.wait(self._poll)
+                    continue
+                for fd, _mask in poller.poll(self._poll):
+                    if fd == self._wake_r:
+                        continue
+                    ident = by_fd.pop(fd, None)
+                    if ident is None:
+                        continue
+                    poller.unregister(fd)
+                    os.close(fd)
+                    watched.pop(ident, None)
+                    self._bury(ident)
+        except Exception as exc:  # keep the reason: a monitor that died silently is worse
+            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            for fd in by_fd:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if poller is not None:
+                poller.close()
+
+    def _follow(
+        self,
+        seen: int,
+        poller: Any,
+        by_fd: dict[int, ProcessIdentity],
+        watched: dict[ProcessIdentity, int],
+    ) -> int:
+        """Watch owners named by events after ``seen``; a lapped ring means a full rescan."""
+        while True:
+            events, lost = self._backend.read_events(seen)
+            if lost:
+                self._reconcile(self._backend.owners(), poller, by_fd, watched)
+            for event in events:
+                seen = event.seq
+                if event.kind == "registered" and event.start_ticks:
+                    ident = ProcessIdentity(event.pid, event.start_ticks)
+                    if ident not in watched:
+                        self._watch(ident, poller, by_fd, watched)
+            if not events:
+                latest: int = self._backend.last_event_seq()
+                return max(seen, latest) if lost else seen
+
+    def _reconcile(
+        self,
+        owners: set[ProcessIdentity],
+        poller: Any,
+        by_fd: dict[int, ProcessIdentity],
+        watched: dict[ProcessIdentity, int],
+    ) -> None:
+        for ident in owners - set(watched):
+            self._watch(ident, poller, by_fd, watched)
+        for ident in set(watched) - owners:  # no entries left: stop watching
+            fd = watched.pop(ident)
+            if fd >= 0:
+                by_fd.pop(fd, None)
+                poller.unregister(fd)
+                os.close(fd)
+        self.stats.watched = len(watched)
+
+    def _watch(
+        self,
+        ident: ProcessIdentity,
+        poller: Any,
+        by_fd: dict[int, ProcessIdentity],
+        watched: dict[ProcessIdentity, int],
+    ) -> None:
+        if poller is None:
+            watched[ident] = -1
+            return
+        try:
+            fd = os.pidfd_open(ident.pid)
+        except ProcessLookupError:
+            self._bury(ident)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOSYS, errno.EPERM):
+                watched[ident] = -1  # periodic sweeps cover it
+                return
+            raise
+        # Opened first, verified second: if the pid was reused before the open, the start
+        # ticks differ now and the fd watches a stranger.
+        verdict = _identity.check(ident)
+        if verdict is not Liveness.SAME and verdict is not Liveness.UNKNOWN:
+            os.close(fd)
+            self._bury(ident, verdict)
+            return
+        poller.register(fd, select.EPOLLIN)
+        by_fd[fd] = ident
+        watched[ident] = fd
+        self.stats.watched = len(watched)
+
+    def _bury(self, ident: ProcessIdentity, verdict: Liveness | None = None) -> None:
+        verdict = verdict or _identity.check(ident)
+        if not verdict.is_dead:
+            return
+        removed = int(self._backend.remove_dead({ident: verdict}))
+        self.stats.deaths += 1
+        self.stats.removed += removed
+        if self._on_death is not None:
+            self._on_death(ident, verdict, removed)
+
+
+# ---------------------------------------------------------------------- cleanup
+
+
+@dataclass(frozen=True)
+class CleanupReport:
+    """What ``cleanup_namespace`` did."""
+
+    namespace: str
+    terminated: tuple[int, ...] = ()  # pids sent SIGTERM
+    killed: tuple[int, ...] = ()  # pids that outlived the grace period: SIGKILL
+    removed: int = 0  # entries removed
+    skipped: tuple[int, ...] = ()  # pids never signalled (the caller itself)
+
+
+def signal_identity(ident: ProcessIdentity, signum: int) -> bool:
+    """Signal exactly this process, never a later holder of its pid; False if it is gone."""
+    if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
+        try:
+            fd = os.pidfd_open(ident.pid)
+        except (ProcessLookupError, OSError):
+            return False
+        try:
+            if _identity.check(ident) is not Liveness.SAME:
+                return False
+            signal.pidfd_send_signal(fd, signum)
+            return True
+        except ProcessLookupError:
+            return False
+        finally:
+            os.close(fd)
+    if _identity.check(ident) is not Liveness.SAME:
+        return False
+    try:
+        os.kill(ident.pid, signum)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def terminate_owners(
+    owners: set[ProcessIdentity], grace: float, clock: Clock = SYSTEM
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """SIGTERM every owner but the caller, SIGKILL those alive after ``grace`` seconds."""
+    me = _identity.self_identity()
+    skipped = tuple(sorted(i.pid for i in owners if i.pid == me.pid))
+    targets = {i for i in owners if i.pid != me.pid}
+    terminated = tuple(sorted(i.pid for i in targets if signal_identity(i, signal.SIGTERM)))
+    deadline = clock.monotonic() + grace
+    alive = {i for i in targets if i.pid in terminated}
+    while alive and clock.monotonic() < deadline:
+        alive = {i for i in alive if not _identity.check(i).is_dead}
+        if alive:
+            clock.sleep(0.01)
+    killed = tuple(sorted(i.pid for i in alive if signal_identity(i, signal.SIGKILL)))
+    return terminated, killed, skipped
