@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -123,6 +125,94 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return 0 if removed else 1
 
 
+def _event_dict(event: Any) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "kind": event.kind,
+        "namespace": event.namespace,
+        "service": event.service,
+        "pid": event.pid,
+        "generation": event.generation,
+        "reason": event.reason,
+        "time": event.time,
+        "lost": event.lost,
+    }
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Print events as they happen, one per line, until Ctrl-C / SIGTERM (or --timeout)."""
+    _exit_on_sigterm()
+    with _open(args.name) as reg:
+        for event in reg.watch(args.namespace, since=args.since, timeout=args.timeout):
+            if args.json:
+                print(json.dumps(_event_dict(event), default=_jsonable), flush=True)
+            elif event.kind == "lost":
+                print(
+                    f"{event.seq}\tlost\t{event.lost} events overwritten before they were read",
+                    flush=True,
+                )
+            else:
+                reason = f"\t({event.reason})" if event.reason else ""
+                print(
+                    f"{event.seq}\t{event.kind}\t{event.namespace}\t{event.service!r}\t"
+                    f"pid {event.pid}\tgen {event.generation}{reason}",
+                    flush=True,
+                )
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """The death monitor in the foreground: a per-host daemon (e.g. under systemd)."""
+    from shmreg._liveness import Monitor
+
+    with _open(args.name) as reg:
+
+        def report(ident: Any, verdict: Any, removed: int) -> None:
+            if removed:
+                line = {"pid": ident.pid, "verdict": verdict.value, "removed": removed}
+                print(
+                    json.dumps(line)
+                    if args.json
+                    else f"pid {ident.pid} {verdict.value}: removed {removed} "
+                    f"entr{'y' if removed == 1 else 'ies'}",
+                    flush=True,
+                )
+
+        monitor = Monitor(
+            reg.backend,
+            poll_interval=args.poll_interval,
+            sweep_interval=args.sweep_interval,
+            on_death=report,
+        )
+
+        def stop(signum: int, frame: Any) -> None:
+            monitor.request_stop()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        if not args.json:
+            print(
+                f"monitoring {args.name!r} (pid {os.getpid()}); SIGTERM or Ctrl-C stops", flush=True
+            )
+        removed = reg.sweep()  # whatever died while nobody watched
+        if removed and not args.json:
+            print(f"initial sweep removed {removed}", flush=True)
+        monitor.run_forever()
+        if not args.json:
+            print(
+                f"stopped: {monitor.stats.deaths} deaths, {monitor.stats.removed} removed",
+                flush=True,
+            )
+    return 0
+
+
+def _exit_on_sigterm() -> None:
+    def leave(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shmreg import _demo
 
@@ -157,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     command("info", "settings, counters and health of a registry").set_defaults(fn=cmd_info)
     command("sweep", "remove entries whose owners are dead").set_defaults(fn=cmd_sweep)
     command("destroy", "remove a registry for every process").set_defaults(fn=cmd_destroy)
+    p = command("watch", "print events as they happen")
+    p.add_argument("--namespace", "-n", help="only this namespace")
+    p.add_argument("--since", type=int, default=None, help="resume after this event number")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="stop after this many seconds without an event"
+    )
+    p.set_defaults(fn=cmd_watch)
+    p = command("monitor", "remove entries of dying processes, in the foreground")
+    p.add_argument("--poll-interval", type=float, default=0.01)
+    p.add_argument("--sweep-interval", type=float, default=1.0)
+    p.set_defaults(fn=cmd_monitor)
     p = command("demo", "worker pool, a crash, the sweep and a capability query", named=False)
     p.add_argument("--workers", type=int, default=4)
     p.set_defaults(fn=cmd_demo)
@@ -181,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"shmreg: {type(exc).__name__} [{exc.code}]: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return 0 if args.command in ("watch", "monitor") else 130
+    except BrokenPipeError:
+        return 0
     finally:
         del started

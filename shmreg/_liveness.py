@@ -124,6 +124,14 @@ class Monitor:
                 pass
         self._wake_r = self._wake_w = -1
 
+    def request_stop(self) -> None:
+        """Ask the loop to end; safe from a signal handler (no join, no locks)."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
     def run_forever(self) -> None:
         """Run in the calling thread until ``stop()`` (from a signal handler, say)."""
         self._wake_r, self._wake_w = os.pipe()
