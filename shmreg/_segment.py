@@ -159,8 +159,8 @@ def link_segment(temp_name: str, final_name: str) -> bool:
     """
     try:
         os.link(segment_path(temp_name), segment_path(final_name))
-    except FileExistsError:
-        return False
+    except (FileExistsError, FileNotFoundError):
+        return False  # taken, or our temporary was removed by the creator that won
     return True
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from shmreg import _identity
 from shmreg import _layout as L
+from shmreg._crashpoints import ARMED, crash_point
 from shmreg._errors import (
     CorruptRegistry,
     IncompatibleRegistry,
@@ -140,6 +141,8 @@ class Store:
         )
         Table.initialise(data, 1, nslots, arena_size)
         close_segment(data)
+        if ARMED:
+            crash_point("create.data_built")
         temp = f"shmreg-{name}.init-{os.getpid()}-{secrets.token_hex(4)}"
         root = create_segment(temp, L.ROOT_SIZE, name, mode=mode)
         assert root.buf is not None
@@ -158,12 +161,21 @@ class Store:
             rq[L.R_MAGIC] = L.ROOT_MAGIC
         finally:
             rq.release()
+        if ARMED:
+            crash_point("create.root_built")
         published = link_segment(temp, L.root_name(name))
         unlink_segment(temp)
         if not published:
             close_segment(root)
             unlink_segment(data_name)
             return None
+        # Segments of any other incarnation are leftovers (a creator killed mid-build, or a
+        # racing creator that lost the link and is about to remove its own): only the
+        # published root's incarnation is ever referenced.
+        ours = f"shmreg-{name}.{incarnation:016x}."
+        for seg in list_segments(f"shmreg-{name}."):
+            if not seg.startswith(ours):
+                unlink_segment(seg)
         return cls(name, root, created=True)
 
     def _check_root(self) -> None:
@@ -255,6 +267,8 @@ class Store:
             me = _identity.self_identity()
             rq[L.R_OWNER_START] = me.start_ticks
             rq[L.R_OWNER_PID] = me.pid
+            if ARMED:
+                crash_point("lock.owner_set")
         except BaseException:
             self.lock.release()
             raise
@@ -313,6 +327,8 @@ class Store:
         gen = self.gen + 1
         name = L.data_name(self.name, self.incarnation, gen)
         self.rq[L.R_BUILDING] = gen
+        if ARMED:
+            crash_point("rebuild.building_marked")
         unlink_segment(name)
         shm = create_segment(
             name,
@@ -322,17 +338,25 @@ class Store:
             mode=int(self.rq[L.R_MODE]) or 0o600,
         )
         try:
+            if ARMED:
+                crash_point("rebuild.segment_created")
             Table.initialise(shm, gen, nslots, arena)
             new = Table(shm, self.name, self.ring)
             old.copy_live_into(new)
+            if ARMED:
+                crash_point("rebuild.copied")
         except BaseException:
             close_segment(shm)
             unlink_segment(name)
             self.rq[L.R_BUILDING] = 0
             raise
         self.rq[L.R_GEN] = gen  # the commit: one store
+        if ARMED:
+            crash_point("rebuild.flipped")
         self.rq[L.R_BUILDING] = 0
         unlink_segment(L.data_name(self.name, self.incarnation, self.gen))
+        if ARMED:
+            crash_point("rebuild.old_unlinked")
         self.table = new
         self.gen = gen
         _retire(old)

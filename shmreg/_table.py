@@ -31,12 +31,13 @@ import time
 import zlib
 from collections.abc import Iterator
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
 from shmreg import _layout as L
+from shmreg._crashpoints import ARMED, crash_point
 from shmreg._errors import CorruptRegistry
 from shmreg._events import Ring
 
@@ -87,7 +88,7 @@ class Table:
         self.slot_word0 = L.HEADER_SIZE // 8
         self._columns: npt.NDArray[np.uint64] | None = None
 
-    def _corrupt(self, detail: str) -> None:
+    def _corrupt(self, detail: str) -> NoReturn:
         raise CorruptRegistry(
             f"registry {self.registry!r}: {detail}", name=self.registry, detail=detail
         )
@@ -223,6 +224,8 @@ class Table:
         if end > self.arena_off + self.arena_size:
             self._corrupt(f"record at {off} runs past the arena")
         raw = bytes(self.buf[off:end])
+        if _crc32(raw) != words[4] >> 32:
+            self._corrupt(f"record at {off} fails its checksum")
         return raw[:key_len], raw[key_len:]
 
     def meta_bytes(self, words: SlotWords) -> bytes:
@@ -295,12 +298,22 @@ class Table:
         event = kind | (reason << 8) | ((self.events.q[L.R_EVENT_SEQ] + 1) << 16)
         now = _time_ns()
         record = L.JOURNAL_BODY.pack(index, target, *body, *counters, event, now)
+        if ARMED:
+            crash_point("commit.staged")
         self.buf[L.J_SLOT * 8 : L.J_SLOT * 8 + L.JOURNAL_BODY.size] = record
         q[L.J_CRC] = _crc32(record)
         q[L.J_STATE] = L.J_VALID
+        if ARMED:
+            crash_point("commit.journal_valid")
         self._apply(w, target, body, counters)
+        if ARMED:
+            crash_point("commit.published")
         self._emit(body, event, now)
+        if ARMED:
+            crash_point("commit.event_written")
         q[L.J_STATE] = 0
+        if ARMED:
+            crash_point("commit.journal_retired")
 
     def _apply(
         self,
@@ -311,10 +324,16 @@ class Table:
     ) -> None:
         q = self.q
         q[w] = target - 1
+        if ARMED:
+            crash_point("commit.slot_odd")
         L.SLOT_BODY.pack_into(self.buf, w * 8 + 8, *body)
+        if ARMED:
+            crash_point("commit.slot_words")
         # One 8-byte store per counter (never pack_into: it zero-fills first, and a
         # concurrent stats() would read the zeros). Unrolled: this runs on every write.
         q[5], q[6], q[7], q[8], q[9], q[10] = counters
+        if ARMED:
+            crash_point("commit.counters")
         q[w] = target
 
     def _emit(self, body: tuple[int, ...] | list[int], event: int, time_ns: int) -> None:
@@ -351,6 +370,8 @@ class Table:
                     self.slot_word0 + index * L.SLOT_WORDS, target, fields[2:9], fields[9:15]
                 )
                 self._emit(fields[2:9], fields[15], fields[16])
+                if ARMED:
+                    crash_point("recover.replayed")
                 notes.append(f"replayed the journal for slot {index}")
             else:
                 notes.append("discarded a journal that failed its checksum")
@@ -363,6 +384,8 @@ class Table:
             q[w + L.S_REC] = words[2]
             q[w] = words[0] + 1
             notes.append(f"tombstoned half-written slot {index}")
+        if ARMED:
+            crash_point("recover.tombstoned")
         states = (cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)
         live = int(np.count_nonzero(states == L.USED))
         tombs = int(np.count_nonzero(states == L.TOMB))

@@ -15,6 +15,11 @@ Handles and state: ``MemoryBackend.named(name)`` returns a new *handle* on state
 name in this process, the way every ``SharedMemoryBackend("x")`` is a handle on one segment.
 So ``close()`` detaches only that handle (another ``Registry("x", backend="memory")`` in the
 same process keeps working), and ``destroy()`` ends the state for every handle.
+
+Events: each change appends an ``Event`` to a ``deque`` of ``RING_EVENTS`` (the shared ring's
+size), under the same lock as the change, so the order of events is the order of changes and
+a refused call appends nothing. A reader that falls behind is told how many events it lost,
+by the same arithmetic as the shared ring.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import os
 import threading
 import time
 import weakref
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
 from typing import Any, NamedTuple
 
 from shmreg import _codec, _identity
@@ -37,6 +44,8 @@ from shmreg._errors import (
     RegistryNotFound,
     StaleGeneration,
 )
+from shmreg._events import REASON_CODES, REASON_NAMES, SWEPT, Event
+from shmreg._layout import RING_EVENTS
 from shmreg._store import DEFAULT_CAPACITY, DEFAULT_MAX_METADATA_BYTES, MAX_METADATA_LIMIT
 from shmreg._types import (
     Entry,
@@ -63,16 +72,20 @@ class _Record(NamedTuple):
 class _State:
     """What every handle on one name shares."""
 
-    def __init__(self, name: str, capacity: int, max_metadata_bytes: int) -> None:
+    def __init__(self, name: str, capacity: int, max_metadata_bytes: int,
+                 ring_events: int) -> None:
         self.name = name
         self.capacity = capacity
         self.max_metadata_bytes = max_metadata_bytes
+        self.ring_events = ring_events
         self.lock = threading.Lock()
         # namespace bytes -> key bytes -> record. Keyed by the canonical bytes, not the Python
         # values, for the reason _codec gives: 1 and True, or (1,) and (True,), are equal in
         # Python but are different names.
         self.spaces: dict[bytes, dict[bytes, _Record]] = {}
         self.owner_changes = 0  # the generation counter: grows on every change of owner
+        self.events: deque[Event] = deque(maxlen=ring_events)  # the newest, oldest first
+        self.event_seq = 0  # number of the newest event; the ring holds the last len(events)
         self.ops = 0
         self.sweeps = 0
         self.last_sweep: float | None = None
@@ -123,17 +136,23 @@ class MemoryBackend:
     kind = "memory"
 
     def __init__(self, name: str = "memory", *, capacity: int | None = None,
-                 max_metadata_bytes: int | None = None) -> None:
-        """A private registry no other handle can reach; ``named()`` shares one by name."""
+                 max_metadata_bytes: int | None = None, ring_events: int | None = None) -> None:
+        """A private registry no other handle can reach; ``named()`` shares one by name.
+
+        ``ring_events`` sizes the event ring (default: the shared ring's ``RING_EVENTS``); a
+        small ring lets a test make a reader fall behind with a few writes.
+        """
         self._state = _State(
             name, _setting("capacity", capacity, DEFAULT_CAPACITY, 2**62),
             _setting("max_metadata_bytes", max_metadata_bytes, DEFAULT_MAX_METADATA_BYTES,
-                     MAX_METADATA_LIMIT))
+                     MAX_METADATA_LIMIT),
+            _setting("ring_events", ring_events, RING_EVENTS, 2**24))
         self._closed = False
 
     @classmethod
     def named(cls, name: str, *, create: bool = True, capacity: int | None = None,
-              max_metadata_bytes: int | None = None) -> MemoryBackend:
+              max_metadata_bytes: int | None = None,
+              ring_events: int | None = None) -> MemoryBackend:
         """A handle on this process's registry ``name``, created with the settings if absent.
 
         ``RegistryNotFound`` if it is absent and ``create`` is false; ``IncompatibleRegistry``
@@ -145,12 +164,14 @@ class MemoryBackend:
                 if not create:
                     raise RegistryNotFound(f"no memory registry named {name!r} in this process",
                                            name=name)
-                handle = cls(name, capacity=capacity, max_metadata_bytes=max_metadata_bytes)
+                handle = cls(name, capacity=capacity, max_metadata_bytes=max_metadata_bytes,
+                             ring_events=ring_events)
                 _NAMED[name] = handle._state
                 return handle
         for setting, asked, actual in (("capacity", capacity, state.capacity),
                                        ("max_metadata_bytes", max_metadata_bytes,
-                                        state.max_metadata_bytes)):
+                                        state.max_metadata_bytes),
+                                       ("ring_events", ring_events, state.ring_events)):
             if asked is not None and asked != actual:
                 raise IncompatibleRegistry(
                     f"{setting}: registry {name!r} has {actual}, caller asked for {asked}",
@@ -177,6 +198,11 @@ class MemoryBackend:
     @property
     def max_metadata_bytes(self) -> int:
         return self._state.max_metadata_bytes
+
+    @property
+    def ring_events(self) -> int:
+        """How many events the ring keeps (``shmreg.testing`` reads it; shm: ``RING_EVENTS``)."""
+        return self._state.ring_events
 
     def _open(self) -> _State:
         state = self._state
@@ -256,6 +282,10 @@ class MemoryBackend:
             out.append(entry)
         return out
 
+    def namespace_owners(self, namespace: str) -> list[tuple[Service, ProcessIdentity, int]]:
+        """``(service, owner identity, generation)`` of every live entry in ``namespace``."""
+        return [(r.service, r.owner, r.generation) for r in self._space(namespace)]
+
     def count(self, namespace: str | None = None) -> int:
         if namespace is not None:
             return len(self._space(namespace))
@@ -282,7 +312,7 @@ class MemoryBackend:
     def register_many(self, namespace: str,
                       items: Iterable[tuple[Service, ProcessIdentity, Mapping[str, Any] | None]]
                       ) -> list[int]:
-        """Register a batch under one lock hold; one generation per item.
+        """Register a batch under one lock hold; one generation (and one event) per item.
 
         Every item is validated before the first is stored, so a bad key or bad metadata
         stores none of them. A name held by a live process raises ``AlreadyRegistered`` in the
@@ -303,8 +333,10 @@ class MemoryBackend:
                          key: bytes, owner: ProcessIdentity, packed: bytes) -> int:
         space = state.spaces.get(ns, {})
         held = space.get(key)
+        kind, reason = "registered", None
         if held is not None and held.owner == owner:
             generation = held.generation
+            kind = "updated"
         else:
             # Taken over only on proof of death (gone, zombie, pid reused): a holder we
             # cannot judge (UNKNOWN) keeps its name.
@@ -312,11 +344,15 @@ class MemoryBackend:
                 raise AlreadyRegistered(
                     f"{namespace}/{service!r} is held by live pid {held.owner.pid}",
                     namespace=namespace, service=service, pid=held.owner.pid)
+            if held is not None:
+                reason = "takeover"
             state.owner_changes += 1
             generation = state.owner_changes
         value = held.service if held is not None else _codec.decode_service(key, len(ns))
-        state.spaces.setdefault(ns, space)[key] = _Record(value, owner, generation, packed)
+        record = _Record(value, owner, generation, packed)
+        state.spaces.setdefault(ns, space)[key] = record
         state.ops += 1
+        _emit(state, kind, ns, record, reason)
         return generation
 
     def update_metadata(self, namespace: str, service: Service, metadata: Mapping[str, Any], *,
@@ -339,6 +375,7 @@ class MemoryBackend:
                 packed = _codec.pack_metadata(merged, limit)
             state.spaces[ns][key] = record._replace(packed=packed)
             state.ops += 1
+            _emit(state, "updated", ns, record)
 
     def unregister(self, namespace: str, service: Service, *,
                    generation: int | None = None) -> bool:
@@ -354,46 +391,98 @@ class MemoryBackend:
             if not space:
                 del state.spaces[ns]
             state.ops += 1
+            _emit(state, "unregistered", ns, record)
         # A dead owner's entry is removed all the same, but it was not "there" for any read,
         # so the answer agrees with what lookup said a moment ago.
         return _identity.probe_alive(record.owner.pid)
 
     # ------------------------------------------------------------------ liveness
 
-    def _verdicts(self, state: _State) -> tuple[list[tuple[bytes, bytes, _Record]],
-                                                 dict[ProcessIdentity, Liveness]]:
-        rows = [(ns, key, record) for ns, space in state.spaces.items()
-                for key, record in space.items()]
-        return rows, _identity.check_many(record.owner for _, _, record in rows)
-
     def sweep(self) -> int:
-        """Remove every entry whose owner is provably dead; return how many."""
+        """Remove every entry whose owner is provably dead; return how many.
+
+        Owners are judged outside the lock (a ``/proc`` read each) and the entries removed
+        through ``remove_dead``, which re-checks them under it and appends the died events.
+        """
         state = self._open()
+        removed = self.remove_dead(_identity.check_many(self.owners()))
         with state.lock:
-            rows, verdicts = self._verdicts(state)
-            removed = 0
-            for ns, key, record in rows:
-                if verdicts[record.owner].is_dead:
-                    space = state.spaces[ns]
-                    del space[key]
-                    if not space:
-                        del state.spaces[ns]
-                    removed += 1
-            state.ops += removed
             state.sweeps += 1
             state.last_sweep = time.time()
             state.dead_found += removed
         return removed
 
-    def health_check(self) -> HealthReport:
+    def owner_counts(self) -> dict[ProcessIdentity, int]:
+        """Entries per distinct owner identity, dead owners not yet removed included."""
         state = self._open()
         with state.lock:
-            rows, verdicts = self._verdicts(state)
-        total = len(rows)
-        dead = sum(1 for _, _, r in rows if verdicts[r.owner].is_dead)
-        unknown = sum(1 for _, _, r in rows if verdicts[r.owner] is Liveness.UNKNOWN)
+            return dict(Counter(r.owner for space in state.spaces.values()
+                                for r in space.values()))
+
+    def owners(self) -> set[ProcessIdentity]:
+        """The distinct owner identities of every stored entry."""
+        return set(self.owner_counts())
+
+    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
+        """Remove the entries of every identity whose verdict is dead, one died event each.
+
+        Matched by the whole identity under the lock: an entry taken over since the verdict,
+        or held by a newcomer with the same pid, is not touched, and of two callers with the
+        same verdicts only the first finds (and reports) each entry.
+        """
+        reasons = {ident: REASON_NAMES[REASON_CODES.get(verdict.value, SWEPT)]
+                   for ident, verdict in verdicts.items() if verdict.is_dead}
+        state = self._open()
+        if not reasons:
+            return 0
+        removed = 0
+        with state.lock:
+            self._open()
+            for ns, space in list(state.spaces.items()):
+                for key, record in list(space.items()):
+                    reason = reasons.get(record.owner)
+                    if reason is not None:
+                        del space[key]
+                        _emit(state, "died", ns, record, reason)
+                        removed += 1
+                if not space:
+                    del state.spaces[ns]
+            state.ops += removed
+        return removed
+
+    def health_check(self) -> HealthReport:
+        counts = self.owner_counts()
+        verdicts = _identity.check_many(counts)
+        total = sum(counts.values())
+        dead = sum(n for ident, n in counts.items() if verdicts[ident].is_dead)
+        unknown = sum(n for ident, n in counts.items() if verdicts[ident] is Liveness.UNKNOWN)
         return HealthReport(HealthReport.classify(total, dead), self.kind, total,
                             total - dead - unknown, dead, unknown)
+
+    # ------------------------------------------------------------------ events
+
+    def last_event_seq(self) -> int:
+        """Number of the newest event; 0 before the first."""
+        return self._open().event_seq
+
+    def read_events(self, after: int, limit: int = 1024) -> tuple[list[Event], int]:
+        """Up to ``limit`` events after ``after`` (>= 0), and how many were lost to overwrite.
+
+        The arithmetic of ``SharedMemoryBackend.read_events``: a reader more than the ring
+        behind starts at the oldest kept event and is told how many it skipped.
+        """
+        state = self._open()
+        with state.lock:
+            last = state.event_seq
+            first, lost = after + 1, 0
+            if last - after > state.ring_events:
+                first = last - state.ring_events + 1
+                lost = first - after - 1
+            oldest = last - len(state.events) + 1  # the number of state.events[0]
+            stop = min(last, first + limit - 1)
+            if stop < first:
+                return [], lost
+            return list(islice(state.events, first - oldest, stop - oldest + 1)), lost
 
     # ------------------------------------------------------------------ reporting
 
@@ -435,6 +524,7 @@ class MemoryBackend:
         with state.lock:
             state.destroyed = True
             state.spaces.clear()
+            state.events.clear()
         self._closed = True
 
     def __repr__(self) -> str:
@@ -448,3 +538,11 @@ def _check_generation(namespace: str, service: Service, record: _Record,
             f"{namespace}/{service!r} is at generation {record.generation}, caller holds "
             f"{generation}", namespace=namespace, service=service, expected=generation,
             actual=record.generation)
+
+
+def _emit(state: _State, kind: str, ns: bytes, record: _Record, reason: str | None = None) -> None:
+    """Append one event about ``record``; the caller holds ``state.lock``."""
+    state.event_seq += 1
+    state.events.append(Event(state.event_seq, kind, ns.decode(), record.service,
+                              record.owner.pid, record.generation, time.time(), reason,
+                              start_ticks=record.owner.start_ticks))

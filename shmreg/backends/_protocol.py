@@ -6,6 +6,24 @@ validates keys and metadata through ``shmreg._codec`` and raises the same ``shmr
 
 What the facade resolves before calling in: ``owner`` is a live ``ProcessIdentity`` (the facade
 turned ``pid=None`` into the calling process and refused dead pids with ``ProcessNotAlive``).
+
+Liveness and events: ``Monitor`` (``shmreg._liveness``) and the facade's ``wait_for``, ``watch``,
+``register_self`` and ``cleanup_namespace`` drive a backend through ``owners``,
+``remove_dead``, ``last_event_seq``, ``read_events`` and ``namespace_owners``. Every committed
+change appends one ``Event`` to a bounded ring, numbered from 1 without gaps:
+
+=============================================  ============  ==========================
+operation                                      kind          reason
+=============================================  ============  ==========================
+``register`` of a free name                    registered    None
+``register`` over a provably dead holder       registered    ``"takeover"``
+``register`` by the holder again               updated       None
+``update_metadata``                            updated       None
+``unregister`` that removed an entry           unregistered  None
+``remove_dead`` (and so ``sweep``)             died          gone / reused / zombie
+=============================================  ============  ==========================
+
+A refused call (any error) changes nothing and appends nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +31,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from shmreg._types import Entry, HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
+from shmreg._events import Event
+from shmreg._types import (
+    Entry,
+    HealthReport,
+    Liveness,
+    Metadata,
+    ProcessIdentity,
+    RegistryStats,
+    Service,
+)
 
 Predicate = Callable[[Metadata], bool]
 
@@ -39,6 +66,18 @@ class Backend(Protocol):
 
         Same live owner again: metadata replaced, generation unchanged. Held by another live
         process: ``AlreadyRegistered`` (with ``.pid``). Held by a dead process: taken over.
+        """
+        ...
+
+    def register_many(
+        self,
+        namespace: str,
+        items: list[tuple[Service, ProcessIdentity, Mapping[str, Any] | None]],
+    ) -> list[int]:
+        """``register`` each ``(service, owner, metadata)``; their generations, in order.
+
+        Every item is validated before the first is stored (bad input stores none); a name
+        held by a live process raises ``AlreadyRegistered``, and the items before it stay.
         """
         ...
 
@@ -81,7 +120,61 @@ class Backend(Protocol):
 
     def count(self, namespace: str | None = None) -> int: ...
 
-    def sweep(self) -> int: ...
+    def namespace_owners(self, namespace: str) -> list[tuple[Service, ProcessIdentity, int]]:
+        """``(service, owner identity, generation)`` of every live entry in ``namespace``.
+
+        What ``cleanup_namespace`` needs: whom to signal, and the generation that fences the
+        unregister afterwards (a name taken over meanwhile is left to its new owner).
+        """
+        ...
+
+    # ------------------------------------------------------------------ liveness
+
+    def sweep(self) -> int:
+        """Check every owner (``_identity.check_many``) and ``remove_dead`` the dead; how many.
+
+        Counted in ``stats()`` (sweeps, last sweep time, dead found).
+        """
+        ...
+
+    def owner_counts(self) -> dict[ProcessIdentity, int]:
+        """Entries per distinct owner identity, over every stored entry.
+
+        Owners that died but were not removed yet are included: the monitor and sweeps
+        find them here.
+        """
+        ...
+
+    def owners(self) -> set[ProcessIdentity]:
+        """The distinct owner identities of every stored entry (``owner_counts()``'s keys)."""
+        ...
+
+    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
+        """Remove the entries of every identity whose verdict ``.is_dead``; how many.
+
+        Each entry is re-checked under the backend's lock to be still held by that very
+        identity (a name taken over since, or a pid now owned by a newcomer, is left alone),
+        so callers racing on the same verdicts remove, and report, each entry once. Appends
+        one ``died`` event per removed entry, its reason the verdict: ``gone``, ``reused``
+        or ``zombie``. Verdicts that are not dead are ignored.
+        """
+        ...
+
+    # ------------------------------------------------------------------ events
+
+    def last_event_seq(self) -> int:
+        """Sequence number of the newest event; 0 before the first. Cheap: pollers call it."""
+        ...
+
+    def read_events(self, after: int, limit: int = 1024) -> tuple[list[Event], int]:
+        """Up to ``limit`` events numbered after ``after``, oldest first, and how many were lost.
+
+        The ring keeps the newest N events. A reader more than N behind gets the oldest
+        kept events and ``lost``, the number of events after ``after`` it will never see:
+        with ``last`` the newest number, ``lost = last - N - after`` when positive. The next
+        call resumes after the last event returned.
+        """
+        ...
 
     def stats(self) -> RegistryStats: ...
 

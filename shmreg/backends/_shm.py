@@ -123,8 +123,13 @@ class SharedMemoryBackend:
             try:
                 return fn(self._table())
             except StuckSlot:
-                self._store.begin(timeout=30.0)  # a dead writer's lock: recovery runs here
-                self._store.end()
+                # Taking the lock runs recovery if the owner died. A slot still odd while we
+                # hold the lock has no writer at all (a flipped bit): recovery tombstones it.
+                table = self._store.begin(timeout=30.0)
+                try:
+                    table.recover()
+                finally:
+                    self._store.end()
         return fn(self._table())
 
     def _write(self, fn: Callable[[Table], T]) -> T:
@@ -170,12 +175,11 @@ class SharedMemoryBackend:
         if not _probe_alive(words[4] & _LO32):
             return None
         if _crc32(meta, _crc32(key)) != words[4] >> 32:
-            raise CorruptRegistry(
-                f"registry {self._name!r}: record of {service!r} fails its checksum",
-                name=self._name,
-                detail="record checksum mismatch",
-            )
-        return words, _codec.unpack_metadata(meta)
+            raise self._corrupt(f"record of {service!r} fails its checksum")
+        try:
+            return words, _codec.unpack_metadata(meta)
+        except Exception as exc:
+            raise self._corrupt(f"metadata of {service!r} does not decode: {exc!r}") from exc
 
     def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
         found = self._entry(namespace, service)
@@ -232,10 +236,17 @@ class SharedMemoryBackend:
 
     def _entries(self, rows: list[tuple[SlotWords, bytes, bytes]], ns_len: int) -> list[Entry]:
         unpack = _codec.unpack_metadata
-        return [
-            Entry(_codec.decode_service(key, ns_len), words[4] & _LO32, unpack(meta))
-            for words, key, meta in rows
-        ]
+        decode = _codec.decode_service
+        try:
+            return [
+                Entry(decode(key, ns_len), words[4] & _LO32, unpack(meta))
+                for words, key, meta in rows
+            ]
+        except Exception as exc:  # bytes that passed their checksum but do not decode
+            raise self._corrupt(f"an entry does not decode: {exc!r}") from exc
+
+    def _corrupt(self, detail: str) -> CorruptRegistry:
+        return CorruptRegistry(f"registry {self._name!r}: {detail}", name=self._name, detail=detail)
 
     def list_entries(self, namespace: str) -> list[Entry]:
         ns_len = len(_codec.check_namespace(namespace))
@@ -316,7 +327,10 @@ class SharedMemoryBackend:
 
         out = []
         for words, key, meta in self._read(scan):
-            namespace, service = _codec.decode_key(key)
+            try:
+                namespace, service = _codec.decode_key(key)
+            except Exception as exc:
+                raise self._corrupt(f"a key does not decode: {exc!r}") from exc
             pid = words[4] & _LO32
             out.append(
                 {
