@@ -213,6 +213,24 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, leave)
 
 
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from shmreg._fsck import check
+
+    report = check(args.name, repair=args.repair)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(
+            f"{args.name}: {'ok' if report.ok else 'PROBLEMS'} ({report.entries} entries, "
+            f"{report.checked_slots} slots checked)"
+        )
+        for line in report.problems:
+            print(f"  problem: {line}")
+        for line in report.repaired:
+            print(f"  repaired: {line}")
+    return 0 if report.ok or args.repair else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shmreg import _demo
 
@@ -247,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("info", "settings, counters and health of a registry").set_defaults(fn=cmd_info)
     command("sweep", "remove entries whose owners are dead").set_defaults(fn=cmd_sweep)
     command("destroy", "remove a registry for every process").set_defaults(fn=cmd_destroy)
+    p = command("fsck", "check a registry's segments (works with every writer dead)")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    p.set_defaults(fn=cmd_fsck)
     p = command("watch", "print events as they happen")
     p.add_argument("--namespace", "-n", help="only this namespace")
     p.add_argument("--since", type=int, default=None, help="resume after this event number")

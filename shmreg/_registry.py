@@ -397,10 +397,10 @@ class Registry:
                 argument="since",
                 value=repr(since),
             )
-        position = self._backend.last_event_seq() if since is None else since  # type: ignore[attr-defined]
+        position = self._backend.last_event_seq() if since is None else since
         idle_since = clock.monotonic()
         while True:
-            events, lost = self._backend.read_events(position)  # type: ignore[attr-defined]
+            events, lost = self._backend.read_events(position)
             if lost:
                 yield Event(seq=position + lost, kind="lost", lost=lost)
                 position += lost
@@ -440,7 +440,7 @@ class Registry:
         seconds, and remove the entries. The calling process is never signalled (its own
         entries are removed)."""
         grace_s = check_timeout(grace, "grace") or 0.0
-        owned = self._backend.namespace_owners(namespace)  # type: ignore[attr-defined]
+        owned = self._backend.namespace_owners(namespace)
         owners = {ident for _, ident, _ in owned}
         terminated, killed, skipped = terminate_owners(owners, grace_s, clock)
         removed = 0
