@@ -75,7 +75,9 @@ def _open_backend(
 
 
 def _reopen(name: str, kind: str) -> Registry:
-    return Registry(name, backend=kind)
+    # Attach, never create: a task that outlives the registry's destroy() must fail, not
+    # quietly bring up an empty registry of the same name that nobody will remove.
+    return Registry(name, backend=kind, create=False)
 
 
 class Registry:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -88,6 +89,7 @@ class Store:
         self.max_metadata_bytes = int(self.rq[L.R_MAX_META])
         self.incarnation = int(self.rq[L.R_INCARNATION])
         self.lock = WriterLock(segment_path(L.root_name(name)), name)
+        self._swap_lock = threading.Lock()
         self.table: Table = self._attach_data()
         self.gen = self.table.gen
         self._failed_inside = False
@@ -249,10 +251,17 @@ class Store:
         ) from last_error
 
     def refresh(self) -> None:
-        """Follow the root to the current generation (after another process grew the table)."""
-        old = self.table
-        self.table = self._attach_data()
-        self.gen = self.table.gen
+        """Follow the root to the current generation (after another process grew the table).
+
+        Threads sharing this object may notice the move together: the swap lock lets one
+        re-map while the others find the work done.
+        """
+        with self._swap_lock:
+            if self.rq[L.R_GEN] == self.gen:
+                return
+            old = self.table
+            self.table = self._attach_data()
+            self.gen = self.table.gen
         _retire(old)
 
     # ---------------------------------------------------------------------- writing
@@ -350,15 +359,16 @@ class Store:
             unlink_segment(name)
             self.rq[L.R_BUILDING] = 0
             raise
-        self.rq[L.R_GEN] = gen  # the commit: one store
-        if ARMED:
-            crash_point("rebuild.flipped")
-        self.rq[L.R_BUILDING] = 0
-        unlink_segment(L.data_name(self.name, self.incarnation, self.gen))
-        if ARMED:
-            crash_point("rebuild.old_unlinked")
-        self.table = new
-        self.gen = gen
+        with self._swap_lock:  # readers in this process must not re-map half-way
+            self.rq[L.R_GEN] = gen  # the commit: one store
+            if ARMED:
+                crash_point("rebuild.flipped")
+            self.rq[L.R_BUILDING] = 0
+            unlink_segment(L.data_name(self.name, self.incarnation, self.gen))
+            if ARMED:
+                crash_point("rebuild.old_unlinked")
+            self.table = new
+            self.gen = gen
         _retire(old)
         return new
 

@@ -158,10 +158,25 @@ def proc_state(pid: int) -> str | None:
     return chr(data[data.rfind(b")") + 2])
 
 
+def proc_threads(pid: int) -> int | None:
+    """Thread count of ``pid`` (field 20 of its stat line), or ``None`` if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(data[data.rfind(b")") + 2 :].split()[17])
+
+
 def wait_zombie(pid: int, timeout: float = DEADLINE_S) -> None:
-    """Wait until ``pid`` has exited but is not yet reaped."""
+    """Wait until ``pid`` has exited completely but is not yet reaped.
+
+    A killed multi-threaded process (numpy's BLAS threads) shows ``Z`` for its leader a few
+    milliseconds before its other threads are gone; until then the kernel still counts them
+    and the process is still exiting. Wait for the finished state: ``Z`` with one thread.
+    """
     deadline = time.monotonic() + timeout
-    while proc_state(pid) != "Z":
+    while proc_state(pid) != "Z" or proc_threads(pid) != 1:
         if time.monotonic() > deadline:
             raise AssertionError(f"pid {pid} did not become a zombie (state {proc_state(pid)})")
         time.sleep(0.001)
@@ -279,3 +294,34 @@ def destroying(name: str) -> Iterator[None]:
                 os.unlink(os.path.join("/dev/shm", seg))
             except FileNotFoundError:
                 pass
+
+
+# ------------------------------------------------- targets for multiprocessing children
+# (importable by spawn and forkserver children, which cannot see functions defined in ``-c``)
+
+
+def mp_attach_and_register(name: str, ns: str, service: str, owner: int) -> None:
+    """Attach by name, register ``service`` for ``owner`` and one entry of our own, close."""
+    import shmreg
+
+    reg = shmreg.Registry.attach(name)
+    try:
+        _use(reg, ns, service, owner)
+    finally:
+        reg.close()
+
+
+def mp_use_registry(reg: Any, ns: str, service: str, owner: int) -> None:
+    """Use a Registry received as an argument (inherited by fork, else unpickled by name)."""
+    try:
+        _use(reg, ns, service, owner)
+    finally:
+        reg.close()
+
+
+def _use(reg: Any, ns: str, service: str, owner: int) -> None:
+    reg.register(ns, service, pid=owner, metadata={"by": os.getpid()})
+    reg.register(ns, f"{service}-self")  # dies with this child
+    assert reg.lookup(ns, service) == owner
+    assert reg.lookup_with_metadata(ns, "driver") is not None
+    assert service in reg.list_services(ns)
