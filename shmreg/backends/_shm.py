@@ -8,6 +8,7 @@ namespace hash, type tag, capabilities mask) and decode only the candidates.
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -39,12 +40,18 @@ from shmreg._types import (
 T = TypeVar("T")
 _crc32 = zlib.crc32
 _probe_alive = _identity.probe_alive
-_KeyInfo = tuple[bytes, int, int, int]  # key bytes, key hash, namespace hash, namespace length
+# key bytes, key hash, namespace hash, namespace length, the service's exact type (a cached
+# entry for 1 must not answer for True or 1.0, which are equal in Python)
+_KeyInfo = tuple[bytes, int, int, int, type]
 # key, key hash, padded record, slot words 1-5 (record offset still to add), capabilities mask
 _Prepared = tuple[bytes, int, bytes, tuple[int, int, int, int, int], int]
 _KEY_CACHE_LIMIT = 65_536
 _GEN = L.R_GEN
 _PADDING = [bytes(n) for n in range(8)]
+_unpack_slot = L.SLOT.unpack_from
+_USED = L.USED
+_kill = os.kill
+_unpack_metadata = _codec.unpack_metadata
 _NAMESPACES: dict[str, tuple[bytes, int, int]] = {}  # namespace -> (prefix, crc32, length)
 _LO32 = L.LO32
 
@@ -106,7 +113,7 @@ class SharedMemoryBackend:
             if len(_NAMESPACES) < _KEY_CACHE_LIMIT:
                 _NAMESPACES[namespace] = ns
         raw = _codec.encode_service(ns[0], service)
-        info = (raw, _crc32(raw), ns[1], ns[2])
+        info = (raw, _crc32(raw), ns[1], ns[2], kind)
         if cacheable and len(self._keys) < _KEY_CACHE_LIMIT:
             self._keys[(namespace, service)] = info
         return info
@@ -145,39 +152,72 @@ class SharedMemoryBackend:
 
     # ------------------------------------------------------------------ reads
 
-    def lookup(self, namespace: str, service: Service) -> int | None:
-        key, key_hash, _, _ = self._key(namespace, service)
+    def _locate(self, namespace: str, service: Service) -> tuple[Table, SlotWords] | None:
+        """The validated slot holding the key, or None: the read path every lookup shares.
+
+        The key-cache hit, the generation check and the first probe are written out here
+        (most keys sit in their home slot); collisions and busy slots take ``Table.find``.
+        """
+        try:
+            info = self._keys.get((namespace, service))
+        except TypeError:  # unhashable: let _key raise the proper InvalidKey
+            info = None
+        if info is None or info[4] is not type(service):
+            info = self._key(namespace, service)
         store = self._store
         if store.rq[_GEN] != store.gen:
             store.refresh()
+        table = store.table
+        key = info[0]
+        key_hash = info[1]
+        w = table.slot_word0 + (key_hash % table.nslots) * 8
+        q = table.q
+        s1 = q[w]
+        words: SlotWords = _unpack_slot(table.buf, w * 8)
+        w2 = words[2]
+        if (
+            s1 == q[w]
+            and not s1 & 1
+            and w2 >> 48 == _USED
+            and words[1] & _LO32 == key_hash
+            and (w2 >> 32) & 0xFFFF == len(key)
+        ):
+            off = table.arena_off + (w2 & _LO32) * 8
+            if table.buf[off : off + len(key)] == key:
+                return table, words
         try:
-            _, words = store.table.find(key, key_hash)
-        except StuckSlot:
-            _, words = self._read(lambda t: t.find(key, key_hash))
-        if words is None:
-            return None
-        pid = words[4] & _LO32
-        return pid if _probe_alive(pid) else None
+            found = table.find(key, key_hash)[1]
+        except StuckSlot:  # a writer died mid-change: repair, then look again
+            table, found = self._read(lambda t: (t, t.find(key, key_hash)[1]))
+        return None if found is None else (table, found)
 
-    def _entry(self, namespace: str, service: Service) -> tuple[SlotWords, Metadata] | None:
-        key, key_hash, _, _ = self._key(namespace, service)
-
-        def read(table: Table) -> tuple[SlotWords, bytes] | None:
-            _, words = table.find(key, key_hash)
-            if words is None:
-                return None
-            return words, table.meta_bytes(words)
-
-        found = self._read(read)
+    def lookup(self, namespace: str, service: Service) -> int | None:
+        found = self._locate(namespace, service)
         if found is None:
             return None
-        words, meta = found
+        pid: int = found[1][4] & _LO32
+        if not pid:
+            return None  # never kill(0, ...): it would probe our own process group
+        try:
+            _kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # the pid exists, owned by another user
+        except OverflowError:
+            return None
+        return pid
+
+    def _entry(self, namespace: str, service: Service) -> tuple[SlotWords, Metadata] | None:
+        found = self._locate(namespace, service)
+        if found is None:
+            return None
+        table, words = found
         if not _probe_alive(words[4] & _LO32):
             return None
-        if _crc32(meta, _crc32(key)) != words[4] >> 32:
-            raise self._corrupt(f"record of {service!r} fails its checksum")
+        _, meta = table.record_bytes(words)  # checksum-verified copy
         try:
-            return words, _codec.unpack_metadata(meta)
+            return words, _unpack_metadata(meta)
         except Exception as exc:
             raise self._corrupt(f"metadata of {service!r} does not decode: {exc!r}") from exc
 
@@ -393,7 +433,7 @@ class SharedMemoryBackend:
         metadata: Mapping[str, Any] | None,
     ) -> _Prepared:
         """Everything a registration needs that does not need the lock."""
-        key, key_hash, ns_hash, _ = self._key(namespace, service)
+        key, key_hash, ns_hash, _, _ = self._key(namespace, service)
         meta = _codec.as_metadata(metadata)
         packed = _codec.pack_metadata(meta, self._store.max_metadata_bytes)
         record = key + packed
@@ -480,7 +520,7 @@ class SharedMemoryBackend:
         merge: bool = False,
         generation: int | None = None,
     ) -> None:
-        key, key_hash, _, _ = self._key(namespace, service)
+        key, key_hash, _, _, _ = self._key(namespace, service)
         update = _codec.as_metadata(metadata)
         limit = self._store.max_metadata_bytes
         packed_update = _codec.pack_metadata(update, limit) if not merge else b""
@@ -549,7 +589,7 @@ class SharedMemoryBackend:
     def unregister(
         self, namespace: str, service: Service, *, generation: int | None = None
     ) -> bool:
-        key, key_hash, _, _ = self._key(namespace, service)
+        key, key_hash, _, _, _ = self._key(namespace, service)
 
         def write(table: Table) -> bool:
             index, words, _ = table.probe_for_write(key, key_hash)
