@@ -97,6 +97,45 @@ def test_check_backend_reports_every_failure() -> None:
     assert isinstance(info.value, AssertionError)
 
 
+def test_memory_backend_with_a_small_ring_passes() -> None:
+    # The ring checks read the ring size from ``ring_events``: with 100 events, reading past
+    # the ring's end is exercised at another size than the shared ring's.
+    check_backend(lambda: MemoryBackend(ring_events=100))
+
+
+def test_memory_ring_counts_lost_events() -> None:
+    backend = MemoryBackend(ring_events=4)
+    try:
+        me = self_identity()
+        backend.register("ns", "svc", me, None)
+        for n in range(5):
+            backend.update_metadata("ns", "svc", {"n": n})
+        assert backend.last_event_seq() == 6
+        for after, lost, seqs in ((0, 2, [3, 4, 5, 6]), (1, 1, [3, 4, 5, 6]), (2, 0, [3, 4, 5, 6]),
+                                  (4, 0, [5, 6]), (6, 0, []), (9, 0, [])):
+            events, got = backend.read_events(after)
+            assert (got, [e.seq for e in events]) == (lost, seqs), after
+        events, got = backend.read_events(0, limit=1)
+        assert (got, [e.seq for e in events]) == (2, [3])
+    finally:
+        backend.destroy()
+
+
+def test_memory_ring_events_setting(name: str) -> None:
+    with pytest.raises(shmreg.InvalidBackendConfig):
+        MemoryBackend(ring_events=0)
+    first = MemoryBackend.named(name, ring_events=64)
+    try:
+        assert first.ring_events == 64
+        with pytest.raises(shmreg.IncompatibleRegistry) as info:
+            MemoryBackend.named(name, ring_events=128)
+        assert (info.value.setting, info.value.expected, info.value.actual) == (
+            "ring_events", 128, 64)
+        assert MemoryBackend.named(name).ring_events == 64
+    finally:
+        first.close()
+
+
 # --------------------------------------------------------------------- opening by name
 
 

@@ -472,6 +472,7 @@ class MemoryBackend:
         behind starts at the oldest kept event and is told how many it skipped.
         """
         state = self._open()
+        after = max(after, 0)  # events are numbered from 1
         with state.lock:
             last = state.event_seq
             first, lost = after + 1, 0
