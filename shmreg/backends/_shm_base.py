@@ -1,0 +1,152 @@
+"""The shared-memory backend's plumbing: opening, key encoding, read and write brackets.
+
+``SharedMemoryBackend`` (``_shm.py``) is assembled from this base and two mixins, each one
+job: point reads and writes (``_shm.py``), scans over many slots (``_shm_scans.py``) and
+liveness and events (``_shm_liveness.py``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from shmreg import _codec
+from shmreg import _events as _ev
+from shmreg import _layout as L
+from shmreg._errors import CorruptRegistry
+from shmreg._store import Store
+from shmreg._table import SlotWords, StuckSlot, Table
+from shmreg._types import Service
+
+T = TypeVar("T")
+_crc32 = zlib.crc32
+# key bytes, key hash, namespace hash, namespace length, the service's exact type (a cached
+# entry for 1 must not answer for True or 1.0, which are equal in Python)
+KeyInfo = tuple[bytes, int, int, int, type]
+_KEY_CACHE_LIMIT = 65_536
+_GEN = L.R_GEN
+_NAMESPACES: dict[str, tuple[bytes, int, int]] = {}  # namespace -> (prefix, crc32, length)
+LO32 = L.LO32
+
+
+class ShmBase:
+    """State and brackets shared by every part of ``SharedMemoryBackend``."""
+
+    kind = "shm"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        create: bool = True,
+        capacity: int | None = None,
+        max_metadata_bytes: int | None = None,
+        mode: int = 0o600,
+    ) -> None:
+        self._store = Store.open(
+            name, create=create, capacity=capacity, max_metadata_bytes=max_metadata_bytes, mode=mode
+        )
+        self._name = name
+        self._keys: dict[tuple[str, Any], KeyInfo] = {}
+        self._sweeps = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def capacity(self) -> int:
+        return self._store.capacity
+
+    @property
+    def max_metadata_bytes(self) -> int:
+        return self._store.max_metadata_bytes
+
+    def _key(self, namespace: str, service: Service) -> KeyInfo:
+        # Only exact str / int services are cached: a tuple key would make (1,) and (True,)
+        # (equal in Python, different keys here) share one cache entry. A full cache stops
+        # growing rather than being cleared: entries never go stale, and clearing made a
+        # working set larger than the cache miss every time.
+        kind = type(service)
+        cacheable = (kind is str or kind is int) and type(namespace) is str
+        if cacheable:
+            cached = self._keys.get((namespace, service))
+            if cached is not None:
+                return cached
+        ns = _NAMESPACES.get(namespace) if type(namespace) is str else None
+        if ns is None:
+            ns_raw = _codec.check_namespace(namespace)
+            ns = (ns_raw + b"\x00", _crc32(ns_raw), len(ns_raw))
+            if len(_NAMESPACES) < _KEY_CACHE_LIMIT:
+                _NAMESPACES[namespace] = ns
+        raw = _codec.encode_service(ns[0], service)
+        info = (raw, _crc32(raw), ns[1], ns[2], kind)
+        if cacheable and len(self._keys) < _KEY_CACHE_LIMIT:
+            self._keys[(namespace, service)] = info
+        return info
+
+    def _table(self) -> Table:
+        store = self._store
+        if store.rq[_GEN] != store.gen:
+            store.refresh()
+        return store.table
+
+    def _read(self, fn: Callable[[Table], T]) -> T:
+        """Run a lock-free read; if a slot stays odd (dead writer), repair and retry."""
+        for _ in range(3):
+            try:
+                return fn(self._table())
+            except StuckSlot:
+                # Taking the lock runs recovery if the owner died. A slot still odd while we
+                # hold the lock has no writer at all (a flipped bit): recovery tombstones it.
+                table = self._store.begin(timeout=30.0)
+                try:
+                    table.recover()
+                finally:
+                    self._store.end()
+        return fn(self._table())
+
+    def _write(self, fn: Callable[[Table], T]) -> T:
+        store = self._store
+        table = store.begin()
+        failed = True
+        try:
+            result = fn(table)
+            failed = False
+            return result
+        finally:
+            store.end(failed)
+
+    def _corrupt(self, detail: str) -> CorruptRegistry:
+        return CorruptRegistry(f"registry {self._name!r}: {detail}", name=self._name, detail=detail)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def destroy(self) -> None:
+        self._store.destroy()
+
+
+def record_size(words: SlotWords) -> int:
+    return L.align_record(((words[2] >> 32) & 0xFFFF) + (words[3] & LO32))
+
+
+def tombstone(
+    table: Table, index: int, words: SlotWords, kind: int = _ev.UNREGISTERED, reason: int = 0
+) -> None:
+    top, live, tombs, garbage, ops, owners = table.counters()
+    w2 = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
+    table.commit(
+        index,
+        (words[1], w2, *words[3:]),
+        (top, live - 1, tombs + 1, garbage + record_size(words), ops + 1, owners),
+        kind,
+        reason,
+    )

@@ -1,0 +1,133 @@
+"""Liveness and events for the shared-memory backend: sweeps, dead-owner removal, health,
+and reading the event ring."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from shmreg import _events as _ev
+from shmreg import _identity
+from shmreg import _layout as L
+from shmreg._table import Table
+from shmreg._types import HealthReport, Liveness, ProcessIdentity
+from shmreg.backends._shm_base import LO32, ShmBase, tombstone
+
+
+class ShmLiveness(ShmBase):
+    # ------------------------------------------------------------------ liveness
+
+    def sweep(self) -> int:
+        """Remove every entry whose owner is provably dead; return how many.
+
+        Each distinct owner is checked once (``/proc`` read), so the cost grows with live
+        processes and slots, not with entries per process.
+        """
+        verdicts = _identity.check_many(self.owners())
+        removed = self.remove_dead(verdicts)
+        rq = self._store.rq
+        rq[L.R_SWEEPS] += 1
+        rq[L.R_LAST_SWEEP_NS] = time.time_ns()
+        rq[L.R_DEAD_FOUND] += removed
+        self._sweeps += 1
+        return removed
+
+    def owner_counts(self) -> dict[ProcessIdentity, int]:
+        """Entries per distinct owner identity, over all used slots."""
+
+        def scan(table: Table) -> dict[ProcessIdentity, int]:
+            cols = table.columns()
+            used = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
+            pairs = np.empty((int(np.count_nonzero(used)), 2), dtype=np.uint64)
+            pairs[:, 0] = cols[used, L.S_OWNER] & np.uint64(LO32)
+            pairs[:, 1] = cols[used, L.S_START]
+            del cols, used
+            uniq, counts = np.unique(pairs, axis=0, return_counts=True)
+            return {
+                ProcessIdentity(p, s): c
+                for (p, s), c in zip(uniq.tolist(), counts.tolist(), strict=True)
+            }
+
+        return self._read(scan)
+
+    def owners(self) -> set[ProcessIdentity]:
+        """The distinct owner identities of all used slots."""
+        return set(self.owner_counts())
+
+    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
+        """Tombstone the entries of every identity whose verdict is dead, with a died event.
+
+        Safe from many processes at once: each slot is re-read under the lock, and only an
+        entry still held by that very identity is removed (and reported) once.
+        """
+        dead = {
+            ident: _ev.REASON_CODES.get(v.value, _ev.SWEPT)
+            for ident, v in verdicts.items()
+            if v.is_dead
+        }
+        if not dead:
+            return 0
+        dead_pids = np.fromiter({ident.pid for ident in dead}, dtype=np.uint64)
+
+        def write(table: Table) -> int:
+            cols = table.columns()
+            used = np.flatnonzero(((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED)
+            hits = used[np.isin(cols[used, L.S_OWNER] & np.uint64(LO32), dead_pids)].tolist()
+            del cols, used
+            removed = 0
+            for index in hits:
+                words = table.read_slot(index)
+                reason = dead.get(ProcessIdentity(words[4] & LO32, words[5]))
+                if reason is not None and (words[2] >> 48) & 0xFF == L.USED:
+                    tombstone(table, index, words, _ev.DIED, reason)
+                    removed += 1
+            return removed
+
+        return self._write(write)
+
+    def health_check(self) -> HealthReport:
+        counts = self.owner_counts()
+        verdicts = _identity.check_many(counts)
+        total = dead = unknown = 0
+        for ident, n in counts.items():
+            verdict = verdicts[ident]
+            total += n
+            if verdict.is_dead:
+                dead += n
+            elif verdict is Liveness.UNKNOWN:
+                unknown += n
+        return HealthReport(
+            HealthReport.classify(total, dead),
+            self.kind,
+            total,
+            total - dead - unknown,
+            dead,
+            unknown,
+        )
+
+    # ------------------------------------------------------------------ events
+
+    def last_event_seq(self) -> int:
+        """Sequence number of the newest event (0 before the first): one word read."""
+        seq: int = self._store.rq[L.R_EVENT_SEQ]
+        return seq
+
+    def read_events(self, after: int, limit: int = 1024) -> tuple[list[_ev.Event], int]:
+        """Events after ``after`` (at most ``limit``) and how many were lost to overwrite."""
+        ring = self._store.ring
+        last = self.last_event_seq()
+        lost = 0
+        first = after + 1
+        if last - after > L.RING_EVENTS:
+            first = last - L.RING_EVENTS + 1
+            lost = first - after - 1
+        out = []
+        for seq in range(first, min(last, first + limit - 1) + 1):
+            raw = ring.read(seq)
+            if raw is None:  # overwritten while we read: the writer lapped us
+                lost += 1
+                continue
+            out.append(_ev.decode(seq, raw))
+        return out, lost
