@@ -72,8 +72,7 @@ class _Record(NamedTuple):
 class _State:
     """What every handle on one name shares."""
 
-    def __init__(self, name: str, capacity: int, max_metadata_bytes: int,
-                 ring_events: int) -> None:
+    def __init__(self, name: str, capacity: int, max_metadata_bytes: int, ring_events: int) -> None:
         self.name = name
         self.capacity = capacity
         self.max_metadata_bytes = max_metadata_bytes
@@ -135,24 +134,42 @@ class MemoryBackend:
 
     kind = "memory"
 
-    def __init__(self, name: str = "memory", *, capacity: int | None = None,
-                 max_metadata_bytes: int | None = None, ring_events: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "memory",
+        *,
+        capacity: int | None = None,
+        max_metadata_bytes: int | None = None,
+        ring_events: int | None = None,
+    ) -> None:
         """A private registry no other handle can reach; ``named()`` shares one by name.
 
         ``ring_events`` sizes the event ring (default: the shared ring's ``RING_EVENTS``); a
         small ring lets a test make a reader fall behind with a few writes.
         """
         self._state = _State(
-            name, _setting("capacity", capacity, DEFAULT_CAPACITY, 2**62),
-            _setting("max_metadata_bytes", max_metadata_bytes, DEFAULT_MAX_METADATA_BYTES,
-                     MAX_METADATA_LIMIT),
-            _setting("ring_events", ring_events, RING_EVENTS, 2**24))
+            name,
+            _setting("capacity", capacity, DEFAULT_CAPACITY, 2**62),
+            _setting(
+                "max_metadata_bytes",
+                max_metadata_bytes,
+                DEFAULT_MAX_METADATA_BYTES,
+                MAX_METADATA_LIMIT,
+            ),
+            _setting("ring_events", ring_events, RING_EVENTS, 2**24),
+        )
         self._closed = False
 
     @classmethod
-    def named(cls, name: str, *, create: bool = True, capacity: int | None = None,
-              max_metadata_bytes: int | None = None,
-              ring_events: int | None = None) -> MemoryBackend:
+    def named(
+        cls,
+        name: str,
+        *,
+        create: bool = True,
+        capacity: int | None = None,
+        max_metadata_bytes: int | None = None,
+        ring_events: int | None = None,
+    ) -> MemoryBackend:
         """A handle on this process's registry ``name``, created with the settings if absent.
 
         ``RegistryNotFound`` if it is absent and ``create`` is false; ``IncompatibleRegistry``
@@ -162,20 +179,29 @@ class MemoryBackend:
             state = _NAMED.get(name)
             if state is None:
                 if not create:
-                    raise RegistryNotFound(f"no memory registry named {name!r} in this process",
-                                           name=name)
-                handle = cls(name, capacity=capacity, max_metadata_bytes=max_metadata_bytes,
-                             ring_events=ring_events)
+                    raise RegistryNotFound(
+                        f"no memory registry named {name!r} in this process", name=name
+                    )
+                handle = cls(
+                    name,
+                    capacity=capacity,
+                    max_metadata_bytes=max_metadata_bytes,
+                    ring_events=ring_events,
+                )
                 _NAMED[name] = handle._state
                 return handle
-        for setting, asked, actual in (("capacity", capacity, state.capacity),
-                                       ("max_metadata_bytes", max_metadata_bytes,
-                                        state.max_metadata_bytes),
-                                       ("ring_events", ring_events, state.ring_events)):
+        for setting, asked, actual in (
+            ("capacity", capacity, state.capacity),
+            ("max_metadata_bytes", max_metadata_bytes, state.max_metadata_bytes),
+            ("ring_events", ring_events, state.ring_events),
+        ):
             if asked is not None and asked != actual:
                 raise IncompatibleRegistry(
                     f"{setting}: registry {name!r} has {actual}, caller asked for {asked}",
-                    setting=setting, expected=asked, actual=actual)
+                    setting=setting,
+                    expected=asked,
+                    actual=actual,
+                )
         return cls._on(state)
 
     @classmethod
@@ -210,8 +236,9 @@ class MemoryBackend:
         if state.destroyed:
             raise RegistryDestroyed(f"registry {state.name!r} was destroyed", name=state.name)
         if self._closed:
-            raise RegistryClosed(f"registry {state.name!r} is closed in this handle",
-                                 name=state.name)
+            raise RegistryClosed(
+                f"registry {state.name!r} is closed in this handle", name=state.name
+            )
         return state
 
     def _find(self, namespace: str, service: Service) -> tuple[_State, bytes, bytes]:
@@ -263,14 +290,20 @@ class MemoryBackend:
         return record.owner.pid, record.generation, _codec.unpack_metadata(record.packed)
 
     def list_entries(self, namespace: str) -> list[Entry]:
-        return [Entry(r.service, r.owner.pid, _codec.unpack_metadata(r.packed))
-                for r in self._space(namespace)]
+        return [
+            Entry(r.service, r.owner.pid, _codec.unpack_metadata(r.packed))
+            for r in self._space(namespace)
+        ]
 
     def list_services(self, namespace: str) -> list[Service]:
         return [r.service for r in self._space(namespace)]
 
-    def find(self, namespace: str, equals: Mapping[str, Any] | None = None,
-             predicate: Callable[[Metadata], bool] | None = None) -> list[Entry]:
+    def find(
+        self,
+        namespace: str,
+        equals: Mapping[str, Any] | None = None,
+        predicate: Callable[[Metadata], bool] | None = None,
+    ) -> list[Entry]:
         # The predicate runs outside the lock (list_entries has released it): it is the
         # caller's code and may well call back into this backend.
         out = []
@@ -300,8 +333,13 @@ class MemoryBackend:
 
     # ------------------------------------------------------------------ writes
 
-    def register(self, namespace: str, service: Service, owner: ProcessIdentity,
-                 metadata: Mapping[str, Any] | None) -> int:
+    def register(
+        self,
+        namespace: str,
+        service: Service,
+        owner: ProcessIdentity,
+        metadata: Mapping[str, Any] | None,
+    ) -> int:
         state, ns, key = self._find(namespace, service)
         # Validate everything before touching state: a refused call changes nothing.
         packed = _codec.pack_metadata(_codec.as_metadata(metadata), state.max_metadata_bytes)
@@ -309,9 +347,11 @@ class MemoryBackend:
             self._open()  # destroyed by another handle while we validated?
             return self._register_locked(state, namespace, service, ns, key, owner, packed)
 
-    def register_many(self, namespace: str,
-                      items: Iterable[tuple[Service, ProcessIdentity, Mapping[str, Any] | None]]
-                      ) -> list[int]:
+    def register_many(
+        self,
+        namespace: str,
+        items: Iterable[tuple[Service, ProcessIdentity, Mapping[str, Any] | None]],
+    ) -> list[int]:
         """Register a batch under one lock hold; one generation (and one event) per item.
 
         Every item is validated before the first is stored, so a bad key or bad metadata
@@ -326,11 +366,21 @@ class MemoryBackend:
             prepared.append((service, ns, key, owner, packed))
         with state.lock:
             self._open()
-            return [self._register_locked(state, namespace, service, ns, key, owner, packed)
-                    for service, ns, key, owner, packed in prepared]
+            return [
+                self._register_locked(state, namespace, service, ns, key, owner, packed)
+                for service, ns, key, owner, packed in prepared
+            ]
 
-    def _register_locked(self, state: _State, namespace: str, service: Service, ns: bytes,
-                         key: bytes, owner: ProcessIdentity, packed: bytes) -> int:
+    def _register_locked(
+        self,
+        state: _State,
+        namespace: str,
+        service: Service,
+        ns: bytes,
+        key: bytes,
+        owner: ProcessIdentity,
+        packed: bytes,
+    ) -> int:
         space = state.spaces.get(ns, {})
         held = space.get(key)
         kind, reason = "registered", None
@@ -343,7 +393,10 @@ class MemoryBackend:
             if held is not None and not _identity.check(held.owner).is_dead:
                 raise AlreadyRegistered(
                     f"{namespace}/{service!r} is held by live pid {held.owner.pid}",
-                    namespace=namespace, service=service, pid=held.owner.pid)
+                    namespace=namespace,
+                    service=service,
+                    pid=held.owner.pid,
+                )
             if held is not None:
                 reason = "takeover"
             state.owner_changes += 1
@@ -355,8 +408,15 @@ class MemoryBackend:
         _emit(state, kind, ns, record, reason)
         return generation
 
-    def update_metadata(self, namespace: str, service: Service, metadata: Mapping[str, Any], *,
-                        merge: bool = False, generation: int | None = None) -> None:
+    def update_metadata(
+        self,
+        namespace: str,
+        service: Service,
+        metadata: Mapping[str, Any],
+        *,
+        merge: bool = False,
+        generation: int | None = None,
+    ) -> None:
         state, ns, key = self._find(namespace, service)
         update = _codec.as_metadata(metadata)
         limit = state.max_metadata_bytes
@@ -366,8 +426,11 @@ class MemoryBackend:
             self._open()
             record = state.spaces.get(ns, {}).get(key)
             if record is None or not _identity.probe_alive(record.owner.pid):
-                raise NotRegistered(f"{namespace}/{service!r} is not registered",
-                                    namespace=namespace, service=service)
+                raise NotRegistered(
+                    f"{namespace}/{service!r} is not registered",
+                    namespace=namespace,
+                    service=service,
+                )
             _check_generation(namespace, service, record, generation)
             if merge:
                 merged = _codec.unpack_metadata(record.packed)
@@ -377,8 +440,9 @@ class MemoryBackend:
             state.ops += 1
             _emit(state, "updated", ns, record)
 
-    def unregister(self, namespace: str, service: Service, *,
-                   generation: int | None = None) -> bool:
+    def unregister(
+        self, namespace: str, service: Service, *, generation: int | None = None
+    ) -> bool:
         state, ns, key = self._find(namespace, service)
         with state.lock:
             self._open()
@@ -416,8 +480,7 @@ class MemoryBackend:
         """Entries per distinct owner identity, dead owners not yet removed included."""
         state = self._open()
         with state.lock:
-            return dict(Counter(r.owner for space in state.spaces.values()
-                                for r in space.values()))
+            return dict(Counter(r.owner for space in state.spaces.values() for r in space.values()))
 
     def owners(self) -> set[ProcessIdentity]:
         """The distinct owner identities of every stored entry."""
@@ -430,8 +493,11 @@ class MemoryBackend:
         or held by a newcomer with the same pid, is not touched, and of two callers with the
         same verdicts only the first finds (and reports) each entry.
         """
-        reasons = {ident: REASON_NAMES[REASON_CODES.get(verdict.value, SWEPT)]
-                   for ident, verdict in verdicts.items() if verdict.is_dead}
+        reasons = {
+            ident: REASON_NAMES[REASON_CODES.get(verdict.value, SWEPT)]
+            for ident, verdict in verdicts.items()
+            if verdict.is_dead
+        }
         state = self._open()
         if not reasons:
             return 0
@@ -456,8 +522,14 @@ class MemoryBackend:
         total = sum(counts.values())
         dead = sum(n for ident, n in counts.items() if verdicts[ident].is_dead)
         unknown = sum(n for ident, n in counts.items() if verdicts[ident] is Liveness.UNKNOWN)
-        return HealthReport(HealthReport.classify(total, dead), self.kind, total,
-                            total - dead - unknown, dead, unknown)
+        return HealthReport(
+            HealthReport.classify(total, dead),
+            self.kind,
+            total,
+            total - dead - unknown,
+            dead,
+            unknown,
+        )
 
     # ------------------------------------------------------------------ events
 
@@ -492,25 +564,46 @@ class MemoryBackend:
         with state.lock:
             used = sum(len(space) for space in state.spaces.values())
             namespaces = len(state.spaces)
-            memory = sum(len(key) + len(r.packed) + _ENTRY_OVERHEAD
-                         for space in state.spaces.values() for key, r in space.items())
+            memory = sum(
+                len(key) + len(r.packed) + _ENTRY_OVERHEAD
+                for space in state.spaces.values()
+                for key, r in space.items()
+            )
             # Like the shared table, it grows instead of refusing: capacity is a floor.
             capacity = max(state.capacity, used)
             return RegistryStats(
-                backend=self.kind, capacity=capacity, used=used, tombstones=0,
-                load_factor=used / capacity, namespaces=namespaces, memory_bytes=memory,
-                sweeps=state.sweeps, last_sweep_time=state.last_sweep,
+                backend=self.kind,
+                capacity=capacity,
+                used=used,
+                tombstones=0,
+                load_factor=used / capacity,
+                namespaces=namespaces,
+                memory_bytes=memory,
+                sweeps=state.sweeps,
+                last_sweep_time=state.last_sweep,
                 dead_found=state.dead_found,
-                extra={"name": state.name, "capacity_setting": state.capacity,
-                       "max_metadata_bytes": state.max_metadata_bytes, "ops": state.ops,
-                       "owner_changes": state.owner_changes})
+                extra={
+                    "name": state.name,
+                    "capacity_setting": state.capacity,
+                    "max_metadata_bytes": state.max_metadata_bytes,
+                    "ops": state.ops,
+                    "owner_changes": state.owner_changes,
+                },
+            )
 
     def statistics(self) -> dict[str, Any]:
         stats = self.stats()
-        return {"backend": self.kind, "name": self.name, "entries": stats.used,
-                "capacity": stats.capacity, "load_factor": stats.load_factor,
-                "memory_bytes": stats.memory_bytes, "sweeps": stats.sweeps,
-                "generation": 1, "ops": stats.extra["ops"]}
+        return {
+            "backend": self.kind,
+            "name": self.name,
+            "entries": stats.used,
+            "capacity": stats.capacity,
+            "load_factor": stats.load_factor,
+            "memory_bytes": stats.memory_bytes,
+            "sweeps": stats.sweeps,
+            "generation": 1,
+            "ops": stats.extra["ops"],
+        }
 
     def close(self) -> None:
         """Detach this handle; the registry stays for other handles. Idempotent."""
@@ -532,18 +625,33 @@ class MemoryBackend:
         return f"<shmreg.backends.MemoryBackend {self.name!r}>"
 
 
-def _check_generation(namespace: str, service: Service, record: _Record,
-                      generation: int | None) -> None:
+def _check_generation(
+    namespace: str, service: Service, record: _Record, generation: int | None
+) -> None:
     if generation is not None and record.generation != generation:
         raise StaleGeneration(
             f"{namespace}/{service!r} is at generation {record.generation}, caller holds "
-            f"{generation}", namespace=namespace, service=service, expected=generation,
-            actual=record.generation)
+            f"{generation}",
+            namespace=namespace,
+            service=service,
+            expected=generation,
+            actual=record.generation,
+        )
 
 
 def _emit(state: _State, kind: str, ns: bytes, record: _Record, reason: str | None = None) -> None:
     """Append one event about ``record``; the caller holds ``state.lock``."""
     state.event_seq += 1
-    state.events.append(Event(state.event_seq, kind, ns.decode(), record.service,
-                              record.owner.pid, record.generation, time.time(), reason,
-                              start_ticks=record.owner.start_ticks))
+    state.events.append(
+        Event(
+            state.event_seq,
+            kind,
+            ns.decode(),
+            record.service,
+            record.owner.pid,
+            record.generation,
+            time.time(),
+            reason,
+            start_ticks=record.owner.start_ticks,
+        )
+    )

@@ -33,7 +33,6 @@ from shmreg.backends._shm_liveness import ShmLiveness
 from shmreg.backends._shm_scans import ShmScans
 
 _crc32 = zlib.crc32
-_probe_alive = _identity.probe_alive
 # key, key hash, padded record, slot words 1-5 (record offset still to add), capabilities mask
 _Prepared = tuple[bytes, int, bytes, tuple[int, int, int, int, int], int]
 _GEN = L.R_GEN
@@ -89,6 +88,9 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         return None if found is None else (table, found)
 
     def lookup(self, namespace: str, service: Service) -> int | None:
+        if self._foreign_pidns:
+            found = self._locate(namespace, service)
+            return None if found is None else found[1][4] & LO32
         found = self._locate(namespace, service)
         if found is None:
             return None
@@ -110,7 +112,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         if found is None:
             return None
         table, words = found
-        if not _probe_alive(words[4] & LO32):
+        if not self._alive(words[4] & LO32):
             return None
         _, meta = table.record_bytes(words)  # checksum-verified copy
         try:
@@ -180,6 +182,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         metadata: Mapping[str, Any] | None,
     ) -> _Prepared:
         """Everything a registration needs that does not need the lock."""
+        self._refuse_if_foreign()
         key, key_hash, ns_hash, _, _ = self._key(namespace, service)
         meta = _codec.as_metadata(metadata)
         packed = _codec.pack_metadata(meta, self._store.max_metadata_bytes)
@@ -319,7 +322,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         generation: int | None,
     ) -> tuple[int, SlotWords]:
         index, words, _ = table.probe_for_write(key, key_hash)
-        if words is None or not _probe_alive(words[4] & LO32):
+        if words is None or not self._alive(words[4] & LO32):
             raise NotRegistered(
                 f"{namespace}/{service!r} is not registered", namespace=namespace, service=service
             )
@@ -351,7 +354,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
                     expected=generation,
                     actual=words[6],
                 )
-            alive = _probe_alive(words[4] & LO32)
+            alive = self._alive(words[4] & LO32)
             tombstone(table, index, words)
             return alive
 

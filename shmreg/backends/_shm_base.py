@@ -11,10 +11,10 @@ import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from shmreg import _codec
+from shmreg import _codec, _identity
 from shmreg import _events as _ev
 from shmreg import _layout as L
-from shmreg._errors import CorruptRegistry
+from shmreg._errors import CorruptRegistry, IncompatibleRegistry
 from shmreg._store import Store
 from shmreg._table import SlotWords, StuckSlot, Table
 from shmreg._types import Service
@@ -28,6 +28,10 @@ _KEY_CACHE_LIMIT = 65_536
 _GEN = L.R_GEN
 _NAMESPACES: dict[str, tuple[bytes, int, int]] = {}  # namespace -> (prefix, crc32, length)
 LO32 = L.LO32
+
+
+def _assume_alive(pid: int) -> bool:
+    return True
 
 
 class ShmBase:
@@ -50,6 +54,24 @@ class ShmBase:
         self._name = name
         self._keys: dict[tuple[str, Any], KeyInfo] = {}
         self._sweeps = 0
+        # Pids mean something only in the pid namespace that stored them. A process in
+        # another one (a container sharing /dev/shm) can read, but cannot judge liveness,
+        # register or remove: it would store or kill the wrong process.
+        here, there = _identity.pid_namespace(), int(self._store.rq[L.R_PIDNS])
+        self._foreign_pidns = bool(here and there and here != there)
+        self._alive: Callable[[int], bool] = (
+            _assume_alive if self._foreign_pidns else _identity.probe_alive
+        )
+
+    def _refuse_if_foreign(self) -> None:
+        if self._foreign_pidns:
+            raise IncompatibleRegistry(
+                f"registry {self._name!r} belongs to another pid namespace: pids stored here "
+                "would name other processes",
+                setting="pid_namespace",
+                expected=_identity.pid_namespace(),
+                actual=int(self._store.rq[L.R_PIDNS]),
+            )
 
     # ------------------------------------------------------------------ plumbing
 

@@ -62,6 +62,8 @@ class ShmLiveness(ShmBase):
         Safe from many processes at once: each slot is re-read under the lock, and only an
         entry still held by that very identity is removed (and reported) once.
         """
+        if self._foreign_pidns:
+            return 0  # verdicts from another pid namespace prove nothing here
         dead = {
             ident: _ev.REASON_CODES.get(v.value, _ev.SWEPT)
             for ident, v in verdicts.items()
@@ -89,7 +91,10 @@ class ShmLiveness(ShmBase):
 
     def health_check(self) -> HealthReport:
         counts = self.owner_counts()
-        verdicts = _identity.check_many(counts)
+        if self._foreign_pidns:
+            verdicts = {ident: Liveness.UNKNOWN for ident in counts}
+        else:
+            verdicts = _identity.check_many(counts)
         total = dead = unknown = 0
         for ident, n in counts.items():
             verdict = verdicts[ident]

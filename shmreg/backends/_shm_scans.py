@@ -12,14 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from shmreg import _codec, _identity
+from shmreg import _codec
 from shmreg import _layout as L
 from shmreg._table import SlotWords, Table
 from shmreg._types import Entry, Metadata, ProcessIdentity, RegistryStats, Service
 from shmreg.backends._shm_base import LO32, ShmBase
 
 _crc32 = zlib.crc32
-_probe_alive = _identity.probe_alive
 
 
 class ShmScans(ShmBase):
@@ -52,7 +51,7 @@ class ShmScans(ShmBase):
                 pid = words[4] & LO32
                 ok = alive.get(pid)
                 if ok is None:
-                    ok = alive[pid] = _probe_alive(pid)
+                    ok = alive[pid] = self._alive(pid)
                 if not ok:
                     continue
                 key, meta = table.record_bytes(words)
@@ -135,7 +134,7 @@ class ShmScans(ShmBase):
                 return sum(
                     int(c)
                     for p, c in zip(uniq.tolist(), counts.tolist(), strict=True)
-                    if _probe_alive(p)
+                    if self._alive(p)
                 )
 
             return self._read(scan)
@@ -163,7 +162,7 @@ class ShmScans(ShmBase):
                     "namespace": namespace,
                     "service": service,
                     "pid": pid,
-                    "alive": _probe_alive(pid),
+                    "alive": self._alive(pid),
                     "generation": words[6],
                     "metadata": _codec.unpack_metadata(meta),
                 }
