@@ -206,20 +206,12 @@ def _fast_ok(value: Any, depth: int) -> bool:
     if depth > MAX_METADATA_DEPTH:
         return False
     kind = type(value)
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                return False
-            sub = type(item)
-            if sub in _FLAT:
-                continue
-            if sub is int:
-                if not _INT_MIN <= item <= _INT_MAX:
+    if kind is dict or kind is list:
+        if kind is dict:
+            for key in value:
+                if type(key) is not str:
                     return False
-            elif not _fast_ok(item, depth + 1):
-                return False
-        return True
-    if kind is list:
+            value = value.values()
         for item in value:
             sub = type(item)
             if sub in _FLAT:

@@ -8,6 +8,7 @@ one OS process from another that later got the same pid; the frozen dataclasses 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -66,6 +67,20 @@ class HealthReport:
     dead: int
     unknown: int
     detail: str = ""
+
+    @classmethod
+    def summarise(
+        cls,
+        backend: str,
+        counts: Mapping[ProcessIdentity, int],
+        verdicts: Mapping[ProcessIdentity, Liveness],
+    ) -> HealthReport:
+        """The report for entries per owner (``counts``) and each owner's verdict."""
+        total = sum(counts.values())
+        dead = sum(n for ident, n in counts.items() if verdicts[ident].is_dead)
+        unknown = sum(n for ident, n in counts.items() if verdicts[ident] is Liveness.UNKNOWN)
+        return cls(cls.classify(total, dead), backend, total, total - dead - unknown, dead,
+                   unknown)
 
     @staticmethod
     def classify(total: int, dead: int) -> HealthStatus:

@@ -519,17 +519,7 @@ class MemoryBackend:
     def health_check(self) -> HealthReport:
         counts = self.owner_counts()
         verdicts = _identity.check_many(counts)
-        total = sum(counts.values())
-        dead = sum(n for ident, n in counts.items() if verdicts[ident].is_dead)
-        unknown = sum(n for ident, n in counts.items() if verdicts[ident] is Liveness.UNKNOWN)
-        return HealthReport(
-            HealthReport.classify(total, dead),
-            self.kind,
-            total,
-            total - dead - unknown,
-            dead,
-            unknown,
-        )
+        return HealthReport.summarise(self.kind, counts, verdicts)
 
     # ------------------------------------------------------------------ events
 

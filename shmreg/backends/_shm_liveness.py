@@ -95,22 +95,7 @@ class ShmLiveness(ShmBase):
             verdicts = {ident: Liveness.UNKNOWN for ident in counts}
         else:
             verdicts = _identity.check_many(counts)
-        total = dead = unknown = 0
-        for ident, n in counts.items():
-            verdict = verdicts[ident]
-            total += n
-            if verdict.is_dead:
-                dead += n
-            elif verdict is Liveness.UNKNOWN:
-                unknown += n
-        return HealthReport(
-            HealthReport.classify(total, dead),
-            self.kind,
-            total,
-            total - dead - unknown,
-            dead,
-            unknown,
-        )
+        return HealthReport.summarise(self.kind, counts, verdicts)
 
     # ------------------------------------------------------------------ events
 
