@@ -48,8 +48,10 @@ def records(pid: int) -> list[Rec]:
 
     ``{"pid", "capabilities": [2 str], "type"}`` packs to 41-43 bytes, as in anchors.md.
     """
-    return [{"pid": pid, "capabilities": [f"ca{i % 7}", f"cb{i % 13}"], "type": TYPES[i % 10]}
-            for i in range(910)]
+    return [
+        {"pid": pid, "capabilities": [f"ca{i % 7}", f"cb{i % 13}"], "type": TYPES[i % 10]}
+        for i in range(910)
+    ]
 
 
 class Store:
@@ -166,9 +168,15 @@ class LmdbStore(Store):
     def _open(self, create: bool) -> None:
         self.preload()
         self.path = self.opts["path"]
-        self.env = self.lmdb.open(self.path, map_size=max(64 << 20, self.capacity * 1024),
-                                  subdir=False, create=create, max_readers=512,
-                                  readahead=False, meminit=False)
+        self.env = self.lmdb.open(
+            self.path,
+            map_size=max(64 << 20, self.capacity * 1024),
+            subdir=False,
+            create=create,
+            max_readers=512,
+            readahead=False,
+            meminit=False,
+        )
 
     def create(self) -> None:
         self._open(True)
@@ -182,8 +190,9 @@ class LmdbStore(Store):
 
     def register_many(self, items: Sequence[Item]) -> int:
         with self.env.begin(write=True) as txn:
-            return sum(bool(txn.put(k.encode(), msgpack.packb(r), overwrite=False))
-                       for k, _, r in items)
+            return sum(
+                bool(txn.put(k.encode(), msgpack.packb(r), overwrite=False)) for k, _, r in items
+            )
 
     def lookup(self, key: str) -> int | None:
         with self.env.begin(buffers=True) as txn:
@@ -237,8 +246,10 @@ class SqliteStore(Store):
 
     def create(self) -> None:
         self.attach()
-        self.db.execute("CREATE TABLE reg (key TEXT PRIMARY KEY, pid INTEGER NOT NULL, "
-                        "type TEXT, caps TEXT, meta BLOB) WITHOUT ROWID")
+        self.db.execute(
+            "CREATE TABLE reg (key TEXT PRIMARY KEY, pid INTEGER NOT NULL, "
+            "type TEXT, caps TEXT, meta BLOB) WITHOUT ROWID"
+        )
         self.db.execute("CREATE INDEX reg_type ON reg(type)")
 
     @staticmethod
@@ -314,8 +325,9 @@ class ShmregStore(Store):
 
     def create(self) -> None:
         self.preload()
-        self.reg = self.mod.Registry.create(self.ident, capacity=self.capacity,
-                                            max_metadata_bytes=self.opts.get("meta_bytes", 256))
+        self.reg = self.mod.Registry.create(
+            self.ident, capacity=self.capacity, max_metadata_bytes=self.opts.get("meta_bytes", 256)
+        )
 
     def attach(self) -> None:
         self.preload()
@@ -372,42 +384,67 @@ def timer_overhead_ns() -> int:
     return sorted(-(_pc() - _pc()) for _ in range(2001))[1000]
 
 
-def measure(op: Callable[..., object], args: Sequence[tuple[Any, ...]], seconds: float,
-            sample: int = 20_000, overhead: int = 0) -> dict[str, Any]:
+def measure(
+    op: Callable[..., object],
+    args: Sequence[tuple[Any, ...]],
+    seconds: float,
+    sample: int = 20_000,
+    overhead: int = 0,
+) -> dict[str, Any]:
     """Run ``op(*a)`` for each ``a`` in ``args`` until done or ``seconds`` have passed.
 
     One op in every ``len(args) // sample`` is timed alone (percentiles, less the timer's
-    own cost); the ops in between are timed as a batch (throughput). Exceptions are counted.
+    own cost); the ops in between are timed as a batch (throughput). Once one op takes over
+    a millisecond every op is timed alone, so slow peers still get percentiles. Exceptions
+    are counted.
     """
     stride, lat, total, done, errors, first = max(1, len(args) // max(1, sample)), [], 0, 0, 0, ""
-    deadline = _pc() + int(seconds * 1e9)
-    for i in range(0, len(args), stride):
-        head, rest = args[i], args[i + 1: i + stride]
+    i, deadline = 0, _pc() + int(seconds * 1e9)
+    while i < len(args):
         t0 = _pc()
         try:
-            op(*head)
+            op(*args[i])
         except Exception as exc:
             errors, first = errors + 1, first or repr(exc)
         t1 = _pc()
+        stride = 1 if t1 - t0 > 1_000_000 else stride
+        rest = args[i + 1 : i + stride]
+        t2 = _pc()
         for a in rest:
             try:
                 op(*a)
             except Exception as exc:
                 errors, first = errors + 1, first or repr(exc)
-        t2 = _pc()
+        t3 = _pc()
         lat.append(max(0, t1 - t0 - overhead))
-        total, done = total + t2 - t0, done + 1 + len(rest)
-        if t2 > deadline:
+        total, done, i = total + (t1 - t0) + (t3 - t2), done + 1 + len(rest), i + 1 + len(rest)
+        if t3 > deadline:
             break
     lat.sort()
-    q = [lat[min(len(lat) - 1, int(p * len(lat)))] / 1e3 if lat else 0.0 for p in (.5, .9, .99)]
-    return {"ops": done, "of": len(args), "ops_s": done / (total / 1e9) if total else 0.0,
-            "mean_us": total / done / 1e3 if done else 0.0, "p50_us": q[0], "p90_us": q[1],
-            "p99_us": q[2], "samples": len(lat), "errors": errors, "first_error": first}
+    q = [lat[min(len(lat) - 1, int(p * len(lat)))] / 1e3 if lat else 0.0 for p in (0.5, 0.9, 0.99)]
+    return {
+        "ops": done,
+        "of": len(args),
+        "ops_s": done / (total / 1e9) if total else 0.0,
+        "mean_us": total / done / 1e3 if done else 0.0,
+        "p50_us": q[0],
+        "p90_us": q[1],
+        "p99_us": q[2],
+        "samples": len(lat),
+        "errors": errors,
+        "first_error": first,
+    }
 
 
-def run_ops(store: Store, n: int, pid: int, seconds: float, fill_seconds: float,
-            sample: int = 20_000, note: Callable[[str], None] = print) -> dict[str, Any]:
+def run_ops(
+    store: Store,
+    n: int,
+    pid: int,
+    seconds: float,
+    fill_seconds: float,
+    sample: int = 20_000,
+    note: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Single-process operations on a freshly created ``store``, filled with ``n`` entries.
 
     One-at-a-time registration runs for at most ``fill_seconds``; the rest is bulk-filled
@@ -416,8 +453,9 @@ def run_ops(store: Store, n: int, pid: int, seconds: float, fill_seconds: float,
     rnd, recs, ov = random.Random(1), records(pid), timer_overhead_ns()
     keys, out = [key("s", i) for i in range(n)], cast("dict[str, Any]", {"n": n})
     note("register")
-    out["register"] = measure(store.register, [(keys[i], pid, recs[i % 910]) for i in range(n)],
-                              fill_seconds, sample, ov)
+    out["register"] = measure(
+        store.register, [(keys[i], pid, recs[i % 910]) for i in range(n)], fill_seconds, sample, ov
+    )
     n_eff, t_end = out["register"]["ops"], time.monotonic() + fill_seconds
     while n_eff < n and time.monotonic() < t_end:
         top = min(n, n_eff + 10_000)
@@ -426,10 +464,12 @@ def run_ops(store: Store, n: int, pid: int, seconds: float, fill_seconds: float,
     out.update(n_eff=n_eff, capped=n_eff < n, memory_bytes=store.memory_bytes())
     m = min(max(2 * n_eff, sample), 200_000)
     hit = [(keys[rnd.randrange(n_eff)],) for _ in range(m)]
-    for name, op, args in (("lookup_hit", store.lookup, hit),
-                           ("lookup_miss", store.lookup, [(key("x", i),) for i in range(m)]),
-                           ("lookup_meta", store.lookup_with_metadata, hit),
-                           ("update", store.update, [(k, recs[int(k[1:]) % 910]) for k, in hit])):
+    for name, op, args in (
+        ("lookup_hit", store.lookup, hit),
+        ("lookup_miss", store.lookup, [(key("x", i),) for i in range(m)]),
+        ("lookup_meta", store.lookup_with_metadata, hit),
+        ("update", store.update, [(k, recs[int(k[1:]) % 910]) for (k,) in hit]),
+    ):
         note(name)
         out[name] = measure(op, args, seconds, sample, ov)
     wrong, t_end = 0, time.monotonic() + seconds  # read back what was written
@@ -442,20 +482,24 @@ def run_ops(store: Store, n: int, pid: int, seconds: float, fill_seconds: float,
     scans: dict[str, tuple[Callable[[Any], Sized], Any, int]] = {
         "find_type": (store.find_by_type, "t3", sum(i % 10 == 3 for i in range(n_eff))),
         "find_capability": (store.find_by_capability, "ca3", sum(i % 7 == 3 for i in range(n_eff))),
-        "list_all": (lambda _: store.list_all(), None, n_eff)}
+        "list_all": (lambda _: store.list_all(), None, n_eff),
+    }
     for name, (fn, arg, expect) in scans.items():
         note(name)
         out[name] = measure(fn, [(arg,)] * 30, seconds, 30, ov)
         out[name].update(results=len(fn(arg)), expected=expect)
     b = min(max(n_eff, 1000), 20_000)  # extra keys: batched registration, then unregister
-    batches = [([(key("b", j), pid, recs[j % 910]) for j in range(i, min(b, i + 1000))],)
-               for i in range(0, b, 1000)]
+    batches = [
+        ([(key("b", j), pid, recs[j % 910]) for j in range(i, min(b, i + 1000))],)
+        for i in range(0, b, 1000)
+    ]
     note("register_batch")
     out["register_batch"] = res = measure(store.register_many, batches, 4 * seconds, 1000, ov)
     res["ops_s"] *= 1000  # per entry, not per call
     note("unregister")
-    out["unregister"] = measure(store.unregister, [(key("b", j),) for j in range(b)],
-                                4 * seconds, sample, ov)
+    out["unregister"] = measure(
+        store.unregister, [(key("b", j),) for j in range(b)], 4 * seconds, sample, ov
+    )
     out["count_after"] = store.count()
     return out
 
@@ -470,8 +514,9 @@ def _mixed_init(spec: Spec, barrier: Any) -> None:
     _W.attach()
 
 
-def _mixed_task(wid: int, tag: str, n: int, pid: int, seconds: float, max_ops: int
-                ) -> dict[str, Any]:
+def _mixed_task(
+    wid: int, tag: str, n: int, pid: int, seconds: float, max_ops: int
+) -> dict[str, Any]:
     st, rnd, rec = cast(Store, _W), random.Random(wid), records(pid)[wid]
     look = [key("s", rnd.randrange(n)) for _ in range(4096)]
     _BARRIER.wait(timeout=120)
@@ -490,17 +535,26 @@ def _mixed_task(wid: int, tag: str, n: int, pid: int, seconds: float, max_ops: i
         i += 1
         if i & 7 == 0 and _pc() > deadline:
             break
-    return {"ops": i, "t0": t0, "t1": _pc(), "acked": acked, "errors": errors,
-            "wrong_reads": wrong, "first_error": first}
+    return {
+        "ops": i,
+        "t0": t0,
+        "t1": _pc(),
+        "acked": acked,
+        "errors": errors,
+        "wrong_reads": wrong,
+        "first_error": first,
+    }
 
 
-def run_mixed(store: Store, procs: int, n: int, pid: int, seconds: float,
-              max_ops: int = 400_000) -> dict[str, Any]:
+def run_mixed(
+    store: Store, procs: int, n: int, pid: int, seconds: float, max_ops: int = 400_000
+) -> dict[str, Any]:
     """90 % lookups of preloaded keys and 10 % new registrations, in ``procs`` workers that
     start together (barrier); then every acknowledged registration is looked for."""
     ctx, tag, futs = mp.get_context("spawn"), f"m{procs}", []
-    ex = ProcessPoolExecutor(procs, mp_context=ctx, initializer=_mixed_init,
-                             initargs=(store.spec(), ctx.Barrier(procs)))
+    ex = ProcessPoolExecutor(
+        procs, mp_context=ctx, initializer=_mixed_init, initargs=(store.spec(), ctx.Barrier(procs))
+    )
     try:
         futs = [ex.submit(_mixed_task, w, tag, n, pid, seconds, max_ops) for w in range(procs)]
         res = [f.result(timeout=seconds + 180) for f in futs]
@@ -511,12 +565,17 @@ def run_mixed(store: Store, procs: int, n: int, pid: int, seconds: float,
         ex.shutdown(wait=True, cancel_futures=True)
     acked, present = [k for r in res for k in r["acked"]], store.list_all()
     ops, span = sum(r["ops"] for r in res), max(r["t1"] for r in res) - min(r["t0"] for r in res)
-    return {"procs": procs, "ops": ops, "ops_s": ops / (span / 1e9), "acked": len(acked),
-            "lost": sum(k not in present for k in acked),
-            "base_missing": sum(key("s", i) not in present for i in range(n)),
-            "errors": sum(r["errors"] for r in res),
-            "wrong_reads": sum(r["wrong_reads"] for r in res),
-            "first_error": next((r["first_error"] for r in res if r["first_error"]), "")}
+    return {
+        "procs": procs,
+        "ops": ops,
+        "ops_s": ops / (span / 1e9),
+        "acked": len(acked),
+        "lost": sum(k not in present for k in acked),
+        "base_missing": sum(key("s", i) not in present for i in range(n)),
+        "errors": sum(r["errors"] for r in res),
+        "wrong_reads": sum(r["wrong_reads"] for r in res),
+        "first_error": next((r["first_error"] for r in res if r["first_error"]), ""),
+    }
 
 
 def _attach_child(spec: Spec, probe: str, q: Any) -> None:
@@ -549,10 +608,25 @@ def run_attach(store: Store, probe: str, reps: int, timeout: float = 60) -> dict
 
 # --- `shmreg bench` ---------------------------------------------------------------------------
 
-PEERS: dict[str, type[Store]] = {"dict": DictStore, "lmdb": LmdbStore, "sqlite": SqliteStore,
-                                 "shmreg": ShmregStore}
-ROWS = ["register", "register_batch", "lookup_hit", "lookup_miss", "lookup_meta", "update",
-        "unregister", "find_type", "find_capability", "list_all", "attach"]
+PEERS: dict[str, type[Store]] = {
+    "dict": DictStore,
+    "lmdb": LmdbStore,
+    "sqlite": SqliteStore,
+    "shmreg": ShmregStore,
+}
+ROWS = [
+    "register",
+    "register_batch",
+    "lookup_hit",
+    "lookup_miss",
+    "lookup_meta",
+    "update",
+    "unregister",
+    "find_type",
+    "find_capability",
+    "list_all",
+    "attach",
+]
 
 
 def fmt(v: float | None, unit: str) -> str:
@@ -560,8 +634,9 @@ def fmt(v: float | None, unit: str) -> str:
     if v is None:
         return "-"
     if unit == "ops_s":
-        return f"{v / 1e6:.2f}M/s" if v >= 1e6 else f"{v / 1e3:.1f}k/s" if v >= 1e3 else (
-            f"{v:.0f}/s")
+        return (
+            f"{v / 1e6:.2f}M/s" if v >= 1e6 else f"{v / 1e3:.1f}k/s" if v >= 1e3 else (f"{v:.0f}/s")
+        )
     us = v * 1000 if unit.endswith("ms") else v
     return f"{us:.3g} us" if us < 1e3 else f"{us / 1e3:.3g} ms" if us < 1e6 else f"{us / 1e6:.3g} s"
 
@@ -571,18 +646,30 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     procs = sorted({k for r in results.values() for k in r if k.startswith("mixed_")})
     lines = ["op".ljust(16) + "".join(n.rjust(13) for n in names)]
     for row in ROWS + procs:
-        unit = "ops_s" if row.startswith(("register", "mixed")) else (
-            "p50_ms" if row == "attach" else "p50_us")
-        lines.append(row.ljust(16) + "".join(
-            fmt(results[n].get(row, {}).get(unit), unit).rjust(13) for n in names))
-    return "\n".join(lines + [f"{n}: lost {r['lost']}, exceptions {r['exceptions']}, wrong reads "
-                              f"{r['wrong']}" for n, r in results.items()
-                              if r["lost"] or r["exceptions"] or r["wrong"]])
+        unit = (
+            "ops_s"
+            if row.startswith(("register", "mixed"))
+            else ("p50_ms" if row == "attach" else "p50_us")
+        )
+        lines.append(
+            row.ljust(16)
+            + "".join(fmt(results[n].get(row, {}).get(unit), unit).rjust(13) for n in names)
+        )
+    return "\n".join(
+        lines
+        + [
+            f"{n}: lost {r['lost']}, exceptions {r['exceptions']}, wrong reads {r['wrong']}"
+            for n, r in results.items()
+            if r["lost"] or r["exceptions"] or r["wrong"]
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="shmreg bench", description="Short side-by-side run; "
-                                 "bench/run.py in the repository is the full harness.")
+    ap = argparse.ArgumentParser(
+        prog="shmreg bench",
+        description="Short side-by-side run; bench/run.py in the repository is the full harness.",
+    )
     ap.add_argument("--size", type=int, default=10_000, help="entries (default 10000)")
     ap.add_argument("--procs", default="1,2", help="process counts for the 90/10 mix")
     ap.add_argument("--peers", default=",".join(PEERS), help="default: " + ",".join(PEERS))
@@ -590,14 +677,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
     a = ap.parse_args(argv)
     procs = sorted({int(x) for x in a.procs.split(",")})
-    tmp = tempfile.mkdtemp(prefix="shmreg-bench-", dir="/dev/shm" if os.path.isdir(
-        "/dev/shm") else None)
+    tmp = tempfile.mkdtemp(
+        prefix="shmreg-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+    )
     t_start, pid, results = time.monotonic(), os.getpid(), {}
 
     def noter(peer: str) -> Callable[[str], None]:
         def note(msg: str) -> None:
             end = "\r" if sys.stderr.isatty() else "\n"
             sys.stderr.write(f"[{time.monotonic() - t_start:5.1f}s] {peer}: {msg:<40}{end}")
+
         return note
 
     try:
@@ -612,15 +701,17 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 note = noter(name)
                 r = results[name] = run_ops(st, a.size, pid, a.seconds, 3.0, 5000, note)
-                r.update(wrong=r["wrong_reads"], lost=0, exceptions=sum(
-                    v.get("errors", 0) for v in r.values() if isinstance(v, dict)))
+                r.update(
+                    wrong=r["wrong_reads"],
+                    lost=0,
+                    exceptions=sum(v.get("errors", 0) for v in r.values() if isinstance(v, dict)),
+                )
                 if st.shared:
                     note("attach")
                     r["attach"] = run_attach(st, key("s", 0), 3)
                     for p in procs:
                         note(f"mixed 90/10, {p} procs")
-                        mx = r[f"mixed_{p}"] = run_mixed(st, p, r["n_eff"], pid, a.seconds,
-                                                         100_000)
+                        mx = r[f"mixed_{p}"] = run_mixed(st, p, r["n_eff"], pid, a.seconds, 100_000)
                         r["lost"] += mx["lost"] + mx["base_missing"]
                         r["exceptions"] += mx["errors"]
                         r["wrong"] += mx["wrong_reads"]

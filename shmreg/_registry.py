@@ -399,13 +399,27 @@ class Registry:
                 argument="since",
                 value=repr(since),
             )
-        position = self._backend.last_event_seq() if since is None else since
+        # The start is fixed now, not at the first next(): events between this call and the
+        # first iteration belong to the watch.
+        start = self._backend.last_event_seq() if since is None else since
+        return self._follow_events(namespace, start, timeout, clock, poll_interval)
+
+    def _follow_events(
+        self,
+        namespace: str | None,
+        position: int,
+        timeout: float | None,
+        clock: Clock,
+        poll_interval: float,
+    ) -> Iterator[Event]:
         idle_since = clock.monotonic()
         while True:
             events, lost = self._backend.read_events(position)
             if lost:
-                yield Event(seq=position + lost, kind="lost", lost=lost)
+                # The gap sits right after ``position``: the lost event is numbered as the
+                # last one missed, so resuming from it skips nothing that was delivered.
                 position += lost
+                yield Event(seq=position, kind="lost", lost=lost)
             for event in events:
                 position = event.seq
                 if namespace is None or event.namespace == namespace:
@@ -445,11 +459,14 @@ class Registry:
         owned = self._backend.namespace_owners(namespace)
         owners = {ident for _, ident, _ in owned}
         terminated, killed, skipped = terminate_owners(owners, grace_s, clock)
-        removed = 0
+        # The signalled owners are dead now: remove their entries (in every namespace, with
+        # died events); then unregister what is left of ours (the caller's, survivors').
+        self._backend.remove_dead(_identity.check_many(owners))
         for service, _, generation in owned:
             try:
-                removed += bool(self._backend.unregister(namespace, service, generation=generation))
+                self._backend.unregister(namespace, service, generation=generation)
             except (StaleGeneration, NotRegistered):
-                pass
-        removed += self._backend.sweep()
+                pass  # taken over meanwhile: the new owner's entry is not ours to remove
+        still = {(s, g) for s, _, g in self._backend.namespace_owners(namespace)}
+        removed = sum((s, g) not in still for s, _, g in owned)
         return CleanupReport(namespace, terminated, killed, removed, skipped)

@@ -79,8 +79,7 @@ class HealthReport:
         total = sum(counts.values())
         dead = sum(n for ident, n in counts.items() if verdicts[ident].is_dead)
         unknown = sum(n for ident, n in counts.items() if verdicts[ident] is Liveness.UNKNOWN)
-        return cls(cls.classify(total, dead), backend, total, total - dead - unknown, dead,
-                   unknown)
+        return cls(cls.classify(total, dead), backend, total, total - dead - unknown, dead, unknown)
 
     @staticmethod
     def classify(total: int, dead: int) -> HealthStatus:

@@ -26,13 +26,8 @@ class ShmLiveness(ShmBase):
         processes and slots, not with entries per process.
         """
         verdicts = _identity.check_many(self.owners())
-        removed = self.remove_dead(verdicts)
-        rq = self._store.rq
-        rq[L.R_SWEEPS] += 1
-        rq[L.R_LAST_SWEEP_NS] = time.time_ns()
-        rq[L.R_DEAD_FOUND] += removed
         self._sweeps += 1
-        return removed
+        return self._remove(verdicts, sweeping=True)
 
     def owner_counts(self) -> dict[ProcessIdentity, int]:
         """Entries per distinct owner identity, over all used slots."""
@@ -62,6 +57,9 @@ class ShmLiveness(ShmBase):
         Safe from many processes at once: each slot is re-read under the lock, and only an
         entry still held by that very identity is removed (and reported) once.
         """
+        return self._remove(verdicts, sweeping=False)
+
+    def _remove(self, verdicts: Mapping[ProcessIdentity, Liveness], sweeping: bool) -> int:
         if self._foreign_pidns:
             return 0  # verdicts from another pid namespace prove nothing here
         dead = {
@@ -69,22 +67,29 @@ class ShmLiveness(ShmBase):
             for ident, v in verdicts.items()
             if v.is_dead
         }
-        if not dead:
+        if not dead and not sweeping:
             return 0
         dead_pids = np.fromiter({ident.pid for ident in dead}, dtype=np.uint64)
 
         def write(table: Table) -> int:
-            cols = table.columns()
-            used = np.flatnonzero(((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED)
-            hits = used[np.isin(cols[used, L.S_OWNER] & np.uint64(LO32), dead_pids)].tolist()
-            del cols, used
             removed = 0
-            for index in hits:
-                words = table.read_slot(index)
-                reason = dead.get(ProcessIdentity(words[4] & LO32, words[5]))
-                if reason is not None and (words[2] >> 48) & 0xFF == L.USED:
-                    tombstone(table, index, words, _ev.DIED, reason)
-                    removed += 1
+            if dead:
+                cols = table.columns()
+                states = (cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)
+                used = np.flatnonzero(states == L.USED)
+                hits = used[np.isin(cols[used, L.S_OWNER] & np.uint64(LO32), dead_pids)].tolist()
+                del cols, states, used
+                for index in hits:
+                    words = table.read_slot(index)
+                    reason = dead.get(ProcessIdentity(words[4] & LO32, words[5]))
+                    if reason is not None and (words[2] >> 48) & 0xFF == L.USED:
+                        tombstone(table, index, words, _ev.DIED, reason)
+                        removed += 1
+            if sweeping:  # under the lock: concurrent sweepers must not lose counts
+                rq = self._store.rq
+                rq[L.R_SWEEPS] += 1
+                rq[L.R_LAST_SWEEP_NS] = time.time_ns()
+                rq[L.R_DEAD_FOUND] += removed
             return removed
 
         return self._write(write)
@@ -116,8 +121,9 @@ class ShmLiveness(ShmBase):
         out = []
         for seq in range(first, min(last, first + limit - 1) + 1):
             raw = ring.read(seq)
-            if raw is None:  # overwritten while we read: the writer lapped us
-                lost += 1
-                continue
+            if raw is None:
+                # Overwritten while we read: the writers lapped us. Stop here; the next call
+                # sees the newer last number and reports the gap where it is.
+                break
             out.append(_ev.decode(seq, raw))
         return out, lost

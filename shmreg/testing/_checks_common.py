@@ -41,7 +41,6 @@ def collector(into: list[tuple[str, Check]]) -> Callable[[Check], Check]:
     return mark
 
 
-
 def _expect(ok: bool, message: str) -> None:
     if not ok:
         raise AssertionError(message)
@@ -57,8 +56,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _raises(kind: type[Exception], call: Callable[..., Any], *args: Any,
-            **kwargs: Any) -> Any:
+def _raises(kind: type[Exception], call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call and return the raised ``kind`` error; anything else fails the check."""
     what = f"{getattr(call, '__name__', 'call')}{_short(args)[:100]}"
     try:
@@ -74,7 +72,8 @@ def _raises(kind: type[Exception], call: Callable[..., Any], *args: Any,
         return exc
     except Exception as exc:
         raise AssertionError(
-            f"{what}: expected {kind.__name__}, got {type(exc).__name__}: {exc}") from exc
+            f"{what}: expected {kind.__name__}, got {type(exc).__name__}: {exc}"
+        ) from exc
     raise AssertionError(f"{what}: expected {kind.__name__}, returned {_short(result)}")
 
 
@@ -102,9 +101,14 @@ def _children(count: int = 1) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(count):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-S", "-c", "import time; time.sleep(300)"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-S", "-c", "import time; time.sleep(300)"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         yield procs
     finally:
         for proc in procs:
@@ -138,8 +142,9 @@ def _snapshot(backend: Backend, namespaces: tuple[str, ...] = (NS, OTHER)) -> ob
         rows = []
         for entry in backend.list_entries(ns):
             found = backend.lookup_entry(ns, entry.service)
-            rows.append((repr(entry.service), entry.pid, found and found[1],
-                         _canon(entry.metadata)))
+            rows.append(
+                (repr(entry.service), entry.pid, found and found[1], _canon(entry.metadata))
+            )
         seen.append(sorted(rows, key=repr))
     return seen
 
@@ -182,8 +187,11 @@ def _read_all(backend: Backend, after: int) -> tuple[list[Event], int]:
         after += lost
         if not events:
             return out, lost_total
-        _equal([e.seq for e in events], list(range(after + 1, after + 1 + len(events))),
-               f"numbers of the events read after {after}")
+        _equal(
+            [e.seq for e in events],
+            list(range(after + 1, after + 1 + len(events))),
+            f"numbers of the events read after {after}",
+        )
         out += events
         after = events[-1].seq
     raise AssertionError(f"read_events never caught up (at {after})")
@@ -195,15 +203,29 @@ Row = tuple[int, str, str | None, str, int, int, str | None, int]
 
 def _row(event: Event) -> Row:
     """An event in a comparable form (the service by ``repr``: 1, True and (1,) differ)."""
-    return (event.seq, event.kind, event.namespace, repr(event.service), event.pid,
-            event.generation, event.reason, event.start_ticks)
+    return (
+        event.seq,
+        event.kind,
+        event.namespace,
+        repr(event.service),
+        event.pid,
+        event.generation,
+        event.reason,
+        event.start_ticks,
+    )
 
 
-def _want(seq: int, kind: str, namespace: str, service: object, owner: ProcessIdentity,
-          generation: int, reason: str | None = None) -> Row:
+def _want(
+    seq: int,
+    kind: str,
+    namespace: str,
+    service: object,
+    owner: ProcessIdentity,
+    generation: int,
+    reason: str | None = None,
+) -> Row:
     """The ``_row`` of the event a check expects."""
-    return (seq, kind, namespace, repr(service), owner.pid, generation, reason,
-            owner.start_ticks)
+    return (seq, kind, namespace, repr(service), owner.pid, generation, reason, owner.start_ticks)
 
 
 def _in_threads(calls: list[Callable[[], object]]) -> list[object]:

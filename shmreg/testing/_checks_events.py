@@ -92,14 +92,20 @@ def events_follow_writes(b: Backend) -> None:
     _equal(b.last_event_seq(), base + len(expected), "last_event_seq() after the writes")
     events, lost = _read_all(b, base)
     _equal(lost, 0, "events lost")
-    _equal([_row(e) for e in events],
-           [_want(base + i + 1, kind, ns, service, owner, gen, reason)
-            for i, (kind, ns, service, owner, gen, reason) in enumerate(expected)],
-           "events (seq, kind, namespace, service, pid, generation, reason, start ticks)")
+    _equal(
+        [_row(e) for e in events],
+        [
+            _want(base + i + 1, kind, ns, service, owner, gen, reason)
+            for i, (kind, ns, service, owner, gen, reason) in enumerate(expected)
+        ],
+        "events (seq, kind, namespace, service, pid, generation, reason, start ticks)",
+    )
     for event in events:
         _expect(isinstance(event, Event) and event.lost == 0, f"not a plain Event: {event!r}")
-        _expect(started - 1 <= event.time <= ended + 1,
-                f"event time {event.time} outside the writes ({started}..{ended})")
+        _expect(
+            started - 1 <= event.time <= ended + 1,
+            f"event time {event.time} outside the writes ({started}..{ended})",
+        )
 
 
 @_check
@@ -108,8 +114,11 @@ def read_events_resumes_exactly(b: Backend) -> None:
     for i in range(40):
         b.register(NS, i, _me(), {"i": i})
     whole, lost = _read_all(b, base)
-    _equal((lost, [repr(e.service) for e in whole]), (0, [repr(i) for i in range(40)]),
-           "one read of everything")
+    _equal(
+        (lost, [repr(e.service) for e in whole]),
+        (0, [repr(i) for i in range(40)]),
+        "one read of everything",
+    )
     pieces: list[Event] = []
     after = base
     while True:
@@ -127,8 +136,11 @@ def read_events_resumes_exactly(b: Backend) -> None:
     _equal(b.read_events(base + 40), ([], 0), "read_events when caught up")
     b.unregister(NS, 3)
     events, lost = b.read_events(base + 40)
-    _equal(([(e.seq, e.kind, repr(e.service)) for e in events], lost),
-           ([(base + 41, "unregistered", "3")], 0), "a write after catching up")
+    _equal(
+        ([(e.seq, e.kind, repr(e.service)) for e in events], lost),
+        ([(base + 41, "unregistered", "3")], 0),
+        "a write after catching up",
+    )
     _equal(b.read_events(base, limit=2), (whole[:2], 0), "old events stay readable")
 
 
@@ -155,10 +167,12 @@ def events_survive_growth(b: Backend) -> None:
     for i in range(0, 300, 3):
         b.unregister(OTHER, ("job", i))
     catch_up()
-    _equal([(e.kind, repr(e.service), e.generation) for e in events],
-           [("registered", repr(("job", i)), gens[i]) for i in range(300)]
-           + [("unregistered", repr(("job", i)), gens[i]) for i in range(0, 300, 3)],
-           "kinds, services and generations of 300 registrations and 100 unregisters")
+    _equal(
+        [(e.kind, repr(e.service), e.generation) for e in events],
+        [("registered", repr(("job", i)), gens[i]) for i in range(300)]
+        + [("unregistered", repr(("job", i)), gens[i]) for i in range(0, 300, 3)],
+        "kinds, services and generations of 300 registrations and 100 unregisters",
+    )
 
 
 @_check
@@ -175,16 +189,26 @@ def ring_overflow_counts_lost(b: Backend) -> None:
     for skip, missed in ((0, 10), (1, 9), (9, 1), (10, 0), (11, 0), (ring, 0)):
         events, lost = b.read_events(base + skip, limit=5)
         first = base + max(skip, 10) + 1
-        _equal((lost, [e.seq for e in events]),
-               (missed, list(range(first, min(first + 5, last + 1)))),
-               f"read_events({base} + {skip}, limit=5): (lost, numbers)")
+        _equal(
+            (lost, [e.seq for e in events]),
+            (missed, list(range(first, min(first + 5, last + 1)))),
+            f"read_events({base} + {skip}, limit=5): (lost, numbers)",
+        )
     events, lost = _read_all(b, base)
-    _equal((lost, len(events), events[0].seq if events else None),
-           (10, ring, base + 11), "reading everything after the ring wrapped: lost, kept, first")
-    _expect(all(e.kind == "updated" and e.service == "svc" for e in events),
-            "the kept events are the updates")
-    _equal(b.lookup_entry(NS, "svc"), (os.getpid(), events[-1].generation, {"n": ring + 9}),
-           "the entry after the writes")
+    _equal(
+        (lost, len(events), events[0].seq if events else None),
+        (10, ring, base + 11),
+        "reading everything after the ring wrapped: lost, kept, first",
+    )
+    _expect(
+        all(e.kind == "updated" and e.service == "svc" for e in events),
+        "the kept events are the updates",
+    )
+    _equal(
+        b.lookup_entry(NS, "svc"),
+        (os.getpid(), events[-1].generation, {"n": ring + 9}),
+        "the entry after the writes",
+    )
 
 
 @_check
@@ -196,8 +220,9 @@ def refused_writes_append_nothing(b: Backend) -> None:
         before = _observed(b)
         stale = gen + 1
         _raises(StaleGeneration, b.update_metadata, NS, "svc", {"v": 2}, generation=stale)
-        _raises(StaleGeneration, b.update_metadata, NS, "svc", {"v": 2}, merge=True,
-                generation=stale)
+        _raises(
+            StaleGeneration, b.update_metadata, NS, "svc", {"v": 2}, merge=True, generation=stale
+        )
         _raises(StaleGeneration, b.unregister, NS, "svc", generation=stale)
         _raises(NotRegistered, b.update_metadata, NS, "never", {"v": 2})
         _raises(AlreadyRegistered, b.register, OTHER, "held", me, None)
@@ -213,8 +238,11 @@ def refused_writes_append_nothing(b: Backend) -> None:
         b.update_metadata(NS, "svc", {"v": 3}, generation=gen)
         _equal(b.unregister(NS, "svc", generation=gen), True, "fenced unregister")
         events, lost = b.read_events(seen)
-        _equal(([(e.kind, e.generation) for e in events], lost),
-               ([("updated", gen), ("unregistered", gen)], 0), "events of the fenced writes")
+        _equal(
+            ([(e.kind, e.generation) for e in events], lost),
+            ([("updated", gen), ("unregistered", gen)], 0),
+            "events of the fenced writes",
+        )
 
 
 @_check
@@ -225,34 +253,57 @@ def register_many_registers_all(b: Backend) -> None:
         g_mine = b.register(NS, "mine", me, {"old": 1})
         base = b.last_event_seq()
         items: list[tuple[Service, ProcessIdentity, Mapping[str, Any] | None]] = [
-            (i, kids[i % 2], {"i": i}) for i in range(10)]
+            (i, kids[i % 2], {"i": i}) for i in range(10)
+        ]
         items += [("mine", me, {"new": 1}), (("t", 1), me, None)]
         gens = b.register_many(NS, items)
-        _expect(type(gens) is list and len(gens) == len(items)
-                and all(type(g) is int and g > 0 for g in gens),
-                f"register_many must return one int generation per item, got {gens!r}")
+        _expect(
+            type(gens) is list
+            and len(gens) == len(items)
+            and all(type(g) is int and g > 0 for g in gens),
+            f"register_many must return one int generation per item, got {gens!r}",
+        )
         _equal(gens[10], g_mine, "generation of a name registered again by its holder")
         fresh = gens[:10] + gens[11:]
-        _expect(len(set(fresh)) == len(fresh) and min(fresh) > g_mine,
-                f"new names need new generations above {g_mine}: {fresh}")
+        _expect(
+            len(set(fresh)) == len(fresh) and min(fresh) > g_mine,
+            f"new names need new generations above {g_mine}: {fresh}",
+        )
         for (service, owner, meta), gen in zip(items, gens, strict=True):
-            _equal(b.lookup_entry(NS, service), (owner.pid, gen, dict(meta or {})),
-                   f"entry {service!r}")
+            _equal(
+                b.lookup_entry(NS, service),
+                (owner.pid, gen, dict(meta or {})),
+                f"entry {service!r}",
+            )
         events, lost = _read_all(b, base)
-        _equal((lost, [_row(e) for e in events]),
-               (0, [_want(base + i + 1, "updated" if s == "mine" else "registered", NS, s,
-                          o, g)
-                    for i, ((s, o, _), g) in enumerate(zip(items, gens, strict=True))]),
-               "one event per item, in order")
+        _equal(
+            (lost, [_row(e) for e in events]),
+            (
+                0,
+                [
+                    _want(base + i + 1, "updated" if s == "mine" else "registered", NS, s, o, g)
+                    for i, ((s, o, _), g) in enumerate(zip(items, gens, strict=True))
+                ],
+            ),
+            "one event per item, in order",
+        )
         # Every item is validated before any is stored.
         before = _observed(b)
-        _raises(InvalidMetadata, b.register_many, NS,
-                [("x1", me, None), ("x2", me, {"bad": object()})])
+        _raises(
+            InvalidMetadata, b.register_many, NS, [("x1", me, None), ("x2", me, {"bad": object()})]
+        )
         _raises(InvalidKey, b.register_many, NS, [("x1", me, None), (1.5, me, None)])
         _equal(_observed(b), before, "newest event and state after a refused batch")
         # A name held by a live process stops the batch there: the items before it stay.
-        exc = _raises(AlreadyRegistered, b.register_many, NS,
-                      [("y1", me, None), (0, me, None), ("y2", me, None)])
+        exc = _raises(
+            AlreadyRegistered,
+            b.register_many,
+            NS,
+            [("y1", me, None), (0, me, None), ("y2", me, None)],
+        )
         _equal(exc.pid, kids[0].pid, "AlreadyRegistered.pid")
-        _equal((b.lookup(NS, "y1"), b.lookup(NS, 0), b.lookup(NS, "y2")),
-               (os.getpid(), kids[0].pid, None), "lookups after a batch stopped midway")
+        _equal(
+            (b.lookup(NS, "y1"), b.lookup(NS, 0), b.lookup(NS, "y2")),
+            (os.getpid(), kids[0].pid, None),
+            "lookups after a batch stopped midway",
+        )

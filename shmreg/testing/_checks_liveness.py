@@ -65,17 +65,22 @@ def health_check_classifies(b: Backend) -> None:
     with _children() as (child,):
         dead_owner = _owner(child)
         _reap(child)
-        for total, dead, status in ((20, 1, HealthStatus.HEALTHY),
-                                    (10, 1, HealthStatus.DEGRADED),
-                                    (10, 2, HealthStatus.DEGRADED),
-                                    (10, 3, HealthStatus.UNHEALTHY),
-                                    (4, 4, HealthStatus.UNHEALTHY)):
+        for total, dead, status in (
+            (20, 1, HealthStatus.HEALTHY),
+            (10, 1, HealthStatus.DEGRADED),
+            (10, 2, HealthStatus.DEGRADED),
+            (10, 3, HealthStatus.UNHEALTHY),
+            (4, 4, HealthStatus.UNHEALTHY),
+        ):
             for i in range(total):
                 b.register(NS, i, dead_owner if i < dead else _me(), None)
             report = b.health_check()
             _expect(isinstance(report, HealthReport), f"health_check() gave {report!r}")
-            _equal((report.status, report.total, report.alive, report.dead, report.unknown),
-                   (status, total, total - dead, dead, 0), f"{dead} dead of {total}")
+            _equal(
+                (report.status, report.total, report.alive, report.dead, report.unknown),
+                (status, total, total - dead, dead, 0),
+                f"{dead} dead of {total}",
+            )
             _expect(isinstance(report.backend, str) and report.backend != "", "report.backend")
             _equal(b.count(NS), total - dead, "health_check() must not remove entries")
             for i in range(total):
@@ -90,21 +95,30 @@ def died_events_carry_reason(b: Backend) -> None:
         cases: list[tuple[ProcessIdentity, str, Service, int, str]] = [
             (gone, NS, "gone", b.register(NS, "gone", gone, None), "gone"),
             (zombie, NS, ("z", 1), b.register(NS, ("z", 1), zombie, None), "zombie"),
-            (reused, OTHER, 7, b.register(OTHER, 7, reused, None), "reused")]
+            (reused, OTHER, 7, b.register(OTHER, 7, reused, None), "reused"),
+        ]
         g_live = b.register(NS, "live", me, None)
         _reap(gone_proc)
         _zombie(zombie_proc, zombie)  # killed, not reaped: _children reaps it on the way out
-        for ident, verdict in ((gone, Liveness.GONE), (zombie, Liveness.ZOMBIE),
-                               (reused, Liveness.REUSED)):
+        for ident, verdict in (
+            (gone, Liveness.GONE),
+            (zombie, Liveness.ZOMBIE),
+            (reused, Liveness.REUSED),
+        ):
             _equal(_identity.check(ident), verdict, f"_identity.check({ident}) (precondition)")
         base = b.last_event_seq()
         for i, (ident, ns, service, gen, reason) in enumerate(cases):
-            _equal(b.remove_dead({ident: _identity.check(ident)}), 1,
-                   f"remove_dead of the {reason} owner")
+            _equal(
+                b.remove_dead({ident: _identity.check(ident)}),
+                1,
+                f"remove_dead of the {reason} owner",
+            )
             events, lost = b.read_events(base + i)
-            _equal(([_row(e) for e in events], lost),
-                   ([_want(base + i + 1, "died", ns, service, ident, gen, reason)], 0),
-                   f"event of removing the {reason} owner's entry")
+            _equal(
+                ([_row(e) for e in events], lost),
+                ([_want(base + i + 1, "died", ns, service, ident, gen, reason)], 0),
+                f"event of removing the {reason} owner's entry",
+            )
             _equal(b.lookup(ns, service), None, f"lookup after removing the {reason} entry")
         _equal(b.lookup_entry(NS, "live"), (os.getpid(), g_live, {}), "the live entry")
         _equal(b.owners(), {me}, "owners() after the removals")
@@ -115,19 +129,25 @@ def sweep_emits_died_events(b: Backend) -> None:
     me, ghost = _me(), _reused(_me())
     with _children() as (child,):
         kid = _owner(child)
-        removed = [(NS, "a", kid, b.register(NS, "a", kid, None), "gone"),
-                   (OTHER, ("b", 1), kid, b.register(OTHER, ("b", 1), kid, None), "gone"),
-                   (NS, "ghost", ghost, b.register(NS, "ghost", ghost, None), "reused")]
+        removed = [
+            (NS, "a", kid, b.register(NS, "a", kid, None), "gone"),
+            (OTHER, ("b", 1), kid, b.register(OTHER, ("b", 1), kid, None), "gone"),
+            (NS, "ghost", ghost, b.register(NS, "ghost", ghost, None), "reused"),
+        ]
         b.register(NS, "live", me, None)
         _reap(child)
         base = b.last_event_seq()
         _equal(b.sweep(), 3, "sweep()")
         events, lost = _read_all(b, base)
         _equal(lost, 0, "events lost")
-        _equal(sorted(_row(e)[1:] for e in events),
-               sorted(_want(0, "died", ns, service, owner, gen, reason)[1:]
-                      for ns, service, owner, gen, reason in removed),
-               "died events of a sweep (in any order)")
+        _equal(
+            sorted(_row(e)[1:] for e in events),
+            sorted(
+                _want(0, "died", ns, service, owner, gen, reason)[1:]
+                for ns, service, owner, gen, reason in removed
+            ),
+            "died events of a sweep (in any order)",
+        )
         _equal(b.sweep(), 0, "second sweep()")
         _equal(b.last_event_seq(), base + 3, "events after a sweep that found nothing")
 
@@ -138,8 +158,13 @@ def remove_dead_needs_proof(b: Backend) -> None:
     g_live = b.register(NS, "live", me, None)
     b.register(NS, "ghost", ghost, None)
     base = b.last_event_seq()
-    for verdicts in ({}, {me: Liveness.SAME}, {me: Liveness.UNKNOWN},
-                     {ghost: Liveness.SAME}, {ghost: Liveness.UNKNOWN}):
+    for verdicts in (
+        {},
+        {me: Liveness.SAME},
+        {me: Liveness.UNKNOWN},
+        {ghost: Liveness.SAME},
+        {ghost: Liveness.UNKNOWN},
+    ):
         _equal(b.remove_dead(verdicts), 0, f"remove_dead({verdicts})")
     _equal(b.last_event_seq(), base, "events after verdicts that prove nothing")
     # A dead verdict names one identity, not a pid: our own entry, same pid, stays.
@@ -168,7 +193,8 @@ def remove_dead_concurrent_once(b: Backend) -> None:
         rounds: list[tuple[str, Callable[[dict[ProcessIdentity, Liveness]], list[object]]]] = [
             ("two remove_dead", lambda v: _in_threads([lambda: b.remove_dead(v)] * 2)),
             ("remove_dead and sweep", lambda v: _in_threads([lambda: b.remove_dead(v), b.sweep])),
-            ("two sweeps", lambda _: _in_threads([b.sweep, b.sweep]))]
+            ("two sweeps", lambda _: _in_threads([b.sweep, b.sweep])),
+        ]
         for r, (what, race) in enumerate(rounds):
             dead = [kids[r], ProcessIdentity(me.pid, me.start_ticks + 1 + r)]
             services = [(r, i) for i in range(60)]
@@ -178,11 +204,17 @@ def remove_dead_concurrent_once(b: Backend) -> None:
             base = b.last_event_seq()
             results = race(verdicts)
             _expect(all(type(n) is int for n in results), f"{what}: results {results}")
-            _equal(sum(n for n in results if type(n) is int), len(services),
-                   f"{what}: entries removed in total ({results})")
+            _equal(
+                sum(n for n in results if type(n) is int),
+                len(services),
+                f"{what}: entries removed in total ({results})",
+            )
             events, lost = _read_all(b, base)
-            _equal((lost, sorted(repr(e.service) for e in events)),
-                   (0, sorted(repr(s) for s in services)), f"{what}: one died event per entry")
+            _equal(
+                (lost, sorted(repr(e.service) for e in events)),
+                (0, sorted(repr(s) for s in services)),
+                f"{what}: one died event per entry",
+            )
             _expect(all(e.kind == "died" for e in events), f"{what}: kinds of the events")
             _equal(b.owners(), {me}, f"{what}: owners() afterwards")
 
@@ -236,8 +268,13 @@ def namespace_owners_lists_live_entries(b: Backend) -> None:
 
         def owned(ns: str) -> list[tuple[str, ProcessIdentity, int]]:
             rows = b.namespace_owners(ns)
-            _expect(all(isinstance(ident, ProcessIdentity) and type(gen) is int
-                        for _, ident, gen in rows), f"namespace_owners({ns!r}) rows: {rows}")
+            _expect(
+                all(
+                    isinstance(ident, ProcessIdentity) and type(gen) is int
+                    for _, ident, gen in rows
+                ),
+                f"namespace_owners({ns!r}) rows: {rows}",
+            )
             return sorted((repr(service), ident, gen) for service, ident, gen in rows)
 
         _equal(owned(NS), sorted([("'a'", me, g_a), ("('t', 2)", kid, g_t)]), "namespace")
@@ -250,5 +287,8 @@ def namespace_owners_lists_live_entries(b: Backend) -> None:
         _equal(owned(NS), [("'a'", me, g_a)], "namespace after the child died")
         _equal(owned(OTHER), [], "other namespace after the child died")
         g_new = b.register(NS, ("t", 2), me, None)
-        _equal(owned(NS), sorted([("'a'", me, g_a), ("('t', 2)", me, g_new)]),
-               "namespace after a takeover")
+        _equal(
+            owned(NS),
+            sorted([("'a'", me, g_a), ("('t', 2)", me, g_new)]),
+            "namespace after a takeover",
+        )

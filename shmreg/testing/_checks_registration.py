@@ -120,13 +120,19 @@ def caller_dict_is_copied_in(b: Backend) -> None:
     meta["l"].append(2)
     meta["d"]["y"] = 2
     meta["new"] = True
-    _equal(b.lookup_with_metadata(NS, "svc"), (os.getpid(), {"l": [1], "d": {"x": 1}}),
-           "stored metadata after the caller mutated its dict")
+    _equal(
+        b.lookup_with_metadata(NS, "svc"),
+        (os.getpid(), {"l": [1], "d": {"x": 1}}),
+        "stored metadata after the caller mutated its dict",
+    )
     update: dict[str, Any] = {"u": [1]}
     b.update_metadata(NS, "svc", update)
     update["u"].append(2)
-    _equal(b.lookup_entry(NS, "svc"), (os.getpid(), gen, {"u": [1]}),
-           "stored metadata after the caller mutated its update")
+    _equal(
+        b.lookup_entry(NS, "svc"),
+        (os.getpid(), gen, {"u": [1]}),
+        "stored metadata after the caller mutated its update",
+    )
 
 
 @_check
@@ -137,8 +143,12 @@ def returned_dicts_are_copies(b: Backend) -> None:
     entry = b.lookup_entry(NS, "svc")
     _expect(found is not None and entry is not None, "registered entry not found")
     assert found is not None and entry is not None  # for mypy; checked just above
-    results = [found[1], entry[2], b.list_entries(NS)[0].metadata,
-               b.find(NS, equals={"type": "w"})[0].metadata]
+    results = [
+        found[1],
+        entry[2],
+        b.list_entries(NS)[0].metadata,
+        b.find(NS, equals={"type": "w"})[0].metadata,
+    ]
     for meta in results:
         meta["l"].append(2)
         meta["d"]["y"] = 2
@@ -157,8 +167,13 @@ def lookup_hit_and_miss(b: Backend) -> None:
     _equal(b.lookup(NS, ("agent", 1)), pid, "lookup hit")
     _equal(b.lookup_with_metadata(NS, ("agent", 1)), (pid, {"a": 1}), "lookup_with_metadata")
     _equal(b.lookup_entry(NS, ("agent", 1)), (pid, gen, {"a": 1}), "lookup_entry")
-    for ns, service in ((NS, ("agent", 2)), (OTHER, ("agent", 1)), (NS, "agent"),
-                        (NS, ("agent", "1")), ("never", ("agent", 1))):
+    for ns, service in (
+        (NS, ("agent", 2)),
+        (OTHER, ("agent", 1)),
+        (NS, "agent"),
+        (NS, ("agent", "1")),
+        ("never", ("agent", 1)),
+    ):
         _equal(b.lookup(ns, service), None, f"lookup({ns!r}, {service!r})")
         _equal(b.lookup_with_metadata(ns, service), None, f"lookup_with_metadata({service!r})")
         _equal(b.lookup_entry(ns, service), None, f"lookup_entry({service!r})")
@@ -208,8 +223,11 @@ def update_metadata_replaces(b: Backend) -> None:
 def update_metadata_merges_shallow(b: Backend) -> None:
     gen = b.register(NS, "svc", _me(), {"a": {"x": 1}, "b": 1, "c": [1]})
     b.update_metadata(NS, "svc", {"a": {"y": 2}, "d": 4}, merge=True)
-    _equal(b.lookup_entry(NS, "svc"),
-           (os.getpid(), gen, {"a": {"y": 2}, "b": 1, "c": [1], "d": 4}), "after merge")
+    _equal(
+        b.lookup_entry(NS, "svc"),
+        (os.getpid(), gen, {"a": {"y": 2}, "b": 1, "c": [1], "d": 4}),
+        "after merge",
+    )
 
 
 @_check
@@ -230,10 +248,12 @@ def generation_fences_writes(b: Backend) -> None:
     gen = b.register(NS, "svc", _me(), {"v": 1})
     before = _snapshot(b)
     exc = _raises(StaleGeneration, b.update_metadata, NS, "svc", {"v": 2}, generation=gen + 1)
-    _equal((exc.expected, exc.actual, exc.namespace, exc.service), (gen + 1, gen, NS, "svc"),
-           "StaleGeneration fields")
-    _raises(StaleGeneration, b.update_metadata, NS, "svc", {"v": 2}, merge=True,
-            generation=gen + 1)
+    _equal(
+        (exc.expected, exc.actual, exc.namespace, exc.service),
+        (gen + 1, gen, NS, "svc"),
+        "StaleGeneration fields",
+    )
+    _raises(StaleGeneration, b.update_metadata, NS, "svc", {"v": 2}, merge=True, generation=gen + 1)
     _raises(StaleGeneration, b.unregister, NS, "svc", generation=gen + 1)
     _equal(_snapshot(b), before, "state after StaleGeneration")
     b.update_metadata(NS, "svc", {"v": 3}, generation=gen)

@@ -75,9 +75,14 @@ def concurrent_register_one_winner(b: Backend) -> None:
             winners = [i for i, r in enumerate(results) if type(r) is int]
             _equal(len(winners), 1, f"winners of round {round_} ({results!r})")
             pid = owners[winners[0]].pid
-            _expect(all(isinstance(r, AlreadyRegistered) and r.pid == pid
-                        for i, r in enumerate(results) if i != winners[0]),
-                    f"losers must get AlreadyRegistered(pid={pid}): {results!r}")
+            _expect(
+                all(
+                    isinstance(r, AlreadyRegistered) and r.pid == pid
+                    for i, r in enumerate(results)
+                    if i != winners[0]
+                ),
+                f"losers must get AlreadyRegistered(pid={pid}): {results!r}",
+            )
             _equal(b.lookup(NS, round_), pid, "lookup of the winner")
 
 
@@ -110,19 +115,29 @@ def stats_and_statistics(b: Backend) -> None:
     stats = b.stats()
     _expect(isinstance(stats, RegistryStats), f"stats() gave {stats!r}")
     _equal((stats.used, stats.namespaces), (2, 2), "stats() used, namespaces")
-    _expect(stats.capacity >= stats.used and 0 < stats.load_factor <= 1 and stats.memory_bytes > 0,
-            f"stats() capacity, load_factor, memory_bytes: {stats}")
+    _expect(
+        stats.capacity >= stats.used and 0 < stats.load_factor <= 1 and stats.memory_bytes > 0,
+        f"stats() capacity, load_factor, memory_bytes: {stats}",
+    )
     info = b.statistics()
-    _expect(isinstance(info, dict) and all(type(k) is str for k in info),
-            f"statistics() must be a dict with str keys, got {info!r}")
+    _expect(
+        isinstance(info, dict) and all(type(k) is str for k in info),
+        f"statistics() must be a dict with str keys, got {info!r}",
+    )
 
 
 @_check
 def destroy_ends_every_call(b: Backend) -> None:
     b.register(NS, "svc", _me(), None)
     b.destroy()
-    for call, args in ((b.lookup, (NS, "svc")), (b.lookup_with_metadata, (NS, "svc")),
-                       (b.register, (NS, "svc", _me(), None)), (b.unregister, (NS, "svc")),
-                       (b.list_services, (NS,)), (b.count, ()), (b.sweep, ())):
+    for call, args in (
+        (b.lookup, (NS, "svc")),
+        (b.lookup_with_metadata, (NS, "svc")),
+        (b.register, (NS, "svc", _me(), None)),
+        (b.unregister, (NS, "svc")),
+        (b.list_services, (NS,)),
+        (b.count, ()),
+        (b.sweep, ()),
+    ):
         _raises(RegistryDestroyed, call, *args)
     b.destroy()  # idempotent: callers clean up in finally blocks
