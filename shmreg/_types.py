@@ -108,3 +108,6 @@ class RegistryStats:
     last_sweep_time: float | None
     dead_found: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # Entries whose owner's liveness cannot be read (another pid namespace, hidepid):
+    # kept, never swept, and counted here.
+    unknown_owners: int = 0

@@ -550,6 +550,7 @@ class MemoryBackend:
     # ------------------------------------------------------------------ reporting
 
     def stats(self) -> RegistryStats:
+        unknown = self.health_check().unknown
         state = self._open()
         with state.lock:
             used = sum(len(space) for space in state.spaces.values())
@@ -579,6 +580,7 @@ class MemoryBackend:
                     "ops": state.ops,
                     "owner_changes": state.owner_changes,
                 },
+                unknown_owners=unknown,
             )
 
     def statistics(self) -> dict[str, Any]:

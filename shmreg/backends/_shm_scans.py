@@ -192,6 +192,7 @@ class ShmScans(ShmBase):
             last_sweep_time=last / 1e9 if last else None,
             dead_found=int(rq[L.R_DEAD_FOUND]),
             extra={**info, **self._store.root_info()},
+            unknown_owners=self.health_check().unknown,
         )
 
     def statistics(self) -> dict[str, Any]:
