@@ -144,7 +144,7 @@ def data_name(name: str, incarnation: int, generation: int) -> str:
 
 
 def slots_for(capacity: int) -> int:
-    """Slots needed so ``capacity`` live entries stay at or under the load limit."""
+    """Fewest slots that hold ``capacity`` live entries within the load limit."""
     return max(8, -(-capacity * 4 // 3))
 
 

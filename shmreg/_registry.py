@@ -26,7 +26,7 @@ from shmreg._errors import (
 )
 from shmreg._events import Event
 from shmreg._liveness import CleanupReport, Monitor, terminate_owners
-from shmreg._types import HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
+from shmreg._types import Entry, HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
 from shmreg.backends._protocol import Backend
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:@-]{0,99}")
@@ -202,8 +202,7 @@ class Registry:
         metadata: Mapping[str, Any] | None = None,
     ) -> int:
         """Register ``pid`` (default: this process); return the name's generation."""
-        owner = _identity.self_identity() if pid is None else _identity.identity_of(pid)
-        return self._backend.register(namespace, service, owner, metadata)
+        return self._backend.register(namespace, service, self._owner(pid), metadata)
 
     def register_many(
         self, namespace: str, items: Iterable[tuple[Service, int | None, Mapping[str, Any] | None]]
@@ -218,7 +217,10 @@ class Registry:
 
     @staticmethod
     def _owner(pid: int | None) -> ProcessIdentity:
-        return _identity.self_identity() if pid is None else _identity.identity_of(pid)
+        me = _identity.self_identity()
+        if pid is None or (pid == me.pid and type(pid) is int):
+            return me  # our own identity is cached: no /proc read
+        return _identity.identity_of(pid)
 
     def lookup(self, namespace: str, service: Service) -> int | None:
         """The live owner's pid, or ``None``."""
@@ -276,17 +278,18 @@ class Registry:
 
     def find_services_by_metadata(
         self, namespace: str, predicate: Callable[[Metadata], bool]
-    ) -> list[tuple[Service, int, Metadata]]:
-        return [tuple(e) for e in self._backend.find(namespace, predicate=predicate)]  # type: ignore[misc]
+    ) -> list[Entry]:
+        """Entries whose metadata satisfies ``predicate``: ``(service, pid, metadata)``."""
+        return list(self._backend.find(namespace, predicate=predicate))
 
-    def find_by_metadata(
-        self, namespace: str, **equals: Any
-    ) -> list[tuple[Service, int, Metadata]]:
-        """Entries whose fields equal ``equals``; a list field matches by membership (AND)."""
-        return [tuple(e) for e in self._backend.find(namespace, equals=equals)]  # type: ignore[misc]
+    def find_by_metadata(self, namespace: str, **equals: Any) -> list[Entry]:
+        """Entries whose fields equal ``equals``; a list field matches by membership (AND).
 
-    def list_by_type(self, namespace: str, type: Any) -> list[tuple[Service, int, Metadata]]:
-        return [tuple(e) for e in self._backend.find(namespace, equals={"type": type})]  # type: ignore[misc]
+        Each is an ``Entry``, a named ``(service, pid, metadata)`` tuple."""
+        return list(self._backend.find(namespace, equals=equals))
+
+    def list_by_type(self, namespace: str, type: Any) -> list[Entry]:
+        return list(self._backend.find(namespace, equals={"type": type}))
 
     def count(self, namespace: str | None = None) -> int:
         return self._backend.count(namespace)

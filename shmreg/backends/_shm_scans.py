@@ -1,15 +1,17 @@
 """Scans over many slots: listing, queries, counts and statistics.
 
 Every scan filters the slot table with numpy first (state, namespace hash, type tag,
-capabilities mask), then seqlock-reads and decodes only the candidates.
+capabilities mask), validates the candidates' slots in bulk, and decodes all the survivors'
+keys and metadata in one msgpack call each.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgpack
 import numpy as np
 
 from shmreg import _codec
@@ -19,21 +21,46 @@ from shmreg._types import Entry, Metadata, ProcessIdentity, RegistryStats, Servi
 from shmreg.backends._shm_base import LO32, ShmBase
 
 _crc32 = zlib.crc32
+_unpackb = msgpack.unpackb
+
+
+class _Rows(NamedTuple):
+    """Live candidates of a scan: parallel lists, one item per entry."""
+
+    records: list[bytes]  # key bytes + metadata bytes, checksum-verified copies
+    key_lens: list[int]
+    pids: list[int]
+    starts: list[int]
+    generations: list[int]
+
+
+def _array_header(n: int) -> bytes:
+    """msgpack array header for ``n`` items: lets one unpackb decode many records."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 class ShmScans(ShmBase):
     def _scan(
         self, namespace: str | None, type_tag: int | None = None, caps_mask: int = 0
-    ) -> list[tuple[SlotWords, bytes, bytes]]:
-        """Validated (words, key, metadata bytes) of live candidates, filtered in numpy first."""
+    ) -> _Rows:
+        """Live entries among the candidates, filtered and validated in numpy first.
 
+        The seqlock is applied to the whole candidate set at once: sequence column, a copy
+        of the rows, sequence column again; rows whose sequence moved or was odd are read
+        again one by one. Records are then copied out, checksum-verified and checked for
+        the namespace (two namespaces may share a hash).
+        """
         # Validate before any view of the segment exists: an exception raised while a numpy
         # column is alive would keep the mapping pinned for as long as its traceback lives.
         prefix = b"" if namespace is None else _codec.check_namespace(namespace) + b"\x00"
 
-        def scan(table: Table) -> list[tuple[SlotWords, bytes, bytes]]:
+        def scan(table: Table) -> _Rows:
             cols = table.columns()
-            mask = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
+            mask = (cols[:, L.S_REC] >> np.uint64(48)) == L.USED
             if prefix:
                 mask &= (cols[:, L.S_HASH] >> np.uint64(32)) == np.uint64(_crc32(prefix[:-1]))
             if type_tag is not None:
@@ -42,36 +69,71 @@ class ShmScans(ShmBase):
             if caps_mask:
                 want = np.uint64(caps_mask)
                 mask &= (cols[:, L.S_CAPS] & want) == want
-            out: list[tuple[SlotWords, bytes, bytes]] = []
-            alive: dict[int, bool] = {}
-            for index in np.flatnonzero(mask).tolist():
-                words = table.read_slot(index)
-                if (words[2] >> 48) & 0xFF != L.USED:
-                    continue
-                pid = words[4] & LO32
-                ok = alive.get(pid)
-                if ok is None:
-                    ok = alive[pid] = self._alive(pid)
-                if not ok:
-                    continue
-                key, meta = table.record_bytes(words)
-                if prefix and not key.startswith(prefix):
-                    continue  # namespace hash collision
-                out.append((words, key, meta))
+            index = np.flatnonzero(mask)
+            before = cols[index, L.S_SEQ]
+            rows = cols[index]
+            after = cols[index, L.S_SEQ]
+            del cols, mask
+            steady = (before == after) & (rows[:, L.S_SEQ] == before) & ((before & 1) == 0)
+            if not steady.all():  # being written: read those one by one, seqlock-validated
+                redo = [table.read_slot(i) for i in index[~steady].tolist()]
+                rows = np.concatenate([rows[steady], np.array(redo, dtype=np.uint64)])
+            rows = rows[(rows[:, L.S_REC] >> np.uint64(48)) == L.USED]
+            pids = rows[:, L.S_OWNER] & np.uint64(LO32)
+            alive = [p for p in np.unique(pids).tolist() if self._alive(p)]
+            rows = rows[np.isin(pids, alive)]
+            offsets = (table.arena_off + (rows[:, L.S_REC] & np.uint64(LO32)) * 8).tolist()
+            key_lens = ((rows[:, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)).tolist()
+            ends = (rows[:, L.S_META] & np.uint64(LO32)).tolist()
+            crcs = (rows[:, L.S_OWNER] >> np.uint64(32)).tolist()
+            out = _Rows([], [], [], [], [])
+            keep = []
+            buf = table.buf
+            limit = table.arena_off + table.arena_size
+            for i, (off, key_len, meta_len, crc) in enumerate(
+                zip(offsets, key_lens, ends, crcs, strict=True)
+            ):
+                end = off + key_len + meta_len
+                raw = bytes(buf[off:end]) if end <= limit else b""
+                if _crc32(raw) != crc:
+                    raise self._corrupt(f"record at {off} fails its checksum")
+                if prefix and not raw.startswith(prefix):
+                    continue  # another namespace with the same hash
+                out.records.append(raw)
+                out.key_lens.append(key_len)
+                keep.append(i)
+            kept = rows[keep]
+            out.pids.extend((kept[:, L.S_OWNER] & np.uint64(LO32)).tolist())
+            out.starts.extend(kept[:, L.S_START].tolist())
+            out.generations.extend(kept[:, L.S_NAMEGEN].tolist())
             return out
 
         return self._read(scan)
 
-    def _entries(self, rows: list[tuple[SlotWords, bytes, bytes]], ns_len: int) -> list[Entry]:
-        unpack = _codec.unpack_metadata
-        decode = _codec.decode_service
+    def _services(self, rows: _Rows, ns_len: int) -> list[Service]:
+        """Every entry's service, decoded in one msgpack call."""
+        start = ns_len + 1
+        payload = b"".join(r[start:k] for r, k in zip(rows.records, rows.key_lens, strict=True))
         try:
-            return [
-                Entry(decode(key, ns_len), words[4] & LO32, unpack(meta))
-                for words, key, meta in rows
-            ]
+            # use_list=False makes tuple services tuples again (and the outer array one too)
+            services: list[Service] = list(
+                _unpackb(_array_header(len(rows.records)) + payload, use_list=False, raw=False)
+            )
         except Exception as exc:  # bytes that passed their checksum but do not decode
-            raise self._corrupt(f"an entry does not decode: {exc!r}") from exc
+            raise self._corrupt(f"a key does not decode: {exc!r}") from exc
+        return services
+
+    def _entries(self, rows: _Rows, ns_len: int) -> list[Entry]:
+        """Entries with decoded services and metadata: two msgpack calls for the lot."""
+        services = self._services(rows, ns_len)
+        payload = b"".join(r[k:] for r, k in zip(rows.records, rows.key_lens, strict=True))
+        try:
+            metas: list[Metadata] = _unpackb(
+                _array_header(len(rows.records)) + payload, raw=False, strict_map_key=True
+            )
+        except Exception as exc:
+            raise self._corrupt(f"metadata does not decode: {exc!r}") from exc
+        return list(map(Entry, services, rows.pids, metas))
 
     def list_entries(self, namespace: str) -> list[Entry]:
         ns_len = len(_codec.check_namespace(namespace))
@@ -80,18 +142,13 @@ class ShmScans(ShmBase):
     def namespace_owners(self, namespace: str) -> list[tuple[Service, ProcessIdentity, int]]:
         """(service, owner identity, generation) of every live entry in ``namespace``."""
         ns_len = len(_codec.check_namespace(namespace))
-        return [
-            (
-                _codec.decode_service(key, ns_len),
-                ProcessIdentity(words[4] & LO32, words[5]),
-                words[6],
-            )
-            for words, key, _ in self._scan(namespace)
-        ]
+        rows = self._scan(namespace)
+        owners = map(ProcessIdentity, rows.pids, rows.starts)
+        return list(zip(self._services(rows, ns_len), owners, rows.generations, strict=True))
 
     def list_services(self, namespace: str) -> list[Service]:
         ns_len = len(_codec.check_namespace(namespace))
-        return [_codec.decode_service(key, ns_len) for _, key, _ in self._scan(namespace)]
+        return self._services(self._scan(namespace), ns_len)
 
     def find(
         self,
@@ -138,7 +195,7 @@ class ShmScans(ShmBase):
                 )
 
             return self._read(scan)
-        return len(self._scan(namespace))
+        return len(self._scan(namespace).records)
 
     def dump(self) -> list[dict[str, Any]]:
         """Every used slot, dead owners included (flagged): for ``shmreg ls`` and debugging."""
