@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
 from shmreg._errors import InvalidKey, InvalidMetadata, MetadataTooLarge
 from shmreg._types import Metadata, Service
+
+T = TypeVar("T")
 
 MAX_NAMESPACE_BYTES = 255
 MAX_KEY_BYTES = 1024
@@ -333,3 +335,26 @@ def matches(metadata: Metadata, equals: Mapping[str, Any]) -> bool:
         elif stored != wanted:
             return False
     return True
+
+
+_MISSING = object()
+
+
+def select(entries: list[T], equals: Mapping[str, Any]) -> list[T]:
+    """The ``(service, pid, metadata)`` entries whose metadata ``matches`` ``equals``.
+
+    Same rule as ``matches``, applied a field at a time over the whole list (scalar fields,
+    the common case, without a call per entry).
+    """
+    for field, wanted in equals.items():
+        if type(wanted) is list:
+            one = {field: wanted}
+            entries = [e for e in entries if matches(e[2], one)]  # type: ignore[index]
+        else:
+            entries = [
+                e
+                for e in entries
+                if (v := e[2].get(field, _MISSING)) == wanted  # type: ignore[index]
+                or (type(v) is list and wanted in v)
+            ]
+    return entries

@@ -34,11 +34,19 @@ class ShmLiveness(ShmBase):
 
         def scan(table: Table) -> dict[ProcessIdentity, int]:
             cols = table.columns()
-            used = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
-            pairs = np.empty((int(np.count_nonzero(used)), 2), dtype=np.uint64)
-            pairs[:, 0] = cols[used, L.S_OWNER] & np.uint64(LO32)
-            pairs[:, 1] = cols[used, L.S_START]
+            used = (cols[:, L.S_REC] >> np.uint64(48)) == L.USED
+            pids = cols[used, L.S_OWNER] & np.uint64(LO32)
+            starts = cols[used, L.S_START]
             del cols, used
+            if pids.size and int(pids.max()) < 1 << 22 and int(starts.max()) < 1 << 42:
+                # One 64-bit key per identity (pids fit 22 bits, start ticks 42: over a
+                # thousand years at 100 Hz) sorts far faster than unique rows.
+                keys, counts = np.unique((starts << np.uint64(22)) | pids, return_counts=True)
+                return {
+                    ProcessIdentity(k & 0x3FFFFF, k >> 22): c
+                    for k, c in zip(keys.tolist(), counts.tolist(), strict=True)
+                }
+            pairs = np.stack([pids, starts], axis=1)
             uniq, counts = np.unique(pairs, axis=0, return_counts=True)
             return {
                 ProcessIdentity(p, s): c
