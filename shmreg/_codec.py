@@ -273,9 +273,13 @@ def value_tag(value: Any) -> int:
         # Types and capability names repeat endlessly: remember their tags.
         tag = _STR_TAGS.get(value)
         if tag is None:
+            try:
+                tag = _crc32(_packb(value, use_bin_type=True))
+            except UnicodeEncodeError:
+                return TYPE_ANY  # (a lone surrogate) never stored, so never matched
             if len(_STR_TAGS) > 4096:
                 _STR_TAGS.clear()
-            tag = _STR_TAGS[value] = _crc32(_packb(value, use_bin_type=True))
+            _STR_TAGS[value] = tag
         return tag
     try:
         return _crc32(_packb(value, use_bin_type=True))

@@ -15,10 +15,10 @@ from typing import Any
 
 from shmreg import _codec, _identity
 from shmreg import _layout as L
-from shmreg._errors import ShmregError
+from shmreg._errors import CorruptRegistry, ShmregError
 from shmreg._segment import list_segments
 from shmreg._store import Store
-from shmreg._table import Table
+from shmreg._table import COUNTER_LIMIT, StuckSlot, Table
 from shmreg._types import ProcessIdentity
 
 
@@ -55,7 +55,7 @@ def _slot_problem(table: Table, index: int, words: tuple[int, ...]) -> str | Non
     if off + key_len + meta_len > table.arena_off + table.counter(L.D_TOP):
         return f"slot {index}: record at {off}+{key_len + meta_len} is beyond arena top"
     raw = bytes(table.buf[off : off + key_len + meta_len])
-    if zlib.crc32(raw) != words[4] >> 32:
+    if zlib.crc32(raw, L.record_seed(words[4] & 0xFFFFFFFF, words[5])) != words[4] >> 32:
         return f"slot {index}: record checksum mismatch"
     key = raw[:key_len]
     if zlib.crc32(key) != words[1] & 0xFFFFFFFF:
@@ -67,7 +67,13 @@ def _slot_problem(table: Table, index: int, words: tuple[int, ...]) -> str | Non
         return f"slot {index}: does not decode ({exc!r})"
     if zlib.crc32(namespace.encode()) != words[1] >> 32:
         return f"slot {index}: namespace hash mismatch"
-    found, _ = table.find(key, words[1] & 0xFFFFFFFF)
+    meta = _codec.unpack_metadata(raw[key_len:])
+    if (words[3] >> 32) != _codec.type_tag(meta) or words[7] != _codec.capability_mask(meta):
+        return f"slot {index}: query tags disagree with its metadata"
+    try:
+        found, _ = table.find(key, words[1] & 0xFFFFFFFF)
+    except StuckSlot:
+        return f"slot {index}: its probe chain crosses a half-written slot"
     if found != index:
         return f"slot {index}: not reachable by probing (found at {found})"
     return None
@@ -79,7 +85,13 @@ def check(name: str, *, repair: bool = False) -> FsckReport:
         store = Store.open(name, create=False, capacity=None, max_metadata_bytes=None)
     except ShmregError as exc:
         report.problem(f"cannot open: {type(exc).__name__}: {exc}")
-        return report
+        if not (repair and isinstance(exc, CorruptRegistry) and _salvage_headers(name, report)):
+            return report
+        try:
+            store = Store.open(name, create=False, capacity=None, max_metadata_bytes=None)
+        except ShmregError as again:
+            report.problem(f"still cannot open: {type(again).__name__}: {again}")
+            return report
     try:
         _check_store(store, report)
         if repair and not report.ok:
@@ -107,9 +119,12 @@ def _check_store(store: Store, report: FsckReport) -> None:
     q = table.q
     if q[L.J_STATE] == L.J_VALID:
         report.problem("the redo journal is valid (a writer died mid-change; recovery pending)")
-    top = table.counter(L.D_TOP)
-    if top > table.arena_size:
-        report.problem(f"arena top {top} exceeds the arena ({table.arena_size})")
+    try:
+        table.counters()
+    except CorruptRegistry as exc:
+        report.problem(str(exc.detail))
+    if rq[L.R_EVENT_SEQ] >= COUNTER_LIMIT:
+        report.problem(f"event sequence {int(rq[L.R_EVENT_SEQ])} out of range")
     live = tombs = 0
     for index in range(table.nslots):
         words = L.SLOT.unpack_from(table.buf, L.HEADER_SIZE + index * L.SLOT_SIZE)
@@ -135,11 +150,90 @@ def _check_store(store: Store, report: FsckReport) -> None:
         )
 
 
+def _salvage_headers(name: str, report: FsckReport) -> bool:
+    """Rewrite header words whose damage keeps a registry from opening; True if any.
+
+    Only words whose right value is known from the rest are rewritten: the root settings
+    (capacity from the table's size, metadata limit and permission bits from the
+    defaults), the data magic and generation (the segment's name says whose and which it
+    is, when its size fields agree with the segment). The registry's writer lock is held.
+    """
+    import os
+
+    from shmreg._lock import WriterLock
+    from shmreg._segment import close_segment, open_segment, segment_path
+    from shmreg._store import DEFAULT_MAX_METADATA_BYTES, MAX_CAPACITY, MAX_METADATA_LIMIT
+
+    try:
+        root = open_segment(L.root_name(name), name)
+    except ShmregError:
+        return False
+    lock = WriterLock(segment_path(L.root_name(name)), name)
+    lock.acquire(timeout=30.0)
+    fixed: list[str] = []
+    try:
+        assert root.buf is not None
+        rq = root.buf.cast("Q")
+        if rq[L.R_MAGIC] != L.ROOT_MAGIC or rq[L.R_VERSION] != L.LAYOUT_VERSION:
+            rq.release()
+            return False  # not recognisably ours: nothing to salvage
+        gen = int(rq[L.R_GEN])
+        data_name = L.data_name(name, int(rq[L.R_INCARNATION]), gen)
+        path = segment_path(data_name)
+        if os.path.exists(path):
+            size = os.path.getsize(path)
+            with open(path, "r+b") as fh:
+                head = memoryview(bytearray(fh.read(L.HEADER_SIZE))).cast("Q")
+                nslots, arena_off, arena = (
+                    head[L.D_NSLOTS],
+                    head[L.D_ARENA_OFF],
+                    head[L.D_ARENA_SIZE],
+                )
+                sane = (
+                    nslots > 0 and arena_off == L.arena_offset(nslots) and arena_off + arena == size
+                )
+                if sane and head[L.D_MAGIC] != L.DATA_MAGIC:
+                    fh.seek(L.D_MAGIC * 8)
+                    fh.write(L.DATA_MAGIC.to_bytes(8, "little"))
+                    fixed.append("data segment magic rewritten")
+                if sane and head[L.D_GEN] != gen:
+                    fh.seek(L.D_GEN * 8)
+                    fh.write(gen.to_bytes(8, "little"))
+                    fixed.append(f"data segment generation rewritten to {gen}")
+                if sane and not 0 < rq[L.R_CAPACITY] <= MAX_CAPACITY:
+                    rq[L.R_CAPACITY] = max(1, min(MAX_CAPACITY, nslots * 3 // 4))
+                    fixed.append(f"capacity setting reset to {int(rq[L.R_CAPACITY])}")
+        if not 0 < rq[L.R_MAX_META] <= MAX_METADATA_LIMIT:
+            rq[L.R_MAX_META] = DEFAULT_MAX_METADATA_BYTES
+            fixed.append(f"metadata limit reset to {DEFAULT_MAX_METADATA_BYTES}")
+        rq.release()
+    finally:
+        lock.release()
+        lock.close()
+        close_segment(root)
+    report.repaired.extend(fixed)
+    return bool(fixed)
+
+
+def _newest_event(store: Store) -> int:
+    """The highest plausible event number still in the ring (0 if none)."""
+    q = store.ring.q
+    first = store.ring.word0
+    seqs = [q[first + i * (L.EVENT_SIZE // 8)] for i in range(L.RING_EVENTS)]
+    return max((s for s in seqs if s < COUNTER_LIMIT), default=0)
+
+
 def _repair(store: Store, report: FsckReport) -> None:
     table = store.begin()  # recovery runs here if a writer died inside
     try:
         report.repaired.extend(store.last_recovery)
         store.last_recovery = []
+        # Holding the lock, no writer is inside: any odd slot is damage. Tombstone it.
+        report.repaired.extend(table.recover())
+        if store.rq[L.R_EVENT_SEQ] >= COUNTER_LIMIT:
+            newest = _newest_event(store)
+            store.rq[L.R_EVENT_SEQ] = newest
+            report.repaired.append(f"event sequence reset to {newest}")
         for index in range(table.nslots):
             words = table.read_slot(index)
             if (words[2] >> 48) & 0xFF != L.USED:
@@ -147,12 +241,11 @@ def _repair(store: Store, report: FsckReport) -> None:
             problem = _slot_problem(table, index, words)
             if problem:
                 w = table.slot_word0 + index * L.SLOT_WORDS
-                table.q[w] = words[0] + 1
+                table.q[w] = (words[0] + 1) & L.MASK64
                 table.q[w + L.S_REC] = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
-                table.q[w] = words[0] + 2
+                table.q[w] = (words[0] + 2) & L.MASK64
                 report.repaired.append(f"dropped {problem}")
-        table.recover()  # recount
-        store.rebuild(table.counter(L.D_LIVE), 0)
+        store.rebuild(0, 0)  # recounts from the slots; restarts damaged counters
         report.repaired.append(f"rebuilt into generation {store.gen}")
         for seg in list_segments(f"shmreg-{store.name}."):
             if seg != L.data_name(store.name, store.incarnation, store.gen):

@@ -129,6 +129,7 @@ SLOT = struct.Struct("<8Q")
 SLOT_BODY = struct.Struct("<7Q")  # words 1..7
 
 LO32 = 0xFFFFFFFF
+MASK64 = 2**64 - 1
 
 # Growth policy: rebuild once live + tombstones pass this share of slots.
 MAX_LOAD = 0.75
@@ -174,6 +175,12 @@ def pack_meta(meta_len: int, type_tag: int) -> int:
 
 def pack_owner(pid: int, record_crc: int) -> int:
     return pid | (record_crc << 32)
+
+
+def record_seed(pid: int, start_ticks: int) -> int:
+    """Starting value of a record's crc32: the owner is folded into the record checksum,
+    so a flipped bit in the slot's pid or start ticks is caught like one in the record."""
+    return (pid ^ start_ticks ^ (start_ticks >> 32)) & LO32
 
 
 def rec_offset(w2: int) -> int:

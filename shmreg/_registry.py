@@ -17,7 +17,9 @@ from typing import Any
 
 from shmreg import _identity
 from shmreg._clock import SYSTEM, Clock, check_timeout
+from shmreg._codec import check_namespace
 from shmreg._errors import (
+    InvalidArgument,
     InvalidBackendConfig,
     InvalidRegistryName,
     NotRegistered,
@@ -26,6 +28,7 @@ from shmreg._errors import (
 )
 from shmreg._events import Event
 from shmreg._liveness import CleanupReport, Monitor, terminate_owners
+from shmreg._store import MAX_CAPACITY, MAX_METADATA_LIMIT
 from shmreg._types import Entry, HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
 from shmreg.backends._protocol import Backend
 
@@ -74,6 +77,14 @@ def _open_backend(
     )
 
 
+def _bad_argument(argument: str, value: object, expected: str) -> InvalidArgument:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return InvalidArgument(
+        f"{argument} must be {expected}, got {shown}", argument=argument, value=shown
+    )
+
+
 def _reopen(name: str, kind: str) -> Registry:
     # Attach, never create: a task that outlives the registry's destroy() must fail, not
     # quietly bring up an empty registry of the same name that nobody will remove.
@@ -103,9 +114,14 @@ class Registry:
         create: bool = True,
     ) -> None:
         self._name = check_name(name)
-        for setting, value in (("capacity", capacity), ("max_metadata_bytes", max_metadata_bytes)):
-            if value is not None and (type(value) is not int or value < 1):
-                raise InvalidBackendConfig(f"{setting} must be a positive int, got {value!r}")
+        for setting, value, most in (
+            ("capacity", capacity, MAX_CAPACITY),
+            ("max_metadata_bytes", max_metadata_bytes, MAX_METADATA_LIMIT),
+        ):
+            if value is not None and (type(value) is not int or not 1 <= value <= most):
+                raise InvalidBackendConfig(
+                    f"{setting} must be an int from 1 to {most}, got {value!r}"
+                )
         if type(mode) is not int or not 0 <= mode <= 0o777:
             raise InvalidBackendConfig(f"mode must be file permission bits, got {mode!r}")
         self._backend = _open_backend(
@@ -208,12 +224,15 @@ class Registry:
         self, namespace: str, items: Iterable[tuple[Service, int | None, Mapping[str, Any] | None]]
     ) -> list[int]:
         """Register several ``(service, pid, metadata)``; one generation per item."""
-        many = getattr(self._backend, "register_many", None)
-        resolved = [(service, self._owner(pid), metadata) for service, pid, metadata in items]
-        if many is not None:
-            result: list[int] = many(namespace, resolved)
-            return result
-        return [self._backend.register(namespace, s, o, m) for s, o, m in resolved]
+        try:
+            batch = list(items)
+        except TypeError as exc:
+            raise _bad_argument("items", items, "an iterable of (service, pid, metadata)") from exc
+        for item in batch:
+            if type(item) not in (tuple, list) or len(item) != 3:
+                raise _bad_argument("items", item, "(service, pid, metadata) triples")
+        resolved = [(service, self._owner(pid), metadata) for service, pid, metadata in batch]
+        return self._backend.register_many(namespace, resolved)
 
     @staticmethod
     def _owner(pid: int | None) -> ProcessIdentity:
@@ -240,6 +259,8 @@ class Registry:
     def get_metadata_field(
         self, namespace: str, service: Service, field: str, default: Any = None
     ) -> Any:
+        if type(field) is not str:
+            raise _bad_argument("field", field, "a str (metadata keys are str)")
         return self.get_metadata(namespace, service).get(field, default)
 
     def generation(self, namespace: str, service: Service) -> int | None:
@@ -280,6 +301,8 @@ class Registry:
         self, namespace: str, predicate: Callable[[Metadata], bool]
     ) -> list[Entry]:
         """Entries whose metadata satisfies ``predicate``: ``(service, pid, metadata)``."""
+        if predicate is not None and not callable(predicate):
+            raise _bad_argument("predicate", predicate, "a callable taking the metadata dict")
         return list(self._backend.find(namespace, predicate=predicate))
 
     def find_by_metadata(self, namespace: str, **equals: Any) -> list[Entry]:
@@ -395,13 +418,9 @@ class Registry:
         """
         timeout = check_timeout(timeout)
         if since is not None and (type(since) is not int or since < 0):
-            from shmreg._errors import InvalidArgument
-
-            raise InvalidArgument(
-                f"since must be an event number >= 0, got {since!r}",
-                argument="since",
-                value=repr(since),
-            )
+            raise _bad_argument("since", since, "an event number >= 0")
+        if namespace is not None:
+            check_namespace(namespace)  # a bad one would never match: say so now
         # The start is fixed now, not at the first next(): events between this call and the
         # first iteration belong to the watch.
         start = self._backend.last_event_seq() if since is None else since

@@ -33,23 +33,53 @@ def _construct(name: str, create: bool, size: int) -> SharedMemory:
     if sys.version_info >= (3, 13):
         return SharedMemory(name, create=create, size=size, track=False)  # type: ignore[call-arg,unused-ignore]
     with _TRACKER_LOCK:
-        original = resource_tracker.register
+        register, unregister = resource_tracker.register, resource_tracker.unregister
 
-        def register(resource_name: str, rtype: str) -> Any:
-            if rtype == "shared_memory":
-                return None
-            return original(resource_name, rtype)
+        def skip_shared_memory(original: Any) -> Any:
+            def call(resource_name: str, rtype: str) -> Any:
+                if rtype == "shared_memory":
+                    return None
+                return original(resource_name, rtype)
 
-        resource_tracker.register = register  # type: ignore[assignment]
+            return call
+
+        # unregister too: a create that fails after shm_open unlinks itself and would tell
+        # the tracker to forget a segment it never saw (a KeyError traceback on stderr).
+        resource_tracker.register = skip_shared_memory(register)
+        resource_tracker.unregister = skip_shared_memory(unregister)
         try:
             return SharedMemory(name, create=create, size=size)
         finally:
-            resource_tracker.register = original
+            resource_tracker.register = register
+            resource_tracker.unregister = unregister
 
 
 def segment_fd(shm: SharedMemory) -> int:
     fd: int = getattr(shm, "_fd", -1)
     return fd
+
+
+_CHECK_MEMORY_FROM = 64 << 20
+
+
+def _refuse_unaffordable(length: int, registry: str) -> None:
+    """Refuse a large allocation the machine cannot hold.
+
+    tmpfs pages are memory. On a machine whose /dev/shm may grow as large as its RAM (the
+    common default is half, some set all), fallocate would succeed and the kernel's
+    out-of-memory killer would then pick some process to die: ask first.
+    """
+    if length < _CHECK_MEMORY_FROM:
+        return
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if length > available // 2:  # leave the other half to the processes using it
+        raise RegistryFull(
+            f"registry {registry!r}: {length} bytes of shared memory asked for, "
+            f"{available} bytes of memory available; free memory or use a smaller capacity",
+            name=registry,
+        )
 
 
 def allocate(shm: SharedMemory, offset: int, length: int, registry: str) -> None:
@@ -58,6 +88,7 @@ def allocate(shm: SharedMemory, offset: int, length: int, registry: str) -> None
     fd = segment_fd(shm)
     if fallocate is None or fd < 0 or length <= 0:
         return
+    _refuse_unaffordable(length, registry)
     try:
         fallocate(fd, offset, length)
     except OSError as exc:
@@ -72,11 +103,24 @@ def allocate(shm: SharedMemory, offset: int, length: int, registry: str) -> None
             raise
 
 
+def _create(name: str, size: int, registry: str) -> SharedMemory:
+    try:
+        return _construct(name, True, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EINVAL):
+            raise RegistryFull(
+                f"registry {registry!r}: cannot create a {size}-byte segment in {SHM_DIR} "
+                f"({os.strerror(exc.errno)}); free space there or ask for a smaller capacity",
+                name=registry,
+            ) from exc
+        raise
+
+
 def create_segment(
     name: str, size: int, registry: str, *, allocate_bytes: int | None = None, mode: int = 0o600
 ) -> SharedMemory:
     """Create a new untracked segment (fails if it exists) with pages allocated up front."""
-    shm = _construct(name, True, size)
+    shm = _create(name, size, registry)
     try:
         if mode != 0o600:
             os.fchmod(segment_fd(shm), mode)

@@ -53,6 +53,9 @@ from shmreg._table import Table
 DEFAULT_CAPACITY = 16_384
 DEFAULT_MAX_METADATA_BYTES = 4096
 MAX_METADATA_LIMIT = 16 * 1024 * 1024
+# 2**28 entries need 22 GiB of slots alone: past any /dev/shm, and the 32-bit fields of a
+# slot (arena offset in 8-byte units) stay far from overflowing.
+MAX_CAPACITY = 2**28
 _ARENA_PER_ENTRY = 256  # virtual arena bytes reserved per entry of capacity (sparse)
 
 
@@ -73,7 +76,9 @@ class _Closed:
 
 
 def _arena_size(capacity: int, max_meta: int) -> int:
-    return max(1 << 20, capacity * _ARENA_PER_ENTRY, 4 * (max_meta + 1024))
+    """Arena bytes to reserve (sparse: allocated as it fills), whole pages."""
+    size = max(1 << 20, capacity * _ARENA_PER_ENTRY, 4 * (max_meta + 1024))
+    return -(-size // L.PAGE) * L.PAGE
 
 
 class Store:
@@ -90,10 +95,13 @@ class Store:
         self.incarnation = int(self.rq[L.R_INCARNATION])
         self.lock = WriterLock(segment_path(L.root_name(name)), name)
         self._swap_lock = threading.Lock()
-        self.table: Table = self._attach_data()
-        self.gen = self.table.gen
-        self._failed_inside = False
         self.last_recovery: list[str] = []
+        try:
+            self.table: Table = self._attach_data()
+        except BaseException:
+            self.close()  # release the root's views now, not in a finalizer later
+            raise
+        self.gen = self.table.gen
 
     # ----------------------------------------------------------------- open / create
 
@@ -146,7 +154,11 @@ class Store:
         if ARMED:
             crash_point("create.data_built")
         temp = f"shmreg-{name}.init-{os.getpid()}-{secrets.token_hex(4)}"
-        root = create_segment(temp, L.ROOT_SIZE, name, mode=mode)
+        try:
+            root = create_segment(temp, L.ROOT_SIZE, name, mode=mode)
+        except BaseException:
+            unlink_segment(data_name)  # nothing references it yet
+            raise
         assert root.buf is not None
         rq = root.buf.cast("Q")
         try:
@@ -203,7 +215,7 @@ class Store:
             self._close_root()
             raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
         max_meta = int(rq[L.R_MAX_META])
-        if not 0 < max_meta <= MAX_METADATA_LIMIT or rq[L.R_CAPACITY] < 1:
+        if not 0 < max_meta <= MAX_METADATA_LIMIT or not 0 < rq[L.R_CAPACITY] <= MAX_CAPACITY:
             self._close_root()
             raise CorruptRegistry(
                 f"registry {self.name!r}: settings out of range",
@@ -240,10 +252,20 @@ class Store:
                     time.sleep(0.001)
                 continue
             try:
-                return Table(shm, self.name, self.ring)
+                table = Table(shm, self.name, self.ring)
             except BaseException:
                 close_segment(shm)
                 raise
+            if table.gen != gen:
+                table.release()
+                close_segment(shm)
+                raise CorruptRegistry(
+                    f"registry {self.name!r}: data segment says generation {table.gen}, "
+                    f"the root {gen}",
+                    name=self.name,
+                    detail="generation mismatch",
+                )
+            return table
         raise CorruptRegistry(
             f"registry {self.name!r}: data segment missing",
             name=self.name,
@@ -315,7 +337,7 @@ class Store:
             self.refresh()
         self._unlink_stale_generations()
         notes.extend(self.table.recover())
-        rq[L.R_RECOVERIES] += 1
+        rq[L.R_RECOVERIES] = (rq[L.R_RECOVERIES] + 1) & L.MASK64  # a statistic: wraps
         self.last_recovery = notes
 
     def _unlink_stale_generations(self) -> None:
@@ -328,24 +350,28 @@ class Store:
     def rebuild(self, min_live: int, extra_arena: int) -> Table:
         """Under the lock: copy live entries into generation g+1 sized for ``min_live``."""
         old = self.table
-        live = old.counter(L.D_LIVE)
-        used_bytes = old.counter(L.D_TOP) - old.counter(L.D_GARBAGE)
-        capacity = max(self.capacity, 2 * max(live, min_live))
+        live, used_bytes = old.live_footprint()
+        capacity = min(MAX_CAPACITY, max(self.capacity, 2 * max(live, min_live)))
         nslots = L.slots_for(capacity)
         arena = max(_arena_size(capacity, self.max_metadata_bytes), 2 * (used_bytes + extra_arena))
+        arena = -(-arena // L.PAGE) * L.PAGE
         gen = self.gen + 1
         name = L.data_name(self.name, self.incarnation, gen)
         self.rq[L.R_BUILDING] = gen
         if ARMED:
             crash_point("rebuild.building_marked")
         unlink_segment(name)
-        shm = create_segment(
-            name,
-            L.arena_offset(nslots) + arena,
-            self.name,
-            allocate_bytes=L.arena_offset(nslots),
-            mode=int(self.rq[L.R_MODE]) or 0o600,
-        )
+        try:
+            shm = create_segment(
+                name,
+                L.arena_offset(nslots) + arena,
+                self.name,
+                allocate_bytes=L.arena_offset(nslots),
+                mode=(int(self.rq[L.R_MODE]) & 0o777) or 0o600,
+            )
+        except BaseException:
+            self.rq[L.R_BUILDING] = 0  # nothing was built
+            raise
         try:
             if ARMED:
                 crash_point("rebuild.segment_created")
@@ -395,7 +421,7 @@ class Store:
     def close(self) -> None:
         if isinstance(self.rq, _Closed):
             return
-        table = getattr(self, "table", None)
+        table: Table | None = getattr(self, "table", None)
         if table is not None:
             shm = table.shm
             table.release()
@@ -459,12 +485,16 @@ def destroy_by_name(name: str) -> bool:
     """Remove a registry even if it cannot be opened (corrupt root): for the CLI and fsck."""
     try:
         store = Store.open(name, create=False, capacity=None, max_metadata_bytes=None)
-    except RegistryNotFound:
-        return False
+    except RegistryNotFound as exc:
+        if not isinstance(exc, RegistryDestroyed):
+            return False
+        # Marked destroyed but still there: a destroy() killed half-way. Finish it.
     except Exception:
-        removed = False
-        for seg in list_segments(f"shmreg-{name}."):
-            removed = unlink_segment(seg) or removed
-        return unlink_segment(L.root_name(name)) or removed
-    store.destroy()
-    return True
+        pass  # damaged beyond opening: remove the segments by name
+    else:
+        store.destroy()
+        return True
+    removed = False
+    for seg in list_segments(f"shmreg-{name}."):
+        removed = unlink_segment(seg) or removed
+    return unlink_segment(L.root_name(name)) or removed

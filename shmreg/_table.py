@@ -45,6 +45,10 @@ SlotWords = tuple[int, int, int, int, int, int, int, int]
 _COUNTERS = struct.Struct("<6Q")  # data header words 5..10, in COUNTER_WORDS order
 _crc32 = zlib.crc32
 _time_ns = time.time_ns
+_MASK64 = 2**64 - 1
+# Operation, owner-change and event counters stay below this (the journal packs an event
+# number into 48 bits); at a million writes a second it lasts nine years... times 30.
+COUNTER_LIMIT = 2**48
 _SPINS_BEFORE_YIELD = 64
 _STUCK_AFTER_S = 0.010
 
@@ -128,8 +132,21 @@ class Table:
         return value
 
     def counters(self) -> tuple[int, int, int, int, int, int]:
-        """(arena top, live, tombstones, garbage bytes, ops, owner changes)."""
+        """(arena top, live, tombstones, garbage bytes, ops, owner changes), checked.
+
+        Writers derive the next values from these; a value no writer could have produced
+        (a flipped bit) must stop the write with CorruptRegistry, not overflow a field.
+        """
         counters: tuple[int, int, int, int, int, int] = _COUNTERS.unpack_from(self.buf, 40)
+        top, live, tombs, garbage, ops, owners = counters
+        if (
+            top > self.arena_size
+            or live + tombs > self.nslots
+            or garbage > top
+            or ops >= COUNTER_LIMIT
+            or owners >= COUNTER_LIMIT
+        ):
+            self._corrupt(f"counters out of range {counters} (run shmreg fsck --repair)")
         return counters
 
     # --------------------------------------------------------------------------- reads
@@ -224,7 +241,7 @@ class Table:
         if end > self.arena_off + self.arena_size:
             self._corrupt(f"record at {off} runs past the arena")
         raw = bytes(self.buf[off:end])
-        if _crc32(raw) != words[4] >> 32:
+        if _crc32(raw, L.record_seed(words[4] & 0xFFFFFFFF, words[5])) != words[4] >> 32:
             self._corrupt(f"record at {off} fails its checksum")
         return raw[:key_len], raw[key_len:]
 
@@ -294,8 +311,11 @@ class Table:
         """Publish one slot change and its event (see the module docstring)."""
         q = self.q
         w = self.slot_word0 + index * L.SLOT_WORDS
-        target = (q[w] | 1) + 1
-        event = kind | (reason << 8) | ((self.events.q[L.R_EVENT_SEQ] + 1) << 16)
+        target = ((q[w] | 1) + 1) & _MASK64
+        seq = self.events.q[L.R_EVENT_SEQ] + 1
+        if seq >= COUNTER_LIMIT:
+            self._corrupt("event sequence out of range (run shmreg fsck --repair)")
+        event = kind | (reason << 8) | (seq << 16)
         now = _time_ns()
         record = L.JOURNAL_BODY.pack(index, target, *body, *counters, event, now)
         if ARMED:
@@ -323,7 +343,7 @@ class Table:
         counters: tuple[int, ...] | list[int],
     ) -> None:
         q = self.q
-        q[w] = target - 1
+        q[w] = (target - 1) & _MASK64  # odd: readers retry
         if ARMED:
             crash_point("commit.slot_odd")
         L.SLOT_BODY.pack_into(self.buf, w * 8 + 8, *body)
@@ -382,7 +402,7 @@ class Table:
             words = list(L.SLOT.unpack_from(self.buf, w * 8))
             words[2] = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
             q[w + L.S_REC] = words[2]
-            q[w] = words[0] + 1
+            q[w] = (words[0] + 1) & _MASK64
             notes.append(f"tombstoned half-written slot {index}")
         if ARMED:
             crash_point("recover.tombstoned")
@@ -397,8 +417,22 @@ class Table:
             q[L.D_TOMBS] = tombs
         return notes
 
+    def live_footprint(self) -> tuple[int, int]:
+        """(used slots, arena bytes their records need): counted, not read from counters."""
+        cols = self.columns()
+        used = (cols[:, L.S_REC] >> np.uint64(48)) == L.USED
+        lens = ((cols[used, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)) + (
+            cols[used, L.S_META] & np.uint64(0xFFFFFFFF)
+        )
+        padded = (lens + np.uint64(L.RECORD_ALIGN - 1)) // np.uint64(L.RECORD_ALIGN)
+        return int(np.count_nonzero(used)), int(padded.sum()) * L.RECORD_ALIGN
+
     def copy_live_into(self, dest: Table) -> None:
-        """Rebuild: every used slot and its record into an empty table (compacts the arena)."""
+        """Rebuild: every used slot and its record into an empty table (compacts the arena).
+
+        Works from the slots alone, so it also serves ``fsck --repair`` on a table whose
+        counters were damaged: counts are recounted, counters out of range restarted.
+        """
         top = 0
         n = dest.nslots
         dbuf = dest.buf
@@ -409,23 +443,24 @@ class Table:
         base = self.slot_word0 * 8
         dbase = dest.slot_word0 * 8
         arena, darena = self.arena_off, dest.arena_off
+        arena_end = arena + self.arena_size
         taken = np.zeros(n, dtype=bool)
         indices = self.used_indices().tolist()
-        need = 0
-        for index in indices:
-            w = unpack(src, base + index * L.SLOT_SIZE)
-            need += L.align_record(((w[2] >> 32) & 0xFFFF) + (w[3] & 0xFFFFFFFF))
-        if need > dest.arena_size:
-            raise ValueError("rebuild target arena too small")
+        _, need = self.live_footprint()
+        if need > dest.arena_size or len(indices) >= n:
+            raise ValueError("rebuild target too small")
         from shmreg._segment import allocate
 
         allocate(dest.shm, darena, max(need, 1), dest.registry)
         dq[L.D_ALLOCATED] = max(need, 1)
+        newest = 0
         for index in indices:
             w = unpack(src, base + index * L.SLOT_SIZE)
             w2 = w[2]
             off = arena + (w2 & 0xFFFFFFFF) * 8
             length = ((w2 >> 32) & 0xFFFF) + (w[3] & 0xFFFFFFFF)
+            if off + length > arena_end:
+                self._corrupt(f"slot {index}: record runs past the arena")
             dbuf[darena + top : darena + top + length] = src[off : off + length]
             slot = (w[1] & 0xFFFFFFFF) % n
             while taken[slot]:
@@ -436,10 +471,14 @@ class Table:
             new_w2 = (w2 & ~0xFFFFFFFF) | (top // 8)
             pack(dbuf, dbase + slot * L.SLOT_SIZE, 2, w[1], new_w2, *w[3:])
             top += L.align_record(length)
-        _, _, _, _, ops, namegen = self.counters()
-        for word, value in zip(
-            L.COUNTER_WORDS, (top, len(indices), 0, 0, ops, namegen), strict=True
-        ):
+            if w[6] < COUNTER_LIMIT:
+                newest = max(newest, w[6])
+        ops, owners = self.q[L.D_OPS], self.q[L.D_NAMEGEN]
+        ops = ops if ops < COUNTER_LIMIT else 0
+        # Fencing tokens must keep growing: never below a generation already handed out.
+        owners = max(owners if owners < COUNTER_LIMIT else 0, newest)
+        counters = (top, len(indices), 0, 0, ops, owners)
+        for word, value in zip(L.COUNTER_WORDS, counters, strict=True):
             dq[word] = value
 
     def describe(self) -> dict[str, Any]:

@@ -3,8 +3,7 @@
 Each bad call must raise a shmreg error (a ``shmreg.ShmregError`` with a numeric ``.code``),
 never a TypeError or KeyError, never hang and never crash, and must leave the registry
 exactly as it was: its entries (``backend.dump()``), its live count and its newest event
-number, compared before and after. A call that raises anything else is a bug: its case is
-kept and marked ``xfail(strict=True)`` with what goes wrong.
+number, compared before and after. A call that raises anything else is a bug.
 
 Also here: access control between users (as root, a child that drops to ``nobody``), and a
 check of the source that no code path unpickles what it reads from shared memory.
@@ -79,8 +78,9 @@ def refused(call: Callable[[], Any]) -> shmreg.ShmregError:
     except Hung as exc:
         pytest.fail(f"hung: {exc}")
     except BaseException as exc:
-        pytest.fail(f"raised {type(exc).__module__}.{type(exc).__name__} (not a ShmregError): "
-                    f"{exc!r}")
+        pytest.fail(
+            f"raised {type(exc).__module__}.{type(exc).__name__} (not a ShmregError): {exc!r}"
+        )
     pytest.fail(f"no error: returned {result!r}")
 
 
@@ -223,14 +223,6 @@ NAMESPACE_CALLS: dict[str, Callable[[shmreg.Registry, Any], Any]] = {
     "register_many": lambda r, ns: r.register_many(ns, [("svc", None, None)]),
 }
 
-WATCH_NAMESPACE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Registry.watch(namespace=...) never validates the namespace: a non-str "
-    "(1, None is fine, b'..', a tuple) or invalid one ('', NUL, 256 bytes) is accepted and "
-    "silently matches no event, so the caller waits forever for events that are never "
-    "yielded, instead of getting InvalidKey like every other call taking a namespace",
-)
-
 
 @pytest.mark.parametrize("call", sorted(KEYED_CALLS))
 @pytest.mark.parametrize("namespace", BAD_NAMESPACES)
@@ -259,11 +251,11 @@ def test_bad_namespace_on_namespace_calls(reg: shmreg.Registry, call: str, names
 @pytest.mark.parametrize(
     "namespace",
     [
-        pytest.param(1, id="ns-int", marks=WATCH_NAMESPACE_BUG),
-        pytest.param(b"hostile", id="ns-bytes", marks=WATCH_NAMESPACE_BUG),
-        pytest.param(("a",), id="ns-tuple", marks=WATCH_NAMESPACE_BUG),
-        pytest.param("", id="ns-empty", marks=WATCH_NAMESPACE_BUG),
-        pytest.param("a\x00b", id="ns-NUL", marks=WATCH_NAMESPACE_BUG),
+        pytest.param(1, id="ns-int"),
+        pytest.param(b"hostile", id="ns-bytes"),
+        pytest.param(("a",), id="ns-tuple"),
+        pytest.param("", id="ns-empty"),
+        pytest.param("a\x00b", id="ns-NUL"),
     ],
 )
 def test_watch_bad_namespace(reg: shmreg.Registry, namespace: Any) -> None:
@@ -274,8 +266,16 @@ def test_watch_bad_namespace(reg: shmreg.Registry, namespace: Any) -> None:
 def test_names_with_slash_and_nul_are_keys_not_paths(reg: shmreg.Registry) -> None:
     """'/' is an ordinary character of a namespace or service, NUL of a service: no two of
     these keys collide, each round-trips exactly. (A NUL namespace is refused above.)"""
-    keys = [("a/b", "c"), ("a", "b/c"), ("a", "b\x00c"), ("a", ("b", "c")), ("a", "b"),
-            ("/", "/"), ("..", "../../etc/passwd"), ("a", "")]
+    keys = [
+        ("a/b", "c"),
+        ("a", "b/c"),
+        ("a", "b\x00c"),
+        ("a", ("b", "c")),
+        ("a", "b"),
+        ("/", "/"),
+        ("..", "../../etc/passwd"),
+        ("a", ""),
+    ]
     for i, (ns, service) in enumerate(keys):
         reg.register(ns, service, metadata={"i": i})
     for i, (ns, service) in enumerate(keys):
@@ -293,8 +293,7 @@ def test_names_with_slash_and_nul_are_keys_not_paths(reg: shmreg.Registry) -> No
 @pytest.mark.parametrize("metadata", BAD_METADATA)
 @pytest.mark.parametrize(
     "call",
-    ["register", "register_existing", "register_many", "update", "update_merge",
-     "register_self"],
+    ["register", "register_existing", "register_many", "update", "update_merge", "register_self"],
 )
 def test_bad_metadata(reg: shmreg.Registry, call: str, metadata: Any) -> None:
     calls: dict[str, Callable[[], Any]] = {
@@ -349,8 +348,9 @@ def test_pids_of_the_dead_a_zombie_and_a_thread(reg: shmreg.Registry) -> None:
         wait_zombie(zombie.pid)
         tids: list[int] = []
         release = threading.Event()
-        thread = threading.Thread(target=lambda: (tids.append(threading.get_native_id()),
-                                                  release.wait(30)))
+        thread = threading.Thread(
+            target=lambda: (tids.append(threading.get_native_id()), release.wait(30))
+        )
         thread.start()
         try:
             while not tids:
@@ -402,24 +402,17 @@ def test_wait_for_zero_timeout_on_a_missing_name_times_out(reg: shmreg.Registry)
 
 # ------------------------------------------------------------------ the other arguments
 
-ARGUMENT_BUG_REGISTER_MANY = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Registry.register_many unpacks `items` with a bare `for service, pid, "
-    "metadata in items`: a non-iterable (5, None) raises TypeError, an item that is not a "
-    "3-tuple ('a',), 5, or a dict's str keys raises ValueError/TypeError, never a ShmregError",
-)
-
 
 @pytest.mark.parametrize(
     "items",
     [
-        pytest.param(5, id="int", marks=ARGUMENT_BUG_REGISTER_MANY),
-        pytest.param(None, id="None", marks=ARGUMENT_BUG_REGISTER_MANY),
-        pytest.param([("a",)], id="1-tuple", marks=ARGUMENT_BUG_REGISTER_MANY),
-        pytest.param([("a", None)], id="2-tuple", marks=ARGUMENT_BUG_REGISTER_MANY),
-        pytest.param([5], id="int-item", marks=ARGUMENT_BUG_REGISTER_MANY),
-        pytest.param({"ab": None}, id="dict", marks=ARGUMENT_BUG_REGISTER_MANY),
-        pytest.param([("a", None, None, None)], id="4-tuple", marks=ARGUMENT_BUG_REGISTER_MANY),
+        pytest.param(5, id="int"),
+        pytest.param(None, id="None"),
+        pytest.param([("a",)], id="1-tuple"),
+        pytest.param([("a", None)], id="2-tuple"),
+        pytest.param([5], id="int-item"),
+        pytest.param({"ab": None}, id="dict"),
+        pytest.param([("a", None, None, None)], id="4-tuple"),
     ],
 )
 def test_register_many_bad_items(reg: shmreg.Registry, items: Any) -> None:
@@ -434,12 +427,6 @@ def test_register_many_bad_items(reg: shmreg.Registry, items: Any) -> None:
         pytest.param({1}, id="set"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Registry.get_metadata_field(ns, service, field) with an unhashable field "
-    "(a list, dict or set) raises TypeError ('unhashable type') from dict.get instead of a "
-    "ShmregError (InvalidArgument)",
-)
 def test_get_metadata_field_unhashable(reg: shmreg.Registry, field: Any) -> None:
     assert_refused_unchanged(reg, lambda: reg.get_metadata_field(NS, "mine", field))
 
@@ -453,12 +440,6 @@ def test_get_metadata_field_of_a_missing_name(reg: shmreg.Registry) -> None:
     "predicate",
     [pytest.param(5, id="int"), pytest.param("type", id="str"), pytest.param({}, id="dict")],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Registry.find_services_by_metadata(ns, predicate) with a non-callable "
-    "predicate raises TypeError ('... object is not callable') on the first entry instead "
-    "of a ShmregError (InvalidArgument); with no entry in the namespace it returns []",
-)
 def test_find_services_by_metadata_non_callable(reg: shmreg.Registry, predicate: Any) -> None:
     assert_refused_unchanged(reg, lambda: reg.find_services_by_metadata(NS, predicate))
 
@@ -469,17 +450,10 @@ def test_find_services_by_metadata_non_callable(reg: shmreg.Registry, predicate:
         pytest.param(lambda r: r.list_by_type(NS, "\ud800"), id="list_by_type"),
         pytest.param(lambda r: r.find_by_metadata(NS, type="\udfff"), id="find-type"),
         pytest.param(lambda r: r.find_by_metadata(NS, capabilities="\ud800"), id="find-caps"),
-        pytest.param(lambda r: r.find_by_metadata(NS, capabilities=["a", "\ud800"]),
-                     id="find-caps-list"),
+        pytest.param(
+            lambda r: r.find_by_metadata(NS, capabilities=["a", "\ud800"]), id="find-caps-list"
+        ),
     ],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: find_by_metadata / list_by_type with a str 'type' or 'capabilities' value "
-    "holding a lone surrogate ('\\ud800') raise UnicodeEncodeError: _codec.value_tag "
-    "packs str values for the column tag outside its try/except (only the non-str branch "
-    "is guarded). Such a value can match nothing (metadata cannot store it): [] or "
-    "InvalidArgument, not a crash. Found by test_garbage_queries",
 )
 def test_query_with_a_surrogate_type_or_capability(
     reg: shmreg.Registry, query: Callable[[shmreg.Registry], Any]
@@ -521,8 +495,16 @@ def test_a_raising_predicate_propagates_unchanged(reg: shmreg.Registry) -> None:
         {"type": DEEP},
         {"n": 2**200},
     ],
-    ids=["list-of-list", "set", "NaN", "caps-set", "caps-object", "caps-list-of-object",
-         "deep-dict", "int-200-bits"],
+    ids=[
+        "list-of-list",
+        "set",
+        "NaN",
+        "caps-set",
+        "caps-object",
+        "caps-list-of-object",
+        "deep-dict",
+        "int-200-bits",
+    ],
 )
 def test_queries_with_unmatchable_values_find_nothing(
     reg: shmreg.Registry, equals: dict[str, Any]
@@ -557,13 +539,6 @@ def _name() -> str:
     return f"t-{os.getpid()}-{uuid.uuid4().hex[:10]}"
 
 
-OPEN_BUG_LEAK = (
-    "BUG: Registry.create({kw}) raises {exc} from SharedMemory/ftruncate (no upper bound "
-    "is checked on the setting) and leaves the half-built data segment "
-    "shmreg-<name>.<incarnation>.g1 in /dev/shm; destroy_by_name cannot remove it (no root)"
-)
-
-
 @pytest.mark.parametrize(
     ("factory", "kwargs"),
     [
@@ -574,34 +549,27 @@ OPEN_BUG_LEAK = (
         pytest.param("create", {"capacity": True}, id="capacity-bool"),
         pytest.param("create", {"capacity": math.nan}, id="capacity-NaN"),
         pytest.param(
-            "create", {"capacity": 2**64}, id="capacity-2**64",
-            marks=pytest.mark.xfail(strict=True, reason=OPEN_BUG_LEAK.format(
-                kw="capacity=2**64", exc="OverflowError")),
+            "create",
+            {"capacity": 2**64},
+            id="capacity-2**64",
         ),
         pytest.param(
-            "create", {"capacity": 2**62}, id="capacity-2**62",
-            marks=pytest.mark.xfail(strict=True, reason=OPEN_BUG_LEAK.format(
-                kw="capacity=2**62", exc="OverflowError")),
+            "create",
+            {"capacity": 2**62},
+            id="capacity-2**62",
         ),
         pytest.param("create", {"max_metadata_bytes": 0}, id="max-meta-0"),
         pytest.param("create", {"max_metadata_bytes": -5}, id="max-meta-negative"),
         pytest.param("create", {"max_metadata_bytes": "4096"}, id="max-meta-str"),
         pytest.param(
-            "create", {"max_metadata_bytes": 2**40}, id="max-meta-2**40",
-            marks=pytest.mark.xfail(strict=True, reason=(
-                "BUG: Registry.create(max_metadata_bytes=2**40) (any value above the 16 MiB "
-                "limit Store._check_root enforces) builds and publishes the registry, then "
-                "refuses to open it: CorruptRegistry ('settings out of range'), where a "
-                "caller's mistake should be InvalidBackendConfig, and the root and data "
-                "segments stay in /dev/shm under that name (every later open says corrupt)")),
+            "create",
+            {"max_metadata_bytes": 2**40},
+            id="max-meta-2**40",
         ),
         pytest.param(
-            "create", {"max_metadata_bytes": 2**24 + 1}, id="max-meta-16MiB+1",
-            marks=pytest.mark.xfail(strict=True, reason=(
-                "BUG: Registry.create(max_metadata_bytes=2**24+1) raises TypeError "
-                "('memoryview: length is not a multiple of itemsize') and leaks the data "
-                "segment: an odd max_metadata_bytes makes the arena 4*(m+1024) bytes, not a "
-                "multiple of 8, and Table.initialise casts the segment to 'Q'")),
+            "create",
+            {"max_metadata_bytes": 2**24 + 1},
+            id="max-meta-16MiB+1",
         ),
         pytest.param("create", {"mode": "0o666"}, id="mode-str"),
         pytest.param("create", {"mode": -1}, id="mode-negative"),
@@ -616,8 +584,11 @@ OPEN_BUG_LEAK = (
 )
 def test_bad_open_arguments(factory: str, kwargs: dict[str, Any]) -> None:
     name = _name()
-    open_ = {"init": shmreg.Registry, "create": shmreg.Registry.create,
-             "attach": shmreg.Registry.attach}[factory]
+    open_ = {
+        "init": shmreg.Registry,
+        "create": shmreg.Registry.create,
+        "attach": shmreg.Registry.attach,
+    }[factory]
     with destroying(name):
         refused(lambda: open_(name, **kwargs))
         assert segments_of(name) == [], "a refused open left segments behind"
@@ -644,8 +615,11 @@ def test_bad_open_arguments(factory: str, kwargs: dict[str, Any]) -> None:
 )
 @pytest.mark.parametrize("factory", ["init", "create", "attach"])
 def test_bad_registry_names(name: Any, factory: str) -> None:
-    open_ = {"init": shmreg.Registry, "create": shmreg.Registry.create,
-             "attach": shmreg.Registry.attach}[factory]
+    open_ = {
+        "init": shmreg.Registry,
+        "create": shmreg.Registry.create,
+        "attach": shmreg.Registry.attach,
+    }[factory]
     error = refused(lambda: open_(name))
     assert isinstance(error, shmreg.InvalidRegistryName), repr(error)
 
@@ -666,13 +640,6 @@ def test_attach_with_other_settings_names_both_values(
         assert str(asked) in str(error) and str(error.actual) in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Registry.create(capacity=8, max_metadata_bytes=300_001) (valid settings) "
-    "raises TypeError ('memoryview: length is not a multiple of itemsize') and leaks the "
-    "data segment: with an odd max_metadata_bytes above ~260 KiB the arena size 4*(m+1024) "
-    "is not a multiple of 8; the segment size is never rounded",
-)
 def test_odd_max_metadata_bytes_opens(reg_name: str) -> None:
     with destroying(reg_name):
         try:
@@ -697,12 +664,6 @@ except BaseException as exc:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Registry.create(capacity=2**40) raises a raw OSError ENOMEM from "
-    "SharedMemory's mmap, whose own cleanup then calls resource_tracker.unregister for a "
-    "segment shmreg never registered: the tracker prints a KeyError traceback on stderr",
-)
 def test_absurd_capacity_is_a_clean_shmreg_error() -> None:
     name = _name()
     with destroying(name), children() as kids:
@@ -713,24 +674,49 @@ def test_absurd_capacity_is_a_clean_shmreg_error() -> None:
 
 # ------------------------------------------------------------------ hypothesis garbage
 
-_odd = st.sampled_from([
-    object(), print, type, Ellipsis, NotImplemented, range(3), bytearray(b"x"),
-    memoryview(b"x"), 1j, decimal.Decimal("NaN"), frozenset({1}), {1, 2}, lambda: 1,
-    threading.Lock(), math.inf, -math.inf, math.nan, 2**64, -(2**63) - 1, 2**200,
-])
+_odd = st.sampled_from(
+    [
+        object(),
+        print,
+        type,
+        Ellipsis,
+        NotImplemented,
+        range(3),
+        bytearray(b"x"),
+        memoryview(b"x"),
+        1j,
+        decimal.Decimal("NaN"),
+        frozenset({1}),
+        {1, 2},
+        lambda: 1,
+        threading.Lock(),
+        math.inf,
+        -math.inf,
+        math.nan,
+        2**64,
+        -(2**63) - 1,
+        2**200,
+    ]
+)
 _scalar = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(-(2**70), 2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
     st.text(alphabet=st.sampled_from("a/\x00\ud800\udfff\u202e."), max_size=8),
-    st.binary(max_size=10), _odd,
+    st.binary(max_size=10),
+    _odd,
 )
 garbage = st.recursive(
     _scalar,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
         st.lists(inner, max_size=4).map(tuple),
-        st.dictionaries(st.one_of(st.text(max_size=5), st.integers(), st.none()), inner,
-                        max_size=4),
+        st.dictionaries(
+            st.one_of(st.text(max_size=5), st.integers(), st.none()), inner, max_size=4
+        ),
     ),
     max_leaves=12,
 )
@@ -778,10 +764,15 @@ def _shmreg_or_success(reg: shmreg.Registry, call: Callable[[], Any]) -> tuple[b
 
 
 @GARBAGE
-@given(namespace=st.one_of(st.just("hyp-reg"), garbage), service=service_arg,
-       pid=st.one_of(st.none(), garbage), metadata=st.one_of(st.none(), garbage))
-def test_garbage_register(shared: shmreg.Registry, namespace: Any, service: Any, pid: Any,
-                          metadata: Any) -> None:
+@given(
+    namespace=st.one_of(st.just("hyp-reg"), garbage),
+    service=service_arg,
+    pid=st.one_of(st.none(), garbage),
+    metadata=st.one_of(st.none(), garbage),
+)
+def test_garbage_register(
+    shared: shmreg.Registry, namespace: Any, service: Any, pid: Any, metadata: Any
+) -> None:
     ok, generation = _shmreg_or_success(
         shared, lambda: shared.register(namespace, service, pid=pid, metadata=metadata)
     )
@@ -794,16 +785,18 @@ def test_garbage_register(shared: shmreg.Registry, namespace: Any, service: Any,
 
 @GARBAGE
 @given(namespace=namespace_arg, service=service_arg, field=st.text(max_size=5))
-def test_garbage_reads(shared: shmreg.Registry, namespace: Any, service: Any,
-                       field: str) -> None:
+def test_garbage_reads(shared: shmreg.Registry, namespace: Any, service: Any, field: str) -> None:
     for call in (
         lambda: shared.lookup(namespace, service),
         lambda: shared.lookup_with_metadata(namespace, service),
         lambda: shared.registered(namespace, service),
         lambda: shared.get_metadata(namespace, service),
         lambda: shared.get_metadata_field(namespace, service, field),
-        lambda: shared.unregister(namespace, service) if (namespace, service) != (
-            "hyp", "fixed") else None,
+        lambda: (
+            shared.unregister(namespace, service)
+            if (namespace, service) != ("hyp", "fixed")
+            else None
+        ),
         lambda: shared.list_services(namespace),
         lambda: shared.list_services_with_metadata(namespace),
         lambda: shared.count(namespace),
@@ -835,8 +828,9 @@ def _surrogates(value: Any) -> bool:
 
 @GARBAGE
 @given(
-    equals=st.dictionaries(st.sampled_from(["type", "capabilities", "x", "n"]), garbage,
-                           max_size=3),
+    equals=st.dictionaries(
+        st.sampled_from(["type", "capabilities", "x", "n"]), garbage, max_size=3
+    ),
     type_=garbage,
 )
 def test_garbage_queries(shared: shmreg.Registry, equals: dict[str, Any], type_: Any) -> None:
@@ -873,16 +867,18 @@ def test_garbage_open_arguments(name: Any, capacity: Any, max_meta: Any, mode: A
     # does not exist (RegistryNotFound), so no setting can make it build anything.
     if name is None:
         name = _name()
-    error = refused(lambda: shmreg.Registry(name, capacity=capacity, max_metadata_bytes=max_meta,
-                                            mode=mode, create=False))
-    assert isinstance(error, (shmreg.InvalidRegistryName, shmreg.InvalidBackendConfig,
-                              shmreg.RegistryNotFound)), repr(error)
+    error = refused(
+        lambda: shmreg.Registry(
+            name, capacity=capacity, max_metadata_bytes=max_meta, mode=mode, create=False
+        )
+    )
+    assert isinstance(
+        error, (shmreg.InvalidRegistryName, shmreg.InvalidBackendConfig, shmreg.RegistryNotFound)
+    ), repr(error)
 
 
 @settings(GARBAGE, max_examples=60)
 @given(items=garbage)
-@pytest.mark.xfail(strict=True, reason="BUG: see ARGUMENT_BUG_REGISTER_MANY (register_many "
-                   "raises TypeError/ValueError on items that are not (service, pid, metadata))")
 def test_garbage_register_many(shared: shmreg.Registry, items: Any) -> None:
     ok, _ = _shmreg_or_success(shared, lambda: shared.register_many("hyp-many", items))
     if ok:
@@ -1000,8 +996,11 @@ def test_no_code_path_unpickles() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 if node.module.split(".")[0] in ("pickle", "marshal", "shelve", "copyreg"):
                     users.setdefault(rel, set()).add(f"from {node.module}")
-            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                  and node.value.id == "pickle"):
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "pickle"
+            ):
                 users.setdefault(rel, set()).add(f"pickle.{node.attr}")
             elif isinstance(node, ast.Call):
                 hooks = [k.arg for k in node.keywords if k.arg and k.arg.endswith("_hook")]

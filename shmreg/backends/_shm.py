@@ -187,7 +187,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         meta = _codec.as_metadata(metadata)
         packed = _codec.pack_metadata(meta, self._store.max_metadata_bytes)
         record = key + packed
-        crc = _crc32(record)
+        crc = _crc32(record, L.record_seed(owner.pid, owner.start_ticks))
         record += _PADDING[-len(record) & 7]
         return (
             key,
@@ -297,7 +297,10 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
                     words[1],
                     L.pack_rec(offset, len(key), L.USED),
                     L.pack_meta(len(packed), _codec.type_tag(meta)),
-                    L.pack_owner(words[4] & LO32, _crc32(record)),
+                    L.pack_owner(
+                        words[4] & LO32,
+                        _crc32(record, L.record_seed(words[4] & LO32, words[5])),
+                    ),
                     words[5],
                     words[6],
                     _codec.capability_mask(meta),

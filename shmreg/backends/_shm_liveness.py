@@ -95,9 +95,9 @@ class ShmLiveness(ShmBase):
                         removed += 1
             if sweeping:  # under the lock: concurrent sweepers must not lose counts
                 rq = self._store.rq
-                rq[L.R_SWEEPS] += 1
+                rq[L.R_SWEEPS] = (rq[L.R_SWEEPS] + 1) & L.MASK64  # statistics wrap
                 rq[L.R_LAST_SWEEP_NS] = time.time_ns()
-                rq[L.R_DEAD_FOUND] += removed
+                rq[L.R_DEAD_FOUND] = (rq[L.R_DEAD_FOUND] + removed) & L.MASK64
             return removed
 
         return self._write(write)

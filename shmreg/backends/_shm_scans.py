@@ -111,22 +111,27 @@ class ShmScans(ShmBase):
             pids = rows[:, L.S_OWNER] & np.uint64(LO32)
             alive = [p for p in np.unique(pids).tolist() if self._alive(p)]
             rows = rows[np.isin(pids, alive)]
-            starts = table.arena_off + (rows[:, L.S_REC] & np.uint64(LO32)) * np.uint64(8)
+            offsets = table.arena_off + (rows[:, L.S_REC] & np.uint64(LO32)) * np.uint64(8)
             key_lens = (rows[:, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)
-            ends = starts + key_lens + (rows[:, L.S_META] & np.uint64(LO32))
+            ends = offsets + key_lens + (rows[:, L.S_META] & np.uint64(LO32))
             if ends.size and int(ends.max()) > table.arena_off + table.arena_size:
                 raise self._corrupt("a record runs past the arena")
             buf = table.buf
             if not with_records:  # counting: only the namespace check needs the key bytes
-                heads = [buf[a : a + len(prefix)] == prefix for a in starts.tolist()]
-                kept = rows[np.array(heads, dtype=bool)] if prefix else rows
+                kept = rows
+                if prefix:
+                    heads = [buf[a : a + len(prefix)] == prefix for a in offsets.tolist()]
+                    kept = rows[np.array(heads, dtype=bool)]
                 pids = (kept[:, L.S_OWNER] & np.uint64(LO32)).tolist()
                 return _Rows([], [], pids, [], [])
             # Written as maps and comprehensions over plain lists: this runs once per entry.
-            spans = zip(starts.tolist(), ends.tolist(), strict=True)
+            spans = zip(offsets.tolist(), ends.tolist(), strict=True)
             records = [bytes(buf[a:b]) for a, b in spans]
             crcs = (rows[:, L.S_OWNER] >> np.uint64(32)).tolist()
-            if list(map(_crc32, records)) != crcs:
+            owners = rows[:, L.S_OWNER] & np.uint64(LO32)
+            starts = rows[:, L.S_START]
+            seeds = ((owners ^ starts ^ (starts >> np.uint64(32))) & np.uint64(LO32)).tolist()
+            if list(map(_crc32, records, seeds)) != crcs:  # see L.record_seed
                 raise self._corrupt("a record fails its checksum")
             kept = rows
             lens = key_lens.tolist()
