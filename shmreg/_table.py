@@ -90,6 +90,7 @@ class Table:
                 f"+{self.arena_size}, segment {len(buf)})"
             )
         self.slot_word0 = L.HEADER_SIZE // 8
+        self.fill_limit = L.MAX_LOAD * self.nslots  # rebuild before passing this
         self._columns: npt.NDArray[np.uint64] | None = None
 
     def _corrupt(self, detail: str) -> NoReturn:
@@ -203,8 +204,10 @@ class Table:
                 i = 0
         return -1, None
 
-    def probe_for_write(self, key: bytes, key_hash: int) -> tuple[int, SlotWords | None, int]:
-        """Under the lock: ``(index or -1, words, first reusable slot or -1)``."""
+    def probe_for_write(
+        self, key: bytes, key_hash: int
+    ) -> tuple[int, SlotWords | None, int, bool]:
+        """Under the lock: ``(index or -1, words, first reusable slot, it is a tombstone)``."""
         n = self.nslots
         buf = self.buf
         arena = self.arena_off
@@ -218,18 +221,18 @@ class Table:
             w2 = words[2]
             state = (w2 >> 48) & 0xFF
             if state == L.EMPTY:
-                return -1, None, (i if first_free < 0 else first_free)
+                return -1, None, (i if first_free < 0 else first_free), first_free >= 0
             if state == L.TOMB:
                 if first_free < 0:
                     first_free = i
             elif (words[1] & 0xFFFFFFFF) == key_hash:
                 off = arena + (w2 & 0xFFFFFFFF) * 8
                 if (w2 >> 32) & 0xFFFF == key_len and buf[off : off + key_len] == key:
-                    return i, words, first_free
+                    return i, words, first_free, first_free >= 0
             i += 1
             if i == n:
                 i = 0
-        return -1, None, first_free
+        return -1, None, first_free, first_free >= 0
 
     def record_bytes(self, words: SlotWords) -> tuple[bytes, bytes]:
         """Copies of (key bytes, metadata bytes) of a validated slot, bounds-checked."""
@@ -282,9 +285,8 @@ class Table:
 
     # -------------------------------------------------------------------------- writes
 
-    def stage(self, record: bytes) -> int:
-        """Copy a record above arena top; return its offset. Caller checked there is room."""
-        top = self.q[L.D_TOP]
+    def stage(self, record: bytes, top: int) -> int:
+        """Copy a record above arena ``top``; return its offset. Caller checked the room."""
         end = top + len(record)
         allocated = self.q[L.D_ALLOCATED]
         if end > allocated:
@@ -295,7 +297,7 @@ class Table:
             self.q[L.D_ALLOCATED] = grow_to
         start = self.arena_off + top
         self.buf[start : start + len(record)] = record
-        return int(top)
+        return top
 
     def room_for(self, nbytes: int) -> bool:
         return bool(self.q[L.D_TOP] + nbytes <= self.arena_size)
@@ -307,8 +309,11 @@ class Table:
         counters: tuple[int, ...],
         kind: int,
         reason: int = 0,
+        key: bytes | None = None,
     ) -> None:
-        """Publish one slot change and its event (see the module docstring)."""
+        """Publish one slot change and its event (see the module docstring).
+
+        ``key`` saves reading the key back from the arena when the caller has it."""
         q = self.q
         w = self.slot_word0 + index * L.SLOT_WORDS
         target = ((q[w] | 1) + 1) & _MASK64
@@ -328,7 +333,7 @@ class Table:
         self._apply(w, target, body, counters)
         if ARMED:
             crash_point("commit.published")
-        self._emit(body, event, now)
+        self._emit(body, event, now, key)
         if ARMED:
             crash_point("commit.event_written")
         q[L.J_STATE] = 0
@@ -356,11 +361,18 @@ class Table:
             crash_point("commit.counters")
         q[w] = target
 
-    def _emit(self, body: tuple[int, ...] | list[int], event: int, time_ns: int) -> None:
+    def _emit(
+        self,
+        body: tuple[int, ...] | list[int],
+        event: int,
+        time_ns: int,
+        key: bytes | None = None,
+    ) -> None:
         """Append the operation's event to the ring; idempotent, so recovery can redo it."""
-        w2 = body[1]
-        off = self.arena_off + (w2 & 0xFFFFFFFF) * 8
-        key = bytes(self.buf[off : off + ((w2 >> 32) & 0xFFFF)])
+        if key is None:
+            w2 = body[1]
+            off = self.arena_off + (w2 & 0xFFFFFFFF) * 8
+            key = bytes(self.buf[off : off + ((w2 >> 32) & 0xFFFF)])
         seq = event >> 16
         events = self.events
         events.write(

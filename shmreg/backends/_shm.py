@@ -41,6 +41,9 @@ _unpack_slot = L.SLOT.unpack_from
 _USED = L.USED
 _kill = os.kill
 _unpack_metadata = _codec.unpack_metadata
+_pack_metadata = _codec.pack_metadata
+_type_tag = _codec.type_tag
+_capability_mask = _codec.capability_mask
 
 
 class SharedMemoryBackend(ShmScans, ShmLiveness):
@@ -182,26 +185,24 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         metadata: Mapping[str, Any] | None,
     ) -> _Prepared:
         """Everything a registration needs that does not need the lock."""
-        self._refuse_if_foreign()
+        if self._foreign_pidns:
+            self._refuse_if_foreign()
         key, key_hash, ns_hash, _, _ = self._key(namespace, service)
-        meta = _codec.as_metadata(metadata)
-        packed = _codec.pack_metadata(meta, self._store.max_metadata_bytes)
+        meta = metadata if type(metadata) is dict else _codec.as_metadata(metadata)
+        packed = _pack_metadata(meta, self._max_meta)
         record = key + packed
-        crc = _crc32(record, L.record_seed(owner.pid, owner.start_ticks))
+        pid, start = owner
+        # L.record_seed, written out: this runs for every registration.
+        crc = _crc32(record, (pid ^ start ^ (start >> 32)) & LO32)
         record += _PADDING[-len(record) & 7]
-        return (
-            key,
-            key_hash,
-            record,
-            (
-                key_hash | (ns_hash << 32),
-                len(key) << 32 | L.USED << 48,
-                len(packed) | (_codec.type_tag(meta) << 32),
-                owner.pid | (crc << 32),
-                owner.start_ticks,
-            ),
-            _codec.capability_mask(meta),
+        head = (
+            key_hash | (ns_hash << 32),
+            len(key) << 32 | _USED << 48,
+            len(packed) | (_type_tag(meta) << 32),
+            pid | (crc << 32),
+            start,
         )
+        return key, key_hash, record, head, _capability_mask(meta)
 
     def _register_locked(
         self,
@@ -213,11 +214,11 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
     ) -> int:
         key, key_hash, record, head, caps = item
         padded = len(record)
-        live, tombs = table.q[6], table.q[7]
-        if live + tombs + 1 > L.MAX_LOAD * table.nslots or not table.room_for(padded):
-            table = self._store.rebuild(live + 1, padded)
-        index, words, free = table.probe_for_write(key, key_hash)
         top, live, tombs, garbage, ops, owners = table.counters()
+        if live + tombs + 1 > table.fill_limit or top + padded > table.arena_size:
+            table = self._store.rebuild(live + 1, padded)
+            top, live, tombs, garbage, ops, owners = table.counters()
+        index, words, free, free_is_tomb = table.probe_for_write(key, key_hash)
         if words is not None:
             kind, reason = _ev.REGISTERED, _ev.TAKEOVER
             if words[4] & LO32 == owner.pid and words[5] == owner.start_ticks:
@@ -238,28 +239,20 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         else:
             kind, reason = _ev.REGISTERED, _ev.NO_REASON
             index = free
-            if table.q[table.slot_word0 + index * 8 + 2] >> 48 == L.TOMB:
-                tombs -= 1
+            tombs -= free_is_tomb
             live += 1
             owners += 1
             generation = owners
-        offset = table.stage(record)
+        offset = table.stage(record, top)
         table.commit(
             index,
             (head[0], head[1] | offset >> 3, head[2], head[3], head[4], generation, caps),
             (top + padded, live, tombs, garbage, ops + 1, owners),
             kind,
             reason,
+            key,
         )
         return generation
-
-    def _ensure_room(self, table: Table, nbytes: int, adding: bool) -> Table:
-        live = table.counter(L.D_LIVE)
-        tombs = table.counter(L.D_TOMBS)
-        crowded = adding and live + tombs + 1 > L.MAX_LOAD * table.nslots
-        if crowded or not table.room_for(nbytes):
-            return self._store.rebuild(live + 1, nbytes)
-        return table
 
     def update_metadata(
         self,
@@ -288,11 +281,11 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
                     meta, packed = update, packed_update
                 record = key + packed
                 padded = L.align_record(len(record))
-                if not table.room_for(padded):
-                    table = self._ensure_room(table, padded, adding=False)
+                if not table.room_for(padded):  # arena full: compact (or grow) first
+                    table = self._store.rebuild(0, padded)
                     continue
                 top, live, tombs, garbage, ops, owners = table.counters()
-                offset = table.stage(record + b"\0" * (padded - len(record)))
+                offset = table.stage(record + b"\0" * (padded - len(record)), top)
                 body = (
                     words[1],
                     L.pack_rec(offset, len(key), L.USED),
@@ -324,7 +317,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         key_hash: int,
         generation: int | None,
     ) -> tuple[int, SlotWords]:
-        index, words, _ = table.probe_for_write(key, key_hash)
+        index, words, _, _ = table.probe_for_write(key, key_hash)
         if words is None or not self._alive(words[4] & LO32):
             raise NotRegistered(
                 f"{namespace}/{service!r} is not registered", namespace=namespace, service=service
@@ -345,7 +338,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         key, key_hash, _, _, _ = self._key(namespace, service)
 
         def write(table: Table) -> bool:
-            index, words, _ = table.probe_for_write(key, key_hash)
+            index, words, _, _ = table.probe_for_write(key, key_hash)
             if words is None:
                 return False
             if generation is not None and words[6] != generation:

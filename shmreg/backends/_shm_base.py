@@ -52,6 +52,7 @@ class ShmBase:
             name, create=create, capacity=capacity, max_metadata_bytes=max_metadata_bytes, mode=mode
         )
         self._name = name
+        self._max_meta = self._store.max_metadata_bytes
         self._keys: dict[tuple[str, Any], KeyInfo] = {}
         self._sweeps = 0
         # Pids mean something only in the pid namespace that stored them. A process in
