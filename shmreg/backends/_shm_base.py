@@ -24,7 +24,9 @@ _crc32 = zlib.crc32
 # key bytes, key hash, namespace hash, namespace length, the service's exact type (a cached
 # entry for 1 must not answer for True or 1.0, which are equal in Python)
 KeyInfo = tuple[bytes, int, int, int, type]
-_KEY_CACHE_LIMIT = 65_536
+# Encoded keys per process: ~250 bytes each, so at most ~64 MiB; a working set larger than
+# this pays the encoding (~0.5 µs) on every call past the first 262,144 keys.
+_KEY_CACHE_LIMIT = 262_144
 _GEN = L.R_GEN
 _NAMESPACES: dict[str, tuple[bytes, int, int]] = {}  # namespace -> (prefix, crc32, length)
 LO32 = L.LO32

@@ -82,11 +82,14 @@ class ShmLiveness(ShmBase):
         def write(table: Table) -> int:
             removed = 0
             if dead:
-                cols = table.columns()
-                states = (cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)
-                used = np.flatnonzero(states == L.USED)
-                hits = used[np.isin(cols[used, L.S_OWNER] & np.uint64(LO32), dead_pids)].tolist()
-                del cols, states, used
+                # One pass over the owner column finds the candidates (a monitor usually
+                # buries one pid: a plain comparison); states are checked per hit below.
+                owners = table.columns()[:, L.S_OWNER] & np.uint64(LO32)
+                if dead_pids.size == 1:
+                    hits = np.flatnonzero(owners == dead_pids[0]).tolist()
+                else:
+                    hits = np.flatnonzero(np.isin(owners, dead_pids)).tolist()
+                del owners
                 for index in hits:
                     words = table.read_slot(index)
                     reason = dead.get(ProcessIdentity(words[4] & LO32, words[5]))
