@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 DEADLINE_S = 60.0
 
 #: Imported by every child program: a barrier on a file, and a way to report a result.
-CHILD_PRELUDE = r'''
+CHILD_PRELUDE = r"""
 import json, os, sys, time
 import shmreg
 
@@ -45,7 +45,7 @@ def touch(path):
 def report(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
-'''
+"""
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -60,9 +60,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_py(code: str, *args: str, prelude: bool = True, flags: tuple[str, ...] = (),
-           stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.PIPE,
-           stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+def run_py(
+    code: str,
+    *args: str,
+    prelude: bool = True,
+    flags: tuple[str, ...] = (),
+    stdin: Any = subprocess.DEVNULL,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.PIPE,
+) -> subprocess.Popen[str]:
     """Start ``sys.executable -c code *args`` as an independent interpreter.
 
     Its own session (so no terminal signal reaches it), the repository on ``PYTHONPATH``,
@@ -71,21 +77,28 @@ def run_py(code: str, *args: str, prelude: bool = True, flags: tuple[str, ...] =
     source = (CHILD_PRELUDE + "\n" + code) if prelude else code
     return subprocess.Popen(
         [sys.executable, *flags, "-c", source, *args],
-        stdin=stdin, stdout=stdout, stderr=stderr, env=child_env(), cwd=str(REPO),
-        text=True, start_new_session=True,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        env=child_env(),
+        cwd=str(REPO),
+        text=True,
+        start_new_session=True,
     )
 
 
-def wait_for_file(path: str | Path, *, procs: tuple[Any, ...] = (),
-                  timeout: float = DEADLINE_S) -> None:
+def wait_for_file(
+    path: str | Path, *, procs: tuple[Any, ...] = (), timeout: float = DEADLINE_S
+) -> None:
     """Wait until ``path`` exists; fail early if one of ``procs`` exited first."""
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         for proc in procs:
             code = proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode
             if code is not None and not os.path.exists(path):
-                raise AssertionError(f"child {proc.pid} exited ({code}) before {path} appeared"
-                                     + _stderr_of(proc))
+                raise AssertionError(
+                    f"child {proc.pid} exited ({code}) before {path} appeared" + _stderr_of(proc)
+                )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {path}")
         time.sleep(0.002)
@@ -137,8 +150,9 @@ def read_line(proc: subprocess.Popen[str]) -> Any:
     line = proc.stdout.readline()
     if not line:
         proc.wait()
-        raise AssertionError(f"child {proc.pid} exited ({proc.returncode}) without a reply"
-                             + _stderr_of(proc))
+        raise AssertionError(
+            f"child {proc.pid} exited ({proc.returncode}) without a reply" + _stderr_of(proc)
+        )
     return json.loads(line)
 
 
@@ -214,9 +228,13 @@ class Children:
 
     def sleeper(self, seconds: int = 120) -> subprocess.Popen[bytes]:
         """A long-lived helper process whose pid entries can be registered under."""
-        proc = subprocess.Popen(["sleep", str(seconds)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["sleep", str(seconds)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.items.append(proc)
         return proc
 
@@ -325,3 +343,20 @@ def _use(reg: Any, ns: str, service: str, owner: int) -> None:
     assert reg.lookup(ns, service) == owner
     assert reg.lookup_with_metadata(ns, "driver") is not None
     assert service in reg.list_services(ns)
+
+
+@contextmanager
+def alarm_after(seconds: float, error: type[BaseException], message: str) -> Iterator[None]:
+    """Raise ``error(message)`` in this thread if the block is still running after
+    ``seconds``: a hang becomes a failure instead of a stuck test run (main thread only)."""
+
+    def ring(signum: int, frame: object) -> None:
+        raise error(message)
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

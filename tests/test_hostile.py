@@ -12,21 +12,20 @@ check of the source that no code path unpickles what it reads from shared memory
 from __future__ import annotations
 
 import ast
+import contextlib
 import decimal
 import math
 import os
 import re
-import signal
 import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import children, destroying, finish_ok, segments_of, wait_zombie
+from helpers import alarm_after, children, destroying, finish_ok, segments_of, wait_zombie
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -44,18 +43,8 @@ class Hung(BaseException):
     """Raised by the alarm when a call outlives HANG_S: a hang, reported as a failure."""
 
 
-@contextmanager
-def no_hang(seconds: float = HANG_S) -> Iterator[None]:
-    def alarm(signum: int, frame: object) -> None:
-        raise Hung(f"call still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def no_hang(seconds: float = HANG_S) -> contextlib.AbstractContextManager[None]:
+    return alarm_after(seconds, Hung, f"call still running after {seconds} s")
 
 
 def snapshot(reg: shmreg.Registry) -> tuple[Any, ...]:

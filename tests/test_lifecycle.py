@@ -744,3 +744,17 @@ def test_destroy_under_a_busy_peer(reg_name: str, tmp_path: Path, mode: str) -> 
         assert result["error"] == "RegistryDestroyed" and result["not_found"], result
         assert result["ops"] >= 200
         assert segments_of(reg_name) == []
+
+
+def test_a_batch_that_grows_the_table_grows_it_a_few_times_only(reg_name: str) -> None:
+    """Growth inside register_many: later items must see the new table, not rebuild again.
+
+    (Each item once re-read the batch's first table, found it full and rebuilt: a rebuild
+    per item, quadratic in the batch.)"""
+    reg = shmreg.Registry.create(reg_name, capacity=16)
+    with destroying(reg_name):
+        reg.register_many(NS, [(i, None, {"i": i}) for i in range(3000)])
+        assert reg.count(NS) == 3000
+        assert reg.stats().extra["generation"] <= 10  # 16 -> 3000 by doubling: ~8 rebuilds
+        assert reg.get_metadata(NS, 2999) == {"i": 2999}
+        reg.close()

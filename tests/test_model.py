@@ -16,17 +16,17 @@ namespace and ``count`` equal the model's, and fsck finds nothing wrong.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import pytest
-from helpers import Children, read_line, send_line
+from helpers import Children, alarm_after, read_line, send_line
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -120,20 +120,9 @@ def decode(value: Any) -> Any:
     return value
 
 
-@contextmanager
-def deadline(what: str, seconds: float = 30.0) -> Iterator[None]:
+def deadline(what: str, seconds: float = 30.0) -> contextlib.AbstractContextManager[None]:
     """Turn a helper that stopped answering into a failure instead of a hung test run."""
-
-    def alarm(signum: int, frame: object) -> None:
-        raise AssertionError(f"{what} within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    return alarm_after(seconds, AssertionError, f"{what} within {seconds} s")
 
 
 class Helper:
@@ -275,8 +264,11 @@ class RegistryModel(RuleBasedStateMachine):
         holder = self.model.get(key)
         if holder is None or holder[0] == helper.pid:
             assert "ok" in reply, reply
-            event("register: takeover of a dead owner" if key in self.ghosts else
-                  "register: new or same owner")
+            event(
+                "register: takeover of a dead owner"
+                if key in self.ghosts
+                else "register: new or same owner"
+            )
             self._registered(key, helper.pid, meta, reply["ok"])
         else:
             assert reply == {"error": "AlreadyRegistered", "code": 3004, "pid": holder[0]}, reply
@@ -345,8 +337,9 @@ class RegistryModel(RuleBasedStateMachine):
             assert reader.call(op="attach", name=self.name) == {"ok": True}
             order = sorted(self.seen, key=repr)
             namespaces = [*NAMESPACES, BULK]
-            got = reader.call(op="read_all", keys=[[ns, encode(s)] for ns, s in order],
-                              namespaces=namespaces)["ok"]
+            got = reader.call(
+                op="read_all", keys=[[ns, encode(s)] for ns, s in order], namespaces=namespaces
+            )["ok"]
             for key, found, pid in zip(order, got["lookups"], got["pids"], strict=True):
                 want = self.model.get(key)
                 assert found == (None if want is None else [want[0], want[1]]), key
@@ -367,8 +360,11 @@ class RegistryModel(RuleBasedStateMachine):
         names = [f"b{i}" for i in range(self.bulk, self.bulk + n)]
         self.bulk += n
         metas = [{"type": "bulk", "i": i} for i in range(n)]
-        reply = helper.call(op="register_many", ns=BULK,
-                            items=[[name, meta] for name, meta in zip(names, metas, strict=True)])
+        reply = helper.call(
+            op="register_many",
+            ns=BULK,
+            items=[[name, meta] for name, meta in zip(names, metas, strict=True)],
+        )
         assert "ok" in reply and len(reply["ok"]) == n, reply
         for name, meta, generation in zip(names, metas, reply["ok"], strict=True):
             key = (BULK, name)

@@ -147,10 +147,10 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
     ) -> int:
         item = self._prepare(namespace, service, owner, metadata)
         store = self._store
-        table = store.begin()
+        store.begin()
         failed = True
         try:
-            generation = self._register_locked(table, namespace, service, owner, item)
+            generation = self._register_locked(namespace, service, owner, item)
             failed = False
             return generation
         finally:
@@ -165,11 +165,11 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
             for service, owner, metadata in items
         ]
         store = self._store
-        table = store.begin()
+        store.begin()
         failed = True
         try:
             out = [
-                self._register_locked(table, namespace, service, owner, item)
+                self._register_locked(namespace, service, owner, item)
                 for service, owner, item in prepared
             ]
             failed = False
@@ -206,12 +206,13 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
 
     def _register_locked(
         self,
-        table: Table,
         namespace: str,
         service: Service,
         owner: ProcessIdentity,
         item: _Prepared,
     ) -> int:
+        # Always the store's current table: an earlier item of a batch may have grown it.
+        table = self._store.table
         key, key_hash, record, head, caps = item
         padded = len(record)
         top, live, tombs, garbage, ops, owners = table.counters()
