@@ -962,7 +962,7 @@ _SOURCES = sorted(PACKAGE.rglob("*.py"))
 def test_no_code_path_unpickles() -> None:
     """Nothing read from shared memory can run code: no pickle/marshal loads anywhere.
 
-    The single use of pickle is ``_errors.py`` asking ``pickle.dumps`` whether an error's
+    The single use of pickle is ``_error_base.py`` asking ``pickle.dumps`` whether an error's
     context value can travel (its ``__reduce__`` for sending errors between processes);
     nothing loads a pickle, and msgpack is never given hooks that build objects.
     """
@@ -996,4 +996,4 @@ def test_no_code_path_unpickles() -> None:
                 assert not hooks, f"{rel}:{node.lineno}: a call with {hooks}"
                 if isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
                     pytest.fail(f"{rel}:{node.lineno}: {node.func.id}()")
-    assert users == {"_errors.py": {"import pickle", "pickle.dumps"}}, users
+    assert users == {"_error_base.py": {"import pickle", "pickle.dumps"}}, users
