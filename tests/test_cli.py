@@ -95,3 +95,10 @@ def test_demo_runs_the_main_job() -> None:
     assert "killed with SIGKILL" in out
     assert "sweep removed 1 dead entry; 2 workers left" in out
     assert "capability query" in out and "destroyed" in out
+
+
+def test_bench_short_run_reports_shmreg_with_no_errors() -> None:
+    data = json.loads(run("bench", "--size", "300", "--procs", "1", "--json").stdout)
+    shm = data["shmreg"]
+    assert shm["lookup_hit"]["errors"] == 0 and shm["register"]["ops"] == 300
+    assert "dict" in data
