@@ -175,20 +175,36 @@ def forget_segment(shm: SharedMemory) -> None:
 
 
 def unlink_segment(name: str) -> bool:
-    """Remove a segment by name without involving the resource tracker."""
+    """Remove a segment by name without involving the resource tracker; False if not done.
+
+    /dev/shm is sticky: only a segment's creator (or root) may remove it. In a registry
+    shared between users (mode 0o660 / 0o666) each generation belongs to whoever grew
+    the table, so another user's leftover generation cannot be removed: that is reported
+    (False), never raised, because it is harmless (names are never reused) and raising
+    after a commit would leave the caller believing the commit failed.
+    """
     try:
         import _posixshmem  # type: ignore[import-not-found,unused-ignore]
 
         _posixshmem.shm_unlink("/" + name)
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         return False
     except ImportError:  # pragma: no cover - platforms without _posixshmem
         try:
             os.unlink(os.path.join(SHM_DIR, name))
             return True
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return False
+
+
+def may_remove(name: str) -> bool:
+    """Whether this process may unlink the segment (its owner, or root)."""
+    try:
+        owner = os.stat(segment_path(name)).st_uid
+    except FileNotFoundError:
+        return True
+    return os.geteuid() in (0, owner)
 
 
 def segment_path(name: str) -> str:

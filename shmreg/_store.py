@@ -23,6 +23,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -35,6 +36,7 @@ from shmreg._errors import (
     RegistryClosed,
     RegistryDestroyed,
     RegistryNotFound,
+    RegistryPermissionError,
 )
 from shmreg._events import Ring
 from shmreg._lock import WriterLock
@@ -44,6 +46,7 @@ from shmreg._segment import (
     forget_segment,
     link_segment,
     list_segments,
+    may_remove,
     open_segment,
     segment_path,
     unlink_segment,
@@ -95,6 +98,7 @@ class Store:
         self.incarnation = int(self.rq[L.R_INCARNATION])
         self.lock = WriterLock(segment_path(L.root_name(name)), name)
         self._swap_lock = threading.Lock()
+        _LIVE_STORES.add(self)
         self.last_recovery: list[str] = []
         try:
             self.table: Table = self._attach_data()
@@ -315,12 +319,16 @@ class Store:
             self.refresh()
 
     def end(self, failed: bool = False) -> None:
+        recovered = False
         try:
             if failed:
                 self.table.recover()
+            recovered = True
         finally:
             rq = self.rq
-            if not isinstance(rq, _Closed):
+            # If the repair itself failed, keep the owner word set: the next writer must
+            # find it and recover, not overwrite a journal that is still valid.
+            if recovered and not isinstance(rq, _Closed):
                 rq[L.R_OWNER_PID] = 0
             self.lock.release()
 
@@ -355,23 +363,37 @@ class Store:
         nslots = L.slots_for(capacity)
         arena = max(_arena_size(capacity, self.max_metadata_bytes), 2 * (used_bytes + extra_arena))
         arena = -(-arena // L.PAGE) * L.PAGE
-        gen = self.gen + 1
-        name = L.data_name(self.name, self.incarnation, gen)
-        self.rq[L.R_BUILDING] = gen
-        if ARMED:
-            crash_point("rebuild.building_marked")
-        unlink_segment(name)
-        try:
-            shm = create_segment(
-                name,
-                L.arena_offset(nslots) + arena,
-                self.name,
-                allocate_bytes=L.arena_offset(nslots),
-                mode=(int(self.rq[L.R_MODE]) & 0o777) or 0o600,
+        gen = self.gen
+        for _ in range(64):
+            # Normally g+1. A leftover of that name that we may not remove (another user's
+            # half-built generation, see unlink_segment) is skipped, never reused.
+            gen += 1
+            name = L.data_name(self.name, self.incarnation, gen)
+            self.rq[L.R_BUILDING] = gen
+            if ARMED:
+                crash_point("rebuild.building_marked")
+            unlink_segment(name)
+            try:
+                shm = create_segment(
+                    name,
+                    L.arena_offset(nslots) + arena,
+                    self.name,
+                    allocate_bytes=L.arena_offset(nslots),
+                    mode=(int(self.rq[L.R_MODE]) & 0o777) or 0o600,
+                )
+                break
+            except FileExistsError:
+                continue
+            except BaseException:
+                self.rq[L.R_BUILDING] = 0  # nothing was built
+                raise
+        else:
+            self.rq[L.R_BUILDING] = 0
+            raise CorruptRegistry(
+                f"registry {self.name!r}: 64 generation names in a row are taken",
+                name=self.name,
+                detail="generation names exhausted",
             )
-        except BaseException:
-            self.rq[L.R_BUILDING] = 0  # nothing was built
-            raise
         try:
             if ARMED:
                 crash_point("rebuild.segment_created")
@@ -387,14 +409,13 @@ class Store:
             raise
         with self._swap_lock:  # readers in this process must not re-map half-way
             self.rq[L.R_GEN] = gen  # the commit: one store
+            old_gen, self.table, self.gen = self.gen, new, gen
             if ARMED:
                 crash_point("rebuild.flipped")
             self.rq[L.R_BUILDING] = 0
-            unlink_segment(L.data_name(self.name, self.incarnation, self.gen))
+            unlink_segment(L.data_name(self.name, self.incarnation, old_gen))
             if ARMED:
                 crash_point("rebuild.old_unlinked")
-            self.table = new
-            self.gen = gen
         _retire(old)
         return new
 
@@ -443,6 +464,12 @@ class Store:
         """
         if isinstance(self.rq, _Closed) and self.rq.destroyed:
             return
+        if not may_remove(L.root_name(self.name)):
+            raise RegistryPermissionError(
+                f"registry {self.name!r} can be destroyed only by the user who created it "
+                "(or root): /dev/shm lets no one else remove its segments",
+                name=self.name,
+            )
         self.begin()
         try:
             self.rq[L.R_GEN] = L.DESTROYED
@@ -470,6 +497,19 @@ class Store:
             "dead_found": int(rq[L.R_DEAD_FOUND]),
             "writer_pid": int(rq[L.R_OWNER_PID]),
         }
+
+
+_LIVE_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _new_swap_locks_after_fork() -> None:
+    # A thread of the parent may have held a swap lock at the fork; that thread does not
+    # exist in the child, so the child's copy would stay locked forever.
+    for store in list(_LIVE_STORES):
+        store._swap_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_swap_locks_after_fork)
 
 
 def _retire(table: Table) -> None:

@@ -204,9 +204,7 @@ class Table:
                 i = 0
         return -1, None
 
-    def probe_for_write(
-        self, key: bytes, key_hash: int
-    ) -> tuple[int, SlotWords | None, int, bool]:
+    def probe_for_write(self, key: bytes, key_hash: int) -> tuple[int, SlotWords | None, int, bool]:
         """Under the lock: ``(index or -1, words, first reusable slot, it is a tombstone)``."""
         n = self.nslots
         buf = self.buf
@@ -494,7 +492,9 @@ class Table:
             dq[word] = value
 
     def describe(self) -> dict[str, Any]:
-        top, live, tombs, garbage, ops, namegen = self.counters()
+        # Read without the lock (stats): unchecked, a torn mix of counters must not be
+        # mistaken for damage. Writers use counters(), which checks.
+        top, live, tombs, garbage, ops, namegen = _COUNTERS.unpack_from(self.buf, 40)
         return {
             "generation": self.gen,
             "slots": self.nslots,
