@@ -124,10 +124,6 @@ def encode_service(prefix: bytes, service: object) -> bytes:
     return raw
 
 
-def namespace_hash(ns_raw: bytes) -> int:
-    return _crc32(ns_raw)
-
-
 def decode_key(raw: bytes) -> tuple[str, Service]:
     """Inverse of ``encode_key``."""
     cut = raw.index(b"\x00")

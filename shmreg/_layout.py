@@ -161,10 +161,6 @@ def align_record(length: int) -> int:
 # ------------------------------------------------------------------ slot word packing
 
 
-def pack_hash(key_hash: int, ns_hash: int) -> int:
-    return key_hash | (ns_hash << 32)
-
-
 def pack_rec(offset: int, key_len: int, state: int) -> int:
     return (offset // RECORD_ALIGN) | (key_len << 32) | (state << 48)
 

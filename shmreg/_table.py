@@ -254,14 +254,6 @@ class Table:
             self._corrupt(f"record at {off} runs past the arena")
         return bytes(self.buf[off:end])
 
-    def key_bytes(self, words: SlotWords) -> bytes:
-        w2 = words[2]
-        off = self.arena_off + (w2 & 0xFFFFFFFF) * 8
-        end = off + ((w2 >> 32) & 0xFFFF)
-        if end > self.arena_off + self.arena_size:
-            self._corrupt(f"record at {off} runs past the arena")
-        return bytes(self.buf[off:end])
-
     def columns(self) -> npt.NDArray[np.uint64]:
         """All slots as an ``(nslots, 8)`` uint64 array: a live view, for candidate scans only."""
         if self._columns is None:

@@ -56,7 +56,6 @@ class ShmBase:
         self._name = name
         self._max_meta = self._store.max_metadata_bytes
         self._keys: dict[tuple[str, Any], KeyInfo] = {}
-        self._sweeps = 0
         # Pids mean something only in the pid namespace that stored them. A process in
         # another one (a container sharing /dev/shm) can read, but cannot judge liveness,
         # register or remove: it would store or kill the wrong process.

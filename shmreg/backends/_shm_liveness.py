@@ -26,7 +26,6 @@ class ShmLiveness(ShmBase):
         processes and slots, not with entries per process.
         """
         verdicts = _identity.check_many(self.owners())
-        self._sweeps += 1
         return self._remove(verdicts, sweeping=True)
 
     def owner_counts(self) -> dict[ProcessIdentity, int]:
