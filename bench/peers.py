@@ -293,13 +293,14 @@ class RedisStore(Store):
         self.close()
 
 
-class SmdStore(Store):
+class SmdStore(DictStore):
     """shared-memory-dict: the whole dict is pickled into one segment, so every operation
     unpickles (and every write re-pickles) all of it. Its lock is a ``multiprocessing.Lock``
     made at import (``SHARED_MEMORY_USE_LOCK=1``): shared only by forked children, so
-    independent (spawned) writers are not excluded from each other."""
+    independent (spawned) writers are not excluded from each other. It is a dict to its
+    user, so the plain dict's reads serve; writes store private copies (see ``_own``)."""
 
-    kind = "shared-memory-dict"
+    kind, shared = "shared-memory-dict", True
 
     def preload(self) -> None:
         os.environ.setdefault("SHARED_MEMORY_USE_LOCK", "1")
@@ -323,21 +324,8 @@ class SmdStore(Store):
         self.d.update({k: _own(r) for k, _, r in items})
         return len(items)
 
-    def lookup(self, key: str) -> int | None:
-        r = self.d.get(key)
-        return None if r is None else int(r["pid"])
-
-    def lookup_with_metadata(self, key: str) -> tuple[int, Rec] | None:
-        r = self.d.get(key)
-        return None if r is None else (r["pid"], r)
-
     def update(self, key: str, rec: Rec) -> None:
-        if key not in self.d:
-            raise KeyError(key)
-        self.d[key] = _own(rec)
-
-    def unregister(self, key: str) -> bool:
-        return self.d.pop(key, None) is not None
+        super().update(key, _own(rec))
 
     def _scan(self) -> Iterable[tuple[str, Rec]]:
         return list(self.d.items())
