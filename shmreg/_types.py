@@ -111,3 +111,17 @@ class RegistryStats:
     # Entries whose owner's liveness cannot be read (another pid namespace, hidepid):
     # kept, never swept, and counted here.
     unknown_owners: int = 0
+
+    def summary(self, name: str) -> dict[str, Any]:
+        """The flat dict a backend's ``statistics()`` returns."""
+        return {
+            "backend": self.backend,
+            "name": name,
+            "entries": self.used,
+            "capacity": self.capacity,
+            "load_factor": self.load_factor,
+            "memory_bytes": self.memory_bytes,
+            "sweeps": self.sweeps,
+            "generation": self.extra.get("generation", 1),
+            "ops": self.extra["ops"],
+        }

@@ -38,6 +38,16 @@ def reg_name() -> str:
     return f"{TEST_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:10]}"
 
 
+@pytest.fixture(params=["shm", "memory"])
+def any_registry(request: pytest.FixtureRequest, reg_name: str) -> Iterator[shmreg.Registry]:
+    """A fresh registry on each backend in turn, destroyed afterwards."""
+    reg = shmreg.Registry.create(reg_name, backend=request.param, capacity=1024)
+    try:
+        yield reg
+    finally:
+        reg.destroy()
+
+
 @pytest.fixture
 def registry(reg_name: str) -> Iterator[shmreg.Registry]:
     reg = shmreg.Registry.create(reg_name, capacity=1024)

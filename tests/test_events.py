@@ -47,15 +47,6 @@ def last_seq(reg: shmreg.Registry) -> int:
     return seq
 
 
-@pytest.fixture(params=["shm", "memory"])
-def any_registry(request: pytest.FixtureRequest, reg_name: str) -> Iterator[shmreg.Registry]:
-    reg = shmreg.Registry.create(reg_name, backend=request.param, capacity=1024)
-    try:
-        yield reg
-    finally:
-        reg.destroy()
-
-
 def kill_and_reap(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.kill()

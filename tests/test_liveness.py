@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -535,15 +534,6 @@ def test_owner_in_another_pid_namespace_is_unknown_and_kept(
 
 
 # ---------------------------------------------------------------------- health_check
-
-
-@pytest.fixture(params=["shm", "memory"])
-def any_registry(request: pytest.FixtureRequest, reg_name: str) -> Iterator[shmreg.Registry]:
-    reg = shmreg.Registry.create(reg_name, backend=request.param, capacity=1024)
-    try:
-        yield reg
-    finally:
-        reg.destroy()
 
 
 @pytest.mark.parametrize(

@@ -584,18 +584,7 @@ class MemoryBackend:
             )
 
     def statistics(self) -> dict[str, Any]:
-        stats = self.stats()
-        return {
-            "backend": self.kind,
-            "name": self.name,
-            "entries": stats.used,
-            "capacity": stats.capacity,
-            "load_factor": stats.load_factor,
-            "memory_bytes": stats.memory_bytes,
-            "sweeps": stats.sweeps,
-            "generation": 1,
-            "ops": stats.extra["ops"],
-        }
+        return self.stats().summary(self.name)
 
     def close(self) -> None:
         """Detach this handle; the registry stays for other handles. Idempotent."""

@@ -292,15 +292,4 @@ class ShmScans(ShmBase):
         )
 
     def statistics(self) -> dict[str, Any]:
-        stats = self.stats()
-        return {
-            "backend": self.kind,
-            "name": self._name,
-            "entries": stats.used,
-            "capacity": stats.capacity,
-            "load_factor": stats.load_factor,
-            "memory_bytes": stats.memory_bytes,
-            "sweeps": stats.sweeps,
-            "generation": stats.extra["generation"],
-            "ops": stats.extra["ops"],
-        }
+        return self.stats().summary(self._name)
