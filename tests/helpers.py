@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,10 +146,29 @@ def json_lines(text: str) -> list[Any]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def read_line(proc: subprocess.Popen[str]) -> Any:
-    """The next JSON line a child printed (blocks; the child must print or exit)."""
+def read_line(proc: subprocess.Popen[str], timeout: float = DEADLINE_S) -> Any:
+    """The next JSON line a child printed.
+
+    Bounded: a child that neither prints a line nor exits within ``timeout`` is SIGKILLed
+    and the test fails with whatever the child had printed, so a hung child fails one test
+    instead of stalling the whole run. The read runs in a thread because a text pipe's
+    buffered ``readline`` cannot be given a timeout; killing the child ends it (EOF).
+    """
     assert proc.stdout is not None
-    line = proc.stdout.readline()
+    stdout = proc.stdout
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        proc.kill()
+        reader.join(DEADLINE_S)
+        proc.wait()
+        raise AssertionError(
+            f"child {proc.pid} printed no line in {timeout} s and was killed; "
+            f"its unfinished line: {''.join(got)!r}" + _stderr_of(proc)
+        )
+    line = got[0]
     if not line:
         proc.wait()
         raise AssertionError(
@@ -312,6 +333,47 @@ def destroying(name: str) -> Iterator[None]:
                 os.unlink(os.path.join("/dev/shm", seg))
             except FileNotFoundError:
                 pass
+
+
+#: Set to replay a randomized test: every one prints the seed it used under this name.
+SEED_ENV = "SHMREG_TEST_SEED"
+
+
+def test_seed(label: str) -> int:
+    """The seed of one randomized test: ``$SHMREG_TEST_SEED`` if set, else a fresh one.
+
+    Printed (pytest shows it with a failure's captured output) as the exact variable
+    assignment that replays the run.
+    """
+    text = os.environ.get(SEED_ENV, "").strip()
+    seed = int(text) if text else int.from_bytes(os.urandom(4), "little")
+    print(f"{label}: seed {seed} (replay with {SEED_ENV}={seed})")
+    return seed
+
+
+test_seed.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test to collect
+
+#: The last stderr line of ``unshare`` or ``mount`` when the kernel or a container refuses
+#: them (EPERM, EACCES, EINVAL for an unsupported namespace, ENOSPC for exhausted
+#: namespaces). Only these mean "this machine cannot run the test"; anything else is a failure.
+_REFUSED = re.compile(
+    r"unshare: (unshare failed|cannot change root filesystem propagation): "
+    r"(Operation not permitted|Permission denied|Invalid argument|No space left on device)"
+    r"|mount: /dev/shm: (permission denied|must be superuser to use mount)\.?"
+)
+
+
+def refused_by_the_machine(returncode: int, stderr: str) -> str | None:
+    """The refusal if a namespace or mount child failed only because it was not allowed.
+
+    ``None`` for success and for every other failure (a traceback, a crash, a wrong
+    result): the caller reports those as failures, never as skips.
+    """
+    lines = stderr.strip().splitlines()
+    if returncode == 0 or not lines:
+        return None
+    last = lines[-1].strip()
+    return last if _REFUSED.fullmatch(last) else None
 
 
 # ------------------------------------------------- targets for multiprocessing children

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import refused_by_the_machine
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
@@ -20,7 +21,10 @@ pytestmark = pytest.mark.skipif(
 
 _SCRIPT = r"""
 import json, os, subprocess, sys
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", "/dev/shm"], check=True)
+mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", "/dev/shm"],
+                         capture_output=True, text=True)
+if mounted.returncode != 0:
+    sys.exit(mounted.stderr.strip() or f"mount exited {mounted.returncode}")
 import shmreg
 out = {}
 try:
@@ -51,8 +55,9 @@ def test_full_dev_shm_is_a_clean_error() -> None:
         ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _SCRIPT],
         capture_output=True, text=True, timeout=300,
     )
-    if proc.returncode != 0 and ("unshare" in proc.stderr or "mount" in proc.stderr):
-        pytest.skip(f"cannot make a private tmpfs here: {proc.stderr.strip()[-300:]}")
+    refusal = refused_by_the_machine(proc.returncode, proc.stderr)
+    if refusal is not None:
+        pytest.skip(f"cannot make a private tmpfs here: {refusal}")
     assert proc.returncode == 0, proc.stderr  # a SIGBUS would be returncode -7
     out = json.loads(proc.stdout)
     assert out["create"][0] == 2003 and "/dev/shm" in out["create"][1]

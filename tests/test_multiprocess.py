@@ -30,6 +30,7 @@ from helpers import (
     json_lines,
     read_line,
     send_line,
+    test_seed,
     touch,
     wait_for_file,
     wait_zombie,
@@ -672,12 +673,12 @@ def _kill_loop(reg_name: str, tmp_path: Path, iterations: int, seed: int) -> Non
 
 
 def test_writer_sigkilled_in_a_loop(reg_name: str, tmp_path: Path) -> None:
-    _kill_loop(reg_name, tmp_path, iterations=20, seed=int.from_bytes(os.urandom(4), "little"))
+    _kill_loop(reg_name, tmp_path, iterations=20, seed=test_seed("kill loop"))
 
 
 @pytest.mark.slow
 def test_writer_sigkilled_in_a_loop_long(reg_name: str, tmp_path: Path) -> None:
-    _kill_loop(reg_name, tmp_path, iterations=80, seed=int.from_bytes(os.urandom(4), "little"))
+    _kill_loop(reg_name, tmp_path, iterations=80, seed=test_seed("kill loop"))
 
 
 # ------------------------------------------------------------- the writer lock across fork

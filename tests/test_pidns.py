@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import refused_by_the_machine
 
 import shmreg
 
@@ -43,8 +44,9 @@ def test_foreign_pid_namespace_reads_but_does_not_judge_or_write(reg_name: str) 
              reg_name],
             capture_output=True, text=True, timeout=60,
         )
-        if proc.returncode != 0 and "unshare" in proc.stderr:
-            pytest.skip(f"unshare refused here: {proc.stderr.strip()}")
+        refusal = refused_by_the_machine(proc.returncode, proc.stderr)
+        if refusal is not None:
+            pytest.skip(f"unshare refused here: {refusal}")
         assert proc.returncode == 0, proc.stderr
         import json
 
