@@ -8,19 +8,26 @@ result and the time), flushing both; the call between is "in flight". The test k
 writer at random times with SIGKILL and starts a replacement, until the time is up, then
 kills the rest.
 
-Afterwards one write runs recovery and every key is checked against a model built from the
-logs: its state must be what the last acknowledged operation on it left, or what an
-operation in flight when its writer died would leave. With several writers "last" is a
-partial order: an operation is superseded only by an acknowledged one that started after it
-ended (an in-flight operation ends when its writer was reaped). Metadata is unique per call,
-so a state no call could have produced cannot pass. The seed is printed; the number of
-kills, operations checked and lost registrations (always 0) are printed and recorded.
+Afterwards one write runs recovery and the whole final state (every key of the key space:
+present or absent, metadata, owner and generation, and nothing else in the namespace) is
+compared with a model replayed from the logs: a key's state must be what the last
+acknowledged operation on it left, or what an operation in flight when its writer died
+would leave. With several writers "last" is a partial order: an operation is superseded
+only by an acknowledged one that started after it ended (an in-flight operation ends when
+its writer was reaped). Metadata is unique per call, so a state no call could have produced
+cannot pass. Generations are fencing tokens: a present key carries the newest generation an
+acknowledged ``register`` of it returned, or a newer one only if a ``register`` of it was in
+flight; and of two acknowledged ``register`` calls on one key, the later never returned a
+smaller generation. The seed is printed (``SHMREG_TEST_SEED`` replays it); the number of
+kills, operations replayed, keys, metadata, owners and generations compared, and lost
+registrations (always 0) are printed and recorded.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
-import os
 import random
 import subprocess
 import sys
@@ -32,7 +39,16 @@ from typing import Any
 
 import pytest
 from conftest import soak_seconds
-from helpers import CHILD_PRELUDE, DEADLINE_S, REPO, Children, child_env, children, destroying
+from helpers import (
+    CHILD_PRELUDE,
+    DEADLINE_S,
+    REPO,
+    Children,
+    child_env,
+    children,
+    destroying,
+    test_seed,
+)
 
 import shmreg
 from shmreg import _fsck
@@ -88,6 +104,8 @@ class Op:
     after: tuple[str, Any]  # ("present", metadata) or ("absent", None)
     acked: bool
     changes: bool  # it appends an event when applied
+    gen: int | None = None  # what an acknowledged register returned
+    registers: bool = False  # a register call (acknowledged or in flight)
 
 
 @dataclass
@@ -146,12 +164,15 @@ def _parse(log: Path, killed_at: int) -> tuple[list[Op], int]:
         else:
             assert isinstance(res, bool), res
             after, changes = ("absent", None), res
-        ops.append(Op(pending["key"], pending["t"], line["t"], after, True, changes))
+        gen = res if op == "register" else None
+        ops.append(Op(pending["key"], pending["t"], line["t"], after, True, changes, gen,
+                      op == "register"))
         pending = None
     if pending is not None:  # started, never acknowledged: may or may not have landed
         after = ("absent", None) if pending["op"] == "unregister" else ("present",
                                                                          pending["meta"])
-        ops.append(Op(pending["key"], pending["t"], killed_at, after, False, True))
+        ops.append(Op(pending["key"], pending["t"], killed_at, after, False, True, None,
+                      pending["op"] == "register"))
     return ops, len(lines)
 
 
@@ -165,9 +186,77 @@ def _candidates(ops: list[Op]) -> list[tuple[str, Any]]:
     return out
 
 
+def compare(by_key: dict[str, list[Op]], final: dict[Any, tuple[int, Any, int]],
+            owner: int) -> tuple[list[str], dict[str, int]]:
+    """Compare the registry's final namespace (service -> (pid, metadata, generation)) with
+    the model replayed from the logs; return every discrepancy and what was compared."""
+    problems: list[str] = []
+    counts = dict.fromkeys(("keys_compared", "metadata_compared", "owners_compared",
+                            "generations_compared", "register_results_ordered",
+                            "lost_registrations", "impossible_states"), 0)
+    for extra in sorted(set(final) - set(by_key), key=repr):
+        problems.append(f"{extra!r}: present, but no writer ever touched it")
+        counts["impossible_states"] += 1
+    for key, ops in by_key.items():
+        counts["keys_compared"] += 1
+        state: tuple[str, Any] = ("absent", None)
+        if key in final:
+            pid, meta, generation = final[key]
+            state = ("present", meta)
+            counts["metadata_compared"] += 1
+            counts["owners_compared"] += 1
+            if pid != owner:
+                problems.append(f"{key}: owner {pid}, every call registered {owner}")
+                counts["impossible_states"] += 1
+            stale = _generation_problems(key, ops, generation)
+            counts["generations_compared"] += 1
+            counts["impossible_states"] += len(stale)
+            problems += stale
+        allowed = _candidates(ops)
+        if state not in allowed:
+            counts["lost_registrations" if state[0] == "absent" else "impossible_states"] += 1
+            problems.append(f"{key}: {state!r} not in {allowed!r}")
+        ordered, backwards = _register_order(ops)
+        counts["register_results_ordered"] += ordered
+        counts["impossible_states"] += len(backwards)
+        problems += [f"{key}: {text}" for text in backwards]
+    return problems, counts
+
+
+def _register_order(ops: list[Op]) -> tuple[int, list[str]]:
+    """Pairs of acknowledged registers on one key where one ended before the other started
+    (the later must not have returned a smaller generation): how many, and violations."""
+    done = sorted((op.end, op.gen) for op in ops if op.acked and op.gen is not None)
+    ends = [end for end, _ in done]
+    newest_so_far = list(itertools.accumulate((gen for _, gen in done), max))
+    pairs, backwards = 0, []
+    for op in ops:
+        if not (op.acked and op.gen is not None):
+            continue
+        before = bisect.bisect_left(ends, op.start)  # registers that ended before it began
+        pairs += before
+        if before and newest_so_far[before - 1] > op.gen:
+            backwards.append(f"register returned {op.gen} after an earlier one had "
+                             f"returned {newest_so_far[before - 1]}")
+    return pairs, backwards
+
+
+def _generation_problems(key: str, ops: list[Op], generation: int) -> list[str]:
+    """A present key carries the newest generation any acknowledged register of it returned,
+    or a newer one if a register of it was in flight (that call created the entry)."""
+    returned = [op.gen for op in ops if op.acked and op.gen is not None]
+    newest = max(returned, default=0)
+    if generation == newest and returned:
+        return []
+    if generation > newest and any(op.registers and not op.acked for op in ops):
+        return []
+    return [f"{key}: generation {generation}, acknowledged registers returned "
+            f"{sorted(set(returned))} and none was in flight with a newer one"]
+
+
 def _storm(name: str, tmp_path: Path, seconds: float, record_property: Any) -> None:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"\nkill storm: seed {seed}, {seconds:.1f} s, {WRITERS} writers, {KEYS} keys")
+    seed = test_seed("kill storm")
+    print(f"kill storm: {seconds:.1f} s, {WRITERS} writers, {KEYS} keys")
     rng = random.Random(seed)
     kills = 0
     logs: list[tuple[Path, int]] = []  # every writer's log with the time it was reaped
@@ -210,38 +299,25 @@ def _storm(name: str, tmp_path: Path, seconds: float, record_property: Any) -> N
             reg.register("sentinel", "s", pid=owner, metadata={"sentinel": True})
             assert int(reg.backend.store.rq[L.R_OWNER_PID]) == 0  # type: ignore[attr-defined]
 
-            state: dict[str, tuple[str, Any]] = {}
-            for key in by_key:
-                found = reg.lookup_with_metadata(NS, key)
-                if found is None:
-                    state[key] = ("absent", None)
-                else:
-                    assert found[0] == owner, (key, found)
-                    state[key] = ("present", found[1])
-            lost = wrong = 0
-            problems = []
-            for key, ops in by_key.items():
-                allowed = _candidates(ops)
-                if state[key] in allowed:
-                    continue
-                if state[key][0] == "absent":
-                    lost += 1
-                else:
-                    wrong += 1
-                problems.append(f"{key}: {state[key]!r} not in {allowed!r}")
+            rows = [r for r in reg.backend.dump() if r["namespace"] == NS]
+            final = {r["service"]: (r["pid"], r["metadata"], r["generation"]) for r in rows}
+            assert len(final) == len(rows)
+            problems, counts = compare(by_key, final, owner)
+            state = {key: ("present", final[key][1]) if key in final else ("absent", None)
+                     for key in by_key}
+            lost, wrong = counts["lost_registrations"], counts["impossible_states"]
 
             summary = {"seed": seed, "kills": kills, "ops_checked": acked,
-                       "in_flight": in_flight, "lost_registrations": lost,
-                       "impossible_states": wrong, "keys": KEYS,
-                       "present": sum(s[0] == "present" for s in state.values()),
+                       "log_lines": lines, "in_flight": in_flight, **counts,
                        "recoveries": int(reg.stats().extra["recoveries"]),
-                       "generation": int(reg.stats().extra["generation"])}
+                       "table_generation": int(reg.stats().extra["generation"])}
             for k, v in summary.items():
                 record_property(k, v)
             print("kill storm result:", json.dumps(summary))
             assert not problems, "\n".join(problems)
             assert lost == 0 and wrong == 0
             assert kills >= WRITERS and acked > 0
+            assert counts["keys_compared"] == KEYS
 
             _check_consistent(reg, name, state, by_key, owner)
         finally:
@@ -303,3 +379,69 @@ def test_kill_storm(reg_name: str, tmp_path: Path, record_property: Any) -> None
 @pytest.mark.slow
 def test_kill_storm_soak(reg_name: str, tmp_path: Path, record_property: Any) -> None:
     _storm(reg_name, tmp_path, soak_seconds(), record_property)
+
+
+# ------------------------------------------------- the model itself catches what it should
+
+_OWNER = 4242
+
+
+def _op(key: str, start: int, end: int, after: tuple[str, Any], *, acked: bool = True,
+        gen: int | None = None, registers: bool = False) -> Op:
+    return Op(key, start, end, after, acked, True, gen, registers)
+
+
+def _history() -> dict[str, list[Op]]:
+    """k0: registered (gen 3), updated. k1: registered (gen 5), unregistered. k2: a register
+    in flight at a kill, after an acknowledged one (gen 7)."""
+    return {
+        "k0": [_op("k0", 1, 2, ("present", {"n": 1}), gen=3, registers=True),
+               _op("k0", 3, 4, ("present", {"n": 2}))],
+        "k1": [_op("k1", 1, 2, ("present", {"n": 3}), gen=5, registers=True),
+               _op("k1", 3, 4, ("absent", None))],
+        "k2": [_op("k2", 1, 2, ("present", {"n": 4}), gen=7, registers=True),
+               _op("k2", 3, 9, ("present", {"n": 5}), acked=False, registers=True)],
+    }
+
+
+def _final(**changes: Any) -> dict[Any, tuple[int, Any, int]]:
+    final: dict[Any, tuple[int, Any, int]] = {"k0": (_OWNER, {"n": 2}, 3),
+                                              "k2": (_OWNER, {"n": 4}, 7)}
+    final.update(changes)
+    return {k: v for k, v in final.items() if v is not None}
+
+
+def test_model_accepts_the_true_state_and_the_in_flight_one() -> None:
+    problems, counts = compare(_history(), _final(), _OWNER)
+    assert problems == []
+    assert counts["keys_compared"] == 3 and counts["generations_compared"] == 2
+    # the in-flight register landed, with a generation nobody was told about
+    assert compare(_history(), _final(k2=(_OWNER, {"n": 5}, 9)), _OWNER)[0] == []
+
+
+@pytest.mark.parametrize(
+    ("final", "counter"),
+    [
+        pytest.param(_final(k0=None), "lost_registrations", id="lost-registration"),
+        pytest.param(_final(k0=(_OWNER, {"n": 1}, 3)), "impossible_states", id="stale-metadata"),
+        pytest.param(_final(k1=(_OWNER, {"n": 3}, 5)), "impossible_states", id="resurrected"),
+        pytest.param(_final(k0=(1, {"n": 2}, 3)), "impossible_states", id="wrong-owner"),
+        pytest.param(_final(k0=(_OWNER, {"n": 2}, 2)), "impossible_states", id="old-generation"),
+        pytest.param(_final(k0=(_OWNER, {"n": 2}, 8)), "impossible_states",
+                     id="new-generation-with-no-register-in-flight"),
+        pytest.param(_final(k2=(_OWNER, {"n": 4}, 6)), "impossible_states",
+                     id="generation-below-acknowledged"),
+        pytest.param(_final(stranger=(_OWNER, {}, 1)), "impossible_states", id="extra-key"),
+    ],
+)
+def test_model_rejects_a_doctored_final_state(final: dict[Any, Any], counter: str) -> None:
+    problems, counts = compare(_history(), final, _OWNER)
+    assert problems and counts[counter] >= 1, (problems, counts)
+
+
+def test_model_rejects_a_register_result_that_goes_back() -> None:
+    history = _history()
+    history["k0"].append(_op("k0", 5, 6, ("present", {"n": 6}), gen=2, registers=True))
+    problems, counts = compare(history, _final(k0=(_OWNER, {"n": 6}, 3)), _OWNER)
+    assert any("returned 2 after an earlier one had returned 3" in p for p in problems)
+    assert counts["register_results_ordered"] == 1
