@@ -1,14 +1,27 @@
 """The shmreg pytest plugin (entry point ``pytest11``): isolated registries for tests.
 
-Fixtures:
+Installing shmreg loads this module into every pytest run in that environment, so it does
+nothing at load but define fixtures: no hooks, no options, no registry until a test asks
+for a fixture (``tests/test_plugin.py`` holds it to that). Fixtures come in one block per
+topic; a new topic adds a block.
+
+Registries:
 
 ``shmreg_registry``
     a fresh shared-memory registry with a unique name, destroyed after the test;
 ``shmreg_namespace``
-    a unique ``test:<hex>`` namespace in that registry; its live owners are cleaned up after.
+    a unique ``test:<hex>`` namespace in that registry; its entries are removed after.
 
-Assertion helpers live in ``shmreg.testing``: ``assert_registered``,
-``assert_not_registered``, ``assert_metadata_equals``.
+Assertion helpers live in ``shmreg.testing``::
+
+    from shmreg.testing import assert_metadata_equals, assert_not_registered, assert_registered
+
+    def test_worker_registers(shmreg_registry, shmreg_namespace):
+        shmreg_registry.register(shmreg_namespace, "w1", metadata={"role": "io"})
+        assert_registered(shmreg_registry, shmreg_namespace, "w1", pid=None)
+        assert_metadata_equals(shmreg_registry, shmreg_namespace, "w1", {"role": "io"})
+        shmreg_registry.unregister(shmreg_namespace, "w1")
+        assert_not_registered(shmreg_registry, shmreg_namespace, "w1")
 """
 
 from __future__ import annotations
@@ -16,16 +29,22 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from shmreg._errors import RegistryNotFound
-from shmreg._registry import Registry
+if TYPE_CHECKING:  # imported by the fixtures when a test uses them, not at plugin load
+    from shmreg._registry import Registry
+
+# ------------------------------------------------------------------------------ registries
 
 
 @pytest.fixture
 def shmreg_registry() -> Iterator[Registry]:
     """A registry of its own for one test, removed for every process afterwards."""
+    from shmreg._errors import RegistryNotFound
+    from shmreg._registry import Registry
+
     name = f"pytest-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     reg = Registry.create(name, capacity=1024)
     try:
