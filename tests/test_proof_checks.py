@@ -9,12 +9,18 @@ checks have their own meta-tests next to the tests they guard.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
+import uuid
+from typing import Any
 
 import pytest
 from helpers import DEADLINE_S, SEED_ENV, children, read_line, refused_by_the_machine, test_seed
+
+import shmreg
+from shmreg.testing import CHECKS
 
 HUNG = r"""
 import sys, time
@@ -104,3 +110,57 @@ def test_the_pattern_matches_a_real_refusal(flags: list[str]) -> None:
     )
     assert proc.returncode != 0, "an unprivileged unshare was allowed here"
     assert refused_by_the_machine(proc.returncode, proc.stderr) is not None, proc.stderr
+
+
+# ------------------------------------------- the statistics check refuses made-up figures
+
+
+def _doctored(**change: Any) -> Any:
+    """A memory backend whose ``stats()`` / ``statistics()`` lie as ``change`` says."""
+    from shmreg.backends._memory import MemoryBackend
+
+    class Lying(MemoryBackend):
+        def stats(self) -> shmreg.RegistryStats:
+            real = super().stats()
+            return dataclasses.replace(real, **change.get("stats", {}))
+
+        def statistics(self) -> dict[str, Any]:
+            if "statistics" in change:
+                return dict(change["statistics"])
+            return {**super().statistics(), **change.get("summary", {})}
+
+    return Lying.named(f"t-{os.getpid()}-lying-{uuid.uuid4().hex[:8]}", capacity=16)
+
+
+STATS_CHECK = dict(CHECKS)["stats_and_statistics"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"statistics": {}}, id="empty-statistics"),
+        pytest.param({"stats": {"capacity": 10**9}}, id="made-up-capacity"),
+        pytest.param({"stats": {"capacity": 2}}, id="capacity-below-contents"),
+        pytest.param({"stats": {"memory_bytes": 1}}, id="memory-below-contents"),
+        pytest.param({"stats": {"memory_bytes": 2**50}}, id="memory-beyond-any-need"),
+        pytest.param({"stats": {"load_factor": 0.9}}, id="made-up-load-factor"),
+        pytest.param({"summary": {"capacity": 17}}, id="summary-disagrees"),
+        pytest.param({"summary": {"entries": 0}}, id="summary-entries"),
+        pytest.param({"summary": {"ops": 0}}, id="summary-ops"),
+    ],
+)
+def test_statistics_check_refuses_made_up_figures(change: dict[str, Any]) -> None:
+    backend = _doctored(**change)
+    try:
+        with pytest.raises(AssertionError):
+            STATS_CHECK(backend)
+    finally:
+        backend.destroy()
+
+
+def test_statistics_check_passes_an_honest_backend() -> None:
+    backend = _doctored()
+    try:
+        STATS_CHECK(backend)
+    finally:
+        backend.destroy()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import threading
 
+import msgpack
+
+from shmreg import _codec
 from shmreg._errors import AlreadyRegistered, RegistryDestroyed
-from shmreg._types import ProcessIdentity, RegistryStats
+from shmreg._types import Metadata, ProcessIdentity, RegistryStats, Service
 from shmreg.backends._protocol import Backend
 from shmreg.testing._checks_common import (
     NS,
@@ -108,21 +111,75 @@ def concurrent_writers_consistent(b: Backend) -> None:
     _equal(b.count(NS), 4 * 200, "count after concurrent writers")
 
 
+#: Keys every backend's ``statistics()`` summary carries (``RegistryStats.summary``).
+SUMMARY_KEYS = frozenset(
+    {"backend", "name", "entries", "capacity", "load_factor", "memory_bytes", "sweeps",
+     "generation", "ops"}
+)
+
+
 @_check
 def stats_and_statistics(b: Backend) -> None:
-    b.register(NS, "a", _me(), {"x": 1})
-    b.register(OTHER, "b", _me(), None)
+    """The figures describe what the backend was created with and what it stores.
+
+    Capacity is a floor the backend may round up (at most doubling) or grow past; memory is at
+    least the bytes of every stored key and metadata and at most what a full registry of that
+    capacity could need; ``statistics()`` repeats ``stats()``. A made-up figure fails one of
+    these bounds.
+    """
+    created = getattr(b, "capacity", None)  # both shipped backends expose their settings
+    limit = getattr(b, "max_metadata_bytes", 4096)
+    blob = {"blob": "m" * max(0, min(limit, 4096) - 64)}  # near the largest allowed
+    stored: dict[tuple[str, Service], Metadata | None] = {
+        (NS, "a"): {"x": 1},
+        (OTHER, "b"): None,
+        (NS, ("big", 1)): blob,
+    }
+    for (namespace, service), metadata in stored.items():
+        b.register(namespace, service, _me(), metadata)
     stats = b.stats()
     _expect(isinstance(stats, RegistryStats), f"stats() gave {stats!r}")
-    _equal((stats.used, stats.namespaces), (2, 2), "stats() used, namespaces")
+    _equal((stats.used, stats.namespaces), (3, 2), "stats() used, namespaces")
+    floor = max(created if isinstance(created, int) else 0, stats.used, 1)
     _expect(
-        stats.capacity >= stats.used and 0 < stats.load_factor <= 1 and stats.memory_bytes > 0,
-        f"stats() capacity, load_factor, memory_bytes: {stats}",
+        floor <= stats.capacity <= 2 * floor + 1,
+        f"stats().capacity {stats.capacity}: created with {created}, holding {stats.used}",
+    )
+    _expect(
+        stats.used / (2 * stats.capacity)
+        <= stats.load_factor
+        <= (stats.used + stats.tombstones) / stats.capacity + 1e-9,
+        f"stats().load_factor {stats.load_factor} for {stats.used} entries "
+        f"(+{stats.tombstones} tombstones) in capacity {stats.capacity}",
+    )
+    payload = sum(
+        len(_codec.encode_key(namespace, service)) + len(msgpack.packb(metadata or {}))
+        for (namespace, service), metadata in stored.items()
+    )
+    most = stats.capacity * (limit + 1024) + 16 * 2**20
+    _expect(
+        payload <= stats.memory_bytes <= most,
+        f"stats().memory_bytes {stats.memory_bytes}: stores {payload} bytes, a full "
+        f"registry of this capacity needs at most {most}",
     )
     info = b.statistics()
     _expect(
-        isinstance(info, dict) and all(type(k) is str for k in info),
-        f"statistics() must be a dict with str keys, got {info!r}",
+        isinstance(info, dict) and set(info) >= SUMMARY_KEYS,
+        f"statistics() must be a dict with at least {sorted(SUMMARY_KEYS)}, got {info!r}",
+    )
+    _expect(all(type(k) is str for k in info), f"statistics() keys must be str: {info!r}")
+    _equal(
+        {k: info[k] for k in ("backend", "name", "entries", "capacity", "memory_bytes",
+                              "sweeps")},
+        {"backend": stats.backend, "name": b.name, "entries": stats.used,
+         "capacity": stats.capacity, "memory_bytes": stats.memory_bytes,
+         "sweeps": stats.sweeps},
+        "statistics() against stats()",
+    )
+    _expect(info["load_factor"] == stats.load_factor, f"statistics() load_factor {info}")
+    _expect(
+        isinstance(info["ops"], int) and info["ops"] >= len(stored),
+        f"statistics() ops {info['ops']!r} after {len(stored)} registrations",
     )
 
 
