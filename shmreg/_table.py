@@ -142,6 +142,7 @@ class Table:
         top, live, tombs, garbage, ops, owners = counters
         if (
             top > self.arena_size
+            or top % 8  # records start on 8-byte boundaries: the slot stores top // 8
             or live + tombs > self.nslots
             or garbage > top
             or ops >= COUNTER_LIMIT
