@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -352,6 +352,26 @@ def test_seed(label: str) -> int:
 
 
 test_seed.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test to collect
+
+def reach_minimum(what: str, minimum: int, attempt: Callable[[], int],
+                  max_attempts: int) -> int:
+    """Call ``attempt()`` (each returns how much of ``what`` it produced) until the total
+    reaches ``minimum``; fail loudly if ``max_attempts`` calls cannot get there.
+
+    For tests whose proof depends on the machine producing real concurrency: a slow or
+    busy machine gets more attempts instead of a test that passes having checked nothing.
+    """
+    total = 0
+    for done in range(1, max_attempts + 1):
+        total += attempt()
+        if total >= minimum:
+            print(f"{what}: {total} (minimum {minimum}) in {done} attempt(s)")
+            return total
+    raise AssertionError(
+        f"only {total} {what} in {max_attempts} attempts, {minimum} needed: this machine "
+        "did not produce the concurrency the test needs, so it proved nothing"
+    )
+
 
 #: The last stderr line of ``unshare`` or ``mount`` when the kernel or a container refuses
 #: them (EPERM, EACCES, EINVAL for an unsupported namespace, ENOSPC for exhausted

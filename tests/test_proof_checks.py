@@ -17,7 +17,15 @@ import uuid
 from typing import Any
 
 import pytest
-from helpers import DEADLINE_S, SEED_ENV, children, read_line, refused_by_the_machine, test_seed
+from helpers import (
+    DEADLINE_S,
+    SEED_ENV,
+    children,
+    reach_minimum,
+    read_line,
+    refused_by_the_machine,
+    test_seed,
+)
 
 import shmreg
 from shmreg.testing import CHECKS
@@ -164,3 +172,23 @@ def test_statistics_check_passes_an_honest_backend() -> None:
         STATS_CHECK(backend)
     finally:
         backend.destroy()
+
+
+# -------------------------------------------------- minimums of real concurrency
+
+
+def test_reach_minimum_fails_loudly_when_the_machine_produces_no_overlap() -> None:
+    calls = []
+
+    def serial_machine() -> int:
+        calls.append(1)
+        return 0  # every round ran alone: nothing overlapped
+
+    with pytest.raises(AssertionError, match="only 0 overlapping pairs in 4 attempts, 300"):
+        reach_minimum("overlapping pairs", 300, serial_machine, 4)
+    assert len(calls) == 4
+
+
+def test_reach_minimum_retries_a_slow_machine_until_it_gets_there() -> None:
+    produced = iter([100, 0, 250, 999])
+    assert reach_minimum("pairs", 300, lambda: next(produced), 4) == 350
