@@ -59,6 +59,7 @@ NS = "storm"
 KEYS = 24
 WRITERS = 4
 CAPACITY = 8  # small: the storm grows and compacts the table over and over
+STORM_SECONDS = 5.0  # the default run; the soak runs SHMREG_SOAK_SECONDS (20)
 
 _WRITER_CODE = r"""
 import random
@@ -373,7 +374,7 @@ def _check_consistent(reg: shmreg.Registry, name: str, state: dict[str, tuple[st
 
 
 def test_kill_storm(reg_name: str, tmp_path: Path, record_property: Any) -> None:
-    _storm(reg_name, tmp_path, 5.0, record_property)
+    _storm(reg_name, tmp_path, STORM_SECONDS, record_property)
 
 
 @pytest.mark.slow
