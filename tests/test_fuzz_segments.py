@@ -830,10 +830,7 @@ def test_event_sequence_word_overflows_writes(reg_name: str) -> None:
         root, _ = _paths(reg_name)
         _set_word(root, L.R_EVENT_SEQ, 2**63)
         with shmreg.Registry.attach(reg_name) as reg:
-            try:
-                reg.register(NS, "new")
-            except shmreg.ShmregError:
-                pass
+            _succeeds_or_corrupt(lambda: reg.register(NS, "new"))
             check(reg_name, repair=True)
             reg.register(NS, "after-repair")
             assert reg.lookup(NS, "after-repair") == os.getpid()
@@ -855,15 +852,32 @@ def test_counter_words_at_max_break_writes_and_sweep(
         root, data = _paths(reg_name)
         _set_word(root if segment == "root" else data, word, 2**64 - 1)
         with shmreg.Registry.attach(reg_name) as reg:
-            try:
-                if call == "register":
-                    reg.register(NS, "new")
-                elif call == "update":
-                    reg.update_metadata(NS, "s1", {"x": 1})
-                else:
-                    reg.sweep()
-            except shmreg.ShmregError:
-                pass  # a clean refusal is fine; a struct.error or ValueError is the bug
+            # A clean refusal is CorruptRegistry; a struct.error or ValueError was the bug.
+            if call == "register":
+                outcome = _succeeds_or_corrupt(lambda: reg.register(NS, "new"))
+            elif call == "update":
+                outcome = _succeeds_or_corrupt(lambda: reg.update_metadata(NS, "s1", {"x": 1}))
+            else:
+                outcome = _succeeds_or_corrupt(reg.sweep)
+        report = check(reg_name, repair=True)
+        assert check(reg_name).ok, report
+        with shmreg.Registry.attach(reg_name) as reg:  # writable again, nothing lost
+            reg.register(NS, "after-repair")
+            assert reg.unregister(NS, "after-repair") is True
+            if outcome == "ok" and call == "register":
+                assert reg.unregister(NS, "new") is True
+            if outcome == "ok" and call == "update":
+                reg.update_metadata(NS, "s1", ENTRIES["s1"])
+        _intact_except(reg_name, set())
+
+
+def _succeeds_or_corrupt(call: Any) -> str:
+    """Run ``call``: "ok", or "corrupt" if it raised CorruptRegistry (anything else fails)."""
+    try:
+        call()
+    except shmreg.CorruptRegistry:
+        return "corrupt"
+    return "ok"
 
 
 @pytest.mark.parametrize(
@@ -881,12 +895,12 @@ def test_huge_counters_make_rebuild_and_repair_crash(
     with populated(reg_name):
         root, data = _paths(reg_name)
         _set_word(root if segment == "root" else data, word, value)
-        try:
+        def grow() -> None:
             with shmreg.Registry.attach(reg_name) as reg:
                 # enough new names that the table must grow, whatever the counters say
                 reg.register_many(NS, [(f"new-{i}", None, None) for i in range(16)])
-        except shmreg.ShmregError:
-            pass  # CorruptRegistry on attach or write: detected, as it should be
+
+        _succeeds_or_corrupt(grow)  # CorruptRegistry on attach or write: detected
         try:
             check(reg_name, repair=True)
         except shmreg.CorruptRegistry:
@@ -931,13 +945,11 @@ def test_slot_sequence_word_at_max_breaks_recovery(reg_name: str, call: str) -> 
         data = _paths(reg_name)[1]
         _set_word(data, _slot_word(_slot_of(reg_name, NS, "s3"), L.S_SEQ), 2**64 - 1)
         with shmreg.Registry.attach(reg_name) as reg:
-            try:
-                if call == "lookup":
-                    assert reg.lookup(NS, "s3") is None
-                else:
-                    reg.register(NS, "s3")
-            except shmreg.ShmregError:
-                pass
+            if call == "lookup":
+                _succeeds_or_corrupt(lambda: reg.lookup(NS, "s3"))
+                assert reg.lookup(NS, "s3") is None  # recovered: the stuck slot is gone
+            else:
+                _succeeds_or_corrupt(lambda: reg.register(NS, "s3"))
         check(reg_name, repair=True)
         assert check(reg_name).ok
 
