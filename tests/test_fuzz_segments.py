@@ -6,8 +6,12 @@ by the test instead of suffered by it: the child gets a batch of patches, and fo
 builds a fresh registry of a few dozen entries (tombstones and superseded records
 included), writes the patch through its own ``mmap`` of ``/dev/shm/<segment>``, then
 attaches and exercises every read, a few writes, a sweep, ``fsck``, ``fsck --repair``,
-``fsck`` again, a write after the repair and ``destroy_by_name``. Each call either succeeds
-or raises a ``ShmregError``; anything else is reported back as a JSON line, judged here.
+``fsck`` again, a write after the repair and ``destroy_by_name``. Each call's outcome is
+reported back as a JSON line and judged here against what docs/reliability.md promises:
+success or ``CorruptRegistry``, or the one other error the damaged word explains
+(``BY_WORD``); then either the repair worked (``fsck`` clean, the next write succeeds) or
+the repair said it could not open the registry, and ``destroy_by_name`` removed it all. The
+cases beyond repair are counted and printed (exactly, for the fixed tables).
 
 Every bug the fuzzing found has an explicit test below as well, named for the damage it
 pins (event sequence overflow, counters at their maximum, an odd slot with no writer, ...).
