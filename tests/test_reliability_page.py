@@ -82,6 +82,7 @@ def expected_fragments() -> list[str]:
     rejects = next(m for m in lin.test_checker_rejects_non_linearizable_histories.pytestmark
                    if m.name == "parametrize").args[1]
     return [
+        f"fails its test after {DEADLINE_S:g} s",
         f"{len(test_crash.POINTS)} named crash points",
         f"{TIMES} {len(test_crash.PATHS)} write paths",
         f"{crash['slow_reached']} reachable pairs",
