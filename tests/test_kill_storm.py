@@ -18,7 +18,9 @@ its writer was reaped). Metadata is unique per call, so a state no call could ha
 cannot pass. Generations are fencing tokens: a present key carries the newest generation an
 acknowledged ``register`` of it returned, or a newer one only if a ``register`` of it was in
 flight; and of two acknowledged ``register`` calls on one key, the later never returned a
-smaller generation. The seed is printed (``SHMREG_TEST_SEED`` replays it); the number of
+smaller generation. An acknowledged call that found a key absent (``update`` ->
+NotRegistered, ``unregister`` -> False) must be explained by a removal that could have run
+between it and the last call that surely left the key present. The seed is printed (``SHMREG_TEST_SEED`` replays it); the number of
 kills, operations replayed, keys, metadata, owners and generations compared, and lost
 registrations (always 0) are printed and recorded.
 """
@@ -194,6 +196,7 @@ def compare(by_key: dict[str, list[Op]], final: dict[Any, tuple[int, Any, int]],
     problems: list[str] = []
     counts = dict.fromkeys(("keys_compared", "metadata_compared", "owners_compared",
                             "generations_compared", "register_results_ordered",
+                            "absence_results_checked",
                             "lost_registrations", "impossible_states"), 0)
     for extra in sorted(set(final) - set(by_key), key=repr):
         problems.append(f"{extra!r}: present, but no writer ever touched it")
@@ -217,11 +220,47 @@ def compare(by_key: dict[str, list[Op]], final: dict[Any, tuple[int, Any, int]],
         if state not in allowed:
             counts["lost_registrations" if state[0] == "absent" else "impossible_states"] += 1
             problems.append(f"{key}: {state!r} not in {allowed!r}")
+        claims, impossible = _absence_claims(ops)
+        counts["absence_results_checked"] += claims
+        counts["impossible_states"] += len(impossible)
+        problems += [f"{key}: {text}" for text in impossible]
         ordered, backwards = _register_order(ops)
         counts["register_results_ordered"] += ordered
         counts["impossible_states"] += len(backwards)
         problems += [f"{key}: {text}" for text in backwards]
     return problems, counts
+
+
+def _absence_claims(ops: list[Op]) -> tuple[int, list[str]]:
+    """Acknowledged calls that found the key absent (``update`` -> NotRegistered,
+    ``unregister`` -> False): how many, and those no order of the calls explains.
+
+    Such a result is impossible when an acknowledged call that left the key present ended
+    before it started, and no removing call (an acknowledged unregister that removed, or
+    one in flight) could fall between the two: none started before the claim ended and
+    ended after that call began.
+    """
+    present = sorted((op.end, op.start) for op in ops if op.acked and op.after[0] == "present")
+    present_ends = [end for end, _ in present]
+    latest_start = list(itertools.accumulate((start for _, start in present), max))
+    removers = sorted((op.start, op.end) for op in ops
+                      if op.changes and op.after[0] == "absent")
+    remover_starts = [start for start, _ in removers]
+    latest_end = list(itertools.accumulate((end for _, end in removers), max))
+    claims, impossible = 0, []
+    for op in ops:
+        if not op.acked or op.changes:
+            continue
+        claims += 1
+        before = bisect.bisect_left(present_ends, op.start)
+        if not before:
+            continue  # nothing surely made it present before this call
+        witness = latest_start[before - 1]  # the latest-starting such call
+        could_remove = bisect.bisect_left(remover_starts, op.end)
+        if not (could_remove and latest_end[could_remove - 1] > witness):
+            impossible.append(f"a call at {op.start} found it absent, but a call that left "
+                              f"it present began at {witness} and nothing removed it since")
+    return claims, impossible
 
 
 def _register_order(ops: list[Op]) -> tuple[int, list[str]]:
@@ -438,6 +477,20 @@ def test_model_accepts_the_true_state_and_the_in_flight_one() -> None:
 def test_model_rejects_a_doctored_final_state(final: dict[Any, Any], counter: str) -> None:
     problems, counts = compare(_history(), final, _OWNER)
     assert problems and counts[counter] >= 1, (problems, counts)
+
+
+def test_model_rejects_an_absence_no_removal_explains() -> None:
+    history = _history()
+    # k0 was registered (1-2) and updated (3-4); an update at 5-6 saying NotRegistered is
+    # impossible with no unregister anywhere near.
+    history["k0"].append(Op("k0", 5, 6, ("absent", None), True, False))
+    problems, counts = compare(history, _final(), _OWNER)
+    assert counts["absence_results_checked"] == 1
+    assert any("found it absent" in p for p in problems), problems
+    # An unregister in flight across that time explains it.
+    history["k0"].append(_op("k0", 4, 9, ("absent", None), acked=False))
+    problems, _ = compare(history, _final(), _OWNER)
+    assert not any("found it absent" in p for p in problems), problems
 
 
 def test_model_rejects_a_register_result_that_goes_back() -> None:
