@@ -20,9 +20,10 @@ acknowledged ``register`` of it returned, or a newer one only if a ``register`` 
 flight; and of two acknowledged ``register`` calls on one key, the later never returned a
 smaller generation. An acknowledged call that found a key absent (``update`` ->
 NotRegistered, ``unregister`` -> False) must be explained by a removal that could have run
-between it and the last call that surely left the key present. The seed is printed (``SHMREG_TEST_SEED`` replays it); the number of
-kills, operations replayed, keys, metadata, owners and generations compared, and lost
-registrations (always 0) are printed and recorded.
+between it and the last call that surely left the key present. The seed is printed
+(``SHMREG_TEST_SEED`` replays it); the number of kills, operations replayed, keys,
+metadata, owners and generations compared, and lost registrations (always 0) are printed
+and recorded.
 """
 
 from __future__ import annotations
