@@ -27,8 +27,8 @@ from shmreg._errors import (
     StaleGeneration,
 )
 from shmreg._events import Event
+from shmreg._limits import MAX_CAPACITY, MAX_METADATA_LIMIT
 from shmreg._liveness import CleanupReport, Monitor, terminate_owners
-from shmreg._store import MAX_CAPACITY, MAX_METADATA_LIMIT
 from shmreg._types import Entry, HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
 from shmreg.backends._protocol import Backend
 

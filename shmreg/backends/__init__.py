@@ -5,13 +5,14 @@
 is the conformance suite every backend passes.
 """
 
+from shmreg.backends._base import BackendBase
 from shmreg.backends._memory import MemoryBackend
 from shmreg.backends._protocol import Backend
 from shmreg.backends._shm import SharedMemoryBackend
 
 # Tracebacks, reprs and pickles name the import path users know, not the private module.
-for _public in (Backend, MemoryBackend, SharedMemoryBackend):
+for _public in (Backend, BackendBase, MemoryBackend, SharedMemoryBackend):
     _public.__module__ = "shmreg.backends"
 del _public
 
-__all__ = ["Backend", "MemoryBackend", "SharedMemoryBackend"]
+__all__ = ["Backend", "BackendBase", "MemoryBackend", "SharedMemoryBackend"]

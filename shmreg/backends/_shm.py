@@ -20,7 +20,6 @@ from shmreg import _layout as L
 from shmreg._errors import (
     AlreadyRegistered,
     NotRegistered,
-    StaleGeneration,
 )
 from shmreg._table import SlotWords, StuckSlot, Table
 from shmreg._types import (
@@ -28,6 +27,7 @@ from shmreg._types import (
     ProcessIdentity,
     Service,
 )
+from shmreg.backends._base import check_generation
 from shmreg.backends._shm_base import LO32, record_size, tombstone
 from shmreg.backends._shm_liveness import ShmLiveness
 from shmreg.backends._shm_scans import ShmScans
@@ -323,14 +323,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
             raise NotRegistered(
                 f"{namespace}/{service!r} is not registered", namespace=namespace, service=service
             )
-        if generation is not None and words[6] != generation:
-            raise StaleGeneration(
-                f"{namespace}/{service!r} is at generation {words[6]}, caller holds {generation}",
-                namespace=namespace,
-                service=service,
-                expected=generation,
-                actual=words[6],
-            )
+        check_generation(namespace, service, words[6], generation)
         return index, words
 
     def unregister(
@@ -342,15 +335,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
             index, words, _, _ = table.probe_for_write(key, key_hash)
             if words is None:
                 return False
-            if generation is not None and words[6] != generation:
-                raise StaleGeneration(
-                    f"{namespace}/{service!r} is at generation {words[6]}, caller holds "
-                    f"{generation}",
-                    namespace=namespace,
-                    service=service,
-                    expected=generation,
-                    actual=words[6],
-                )
+            check_generation(namespace, service, words[6], generation)
             alive = self._alive(words[4] & LO32)
             tombstone(table, index, words)
             return alive

@@ -291,5 +291,3 @@ class ShmScans(ShmBase):
             unknown_owners=self.health_check().unknown,
         )
 
-    def statistics(self) -> dict[str, Any]:
-        return self.stats().summary(self._name)
