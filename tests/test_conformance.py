@@ -258,7 +258,12 @@ def test_backends_package_exports() -> None:
     import shmreg.backends as backends
     import shmreg.testing as testing
 
-    assert sorted(backends.__all__) == ["Backend", "MemoryBackend", "SharedMemoryBackend"]
+    assert sorted(backends.__all__) == [
+        "Backend",
+        "BackendBase",
+        "MemoryBackend",
+        "SharedMemoryBackend",
+    ]
     for public in backends.__all__:
         assert getattr(backends, public).__module__ == "shmreg.backends"
     assert {"CHECKS", "check_backend"} <= set(testing.__all__)

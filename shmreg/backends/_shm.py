@@ -191,7 +191,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         meta = metadata if type(metadata) is dict else _codec.as_metadata(metadata)
         packed = _pack_metadata(meta, self._max_meta)
         record = key + packed
-        pid, start = owner
+        pid, start, _ = owner  # one host: the engine stores no host (docs/redis.md)
         # L.record_seed, written out: this runs for every registration.
         crc = _crc32(record, (pid ^ start ^ (start >> 32)) & LO32)
         record += _PADDING[-len(record) & 7]
