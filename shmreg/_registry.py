@@ -54,11 +54,20 @@ def _open_backend(
     capacity: int | None,
     max_metadata_bytes: int | None,
     mode: int,
+    url: str | None = None,
 ) -> Backend:
     if backend is not None and not isinstance(backend, str):
         if not isinstance(backend, Backend):
             raise InvalidBackendConfig(f"{backend!r} does not implement shmreg.backends.Backend")
         return backend
+    # A URL (given, or $SHMREG_URL when no backend is named) means Redis.
+    url = url or (None if backend else os.environ.get("SHMREG_URL"))
+    if url is not None or backend == "redis":
+        from shmreg.backends._redis import RedisBackend
+
+        return RedisBackend(
+            name, url, create=create, capacity=capacity, max_metadata_bytes=max_metadata_bytes
+        )
     kind = backend or os.environ.get("SHMREG_BACKEND", "shm")
     if kind in ("shm", "shared_memory", "sharedmemory"):
         from shmreg.backends._shm import SharedMemoryBackend
@@ -85,10 +94,10 @@ def _bad_argument(argument: str, value: object, expected: str) -> InvalidArgumen
     )
 
 
-def _reopen(name: str, kind: str) -> Registry:
+def _reopen(name: str, kind: str, url: str | None = None) -> Registry:
     # Attach, never create: a task that outlives the registry's destroy() must fail, not
     # quietly bring up an empty registry of the same name that nobody will remove.
-    return Registry(name, backend=kind, create=False)
+    return Registry(name, backend=kind, create=False, url=url)
 
 
 class Registry:
@@ -112,6 +121,7 @@ class Registry:
         max_metadata_bytes: int | None = None,
         mode: int = 0o600,
         create: bool = True,
+        url: str | None = None,
     ) -> None:
         self._name = check_name(name)
         for setting, value, most in (
@@ -125,7 +135,7 @@ class Registry:
         if type(mode) is not int or not 0 <= mode <= 0o777:
             raise InvalidBackendConfig(f"mode must be file permission bits, got {mode!r}")
         self._backend = _open_backend(
-            self._name, backend, create, capacity, max_metadata_bytes, mode
+            self._name, backend, create, capacity, max_metadata_bytes, mode, url
         )
         self._monitor: Monitor | None = None
         # Hot paths go straight to the backend (see the module docstring).
@@ -141,11 +151,13 @@ class Registry:
         max_metadata_bytes: int | None = None,
         mode: int = 0o600,
         backend: object = None,
+        url: str | None = None,
     ) -> Registry:
         """Create ``name``, or attach if it exists with the same settings."""
         return cls(
             name,
             backend=backend,
+            url=url,
             capacity=capacity,
             max_metadata_bytes=max_metadata_bytes,
             mode=mode,
@@ -160,11 +172,13 @@ class Registry:
         capacity: int | None = None,
         max_metadata_bytes: int | None = None,
         backend: object = None,
+        url: str | None = None,
     ) -> Registry:
         """Attach to an existing registry; ``RegistryNotFound`` if there is none."""
         return cls(
             name,
             backend=backend,
+            url=url,
             capacity=capacity,
             max_metadata_bytes=max_metadata_bytes,
             create=False,
@@ -201,9 +215,12 @@ class Registry:
     ) -> None:
         self.close()
 
-    def __reduce__(self) -> tuple[Callable[[str, str], Registry], tuple[str, str]]:
-        # A registry travels by name: the receiving process attaches to the same segments.
-        return _reopen, (self._name, getattr(self._backend, "kind", "shm"))
+    def __reduce__(
+        self,
+    ) -> tuple[Callable[[str, str, str | None], Registry], tuple[str, str, str | None]]:
+        # A registry travels by name (and URL, for a server): the receiver attaches to it.
+        kind = getattr(self._backend, "kind", "shm")
+        return _reopen, (self._name, kind, getattr(self._backend, "url", None))
 
     def __repr__(self) -> str:
         return f"<shmreg.Registry {self._name!r} backend={getattr(self._backend, 'kind', '?')}>"
