@@ -31,7 +31,8 @@ from shmreg import _identity
 from shmreg._clock import SYSTEM, Clock
 from shmreg._types import Liveness, ProcessIdentity
 
-# How often a monitor renews its host's lease on a many-host backend (leases last ~5x this).
+# How often a monitor renews its host's lease on a many-host backend that does not say
+# (``heartbeat_interval``); leases last ~5x this.
 HEARTBEAT_INTERVAL = 2.0
 _HAS_PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "epoll")
 
@@ -165,7 +166,9 @@ class Monitor:
                 now = self._clock.monotonic()
                 if beat is not None and now >= next_beat:
                     self.stats.removed += beat()
-                    next_beat = now + HEARTBEAT_INTERVAL
+                    next_beat = now + getattr(
+                        self._backend, "heartbeat_interval", HEARTBEAT_INTERVAL
+                    )
                 if now >= next_rescan:
                     self._reconcile(self._backend.owners(), poller, by_fd, watched)
                     self.stats.rescans += 1

@@ -26,4 +26,5 @@ def __getattr__(name: str) -> object:
         return RedisBackend
     raise AttributeError(f"module 'shmreg.backends' has no attribute {name!r}")
 
+
 __all__ = ["Backend", "BackendBase", "MemoryBackend", "SharedMemoryBackend"]

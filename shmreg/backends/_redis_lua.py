@@ -47,10 +47,13 @@ end
 local function remote_dead(host, here)
   return host ~= here and redis.call('EXISTS', P .. 'lease:' .. host) == 0
 end
+-- Scripts are not rolled back when a command fails, so each writes its event first: a script
+-- that fails there (a key of the wrong type, out of memory) has changed nothing.
 local function emit(ring, now, kind, ns, key, pid, gen, reason, start, host)
-  local seq = redis.call('HINCRBY', P .. 'meta', 'seq', 1)
+  local seq = tonumber(redis.call('HGET', P .. 'meta', 'seq')) + 1
   redis.call('XADD', P .. 'ev', 'MAXLEN', ring, seq .. '-1', 'k', kind, 'n', ns, 's', key,
     'p', pid, 'g', gen, 't', now, 'r', reason, 'st', start, 'h', host)
+  redis.call('HSET', P .. 'meta', 'seq', seq)
   return seq
 end
 """
@@ -91,12 +94,11 @@ REGISTER = (
 local ns, key, pid, start, host, tags = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local now, ring, expect = ARGV[8], ARGV[9], ARGV[11]
 local hkey = P .. 'ns:' .. ns
-redis.call('SET', P .. 'lease:' .. host, '1', 'PX', ARGV[10])
-redis.call('SADD', P .. 'hosts', host)
 local v = redis.call('HGET', hkey, key)
-local gen, kind, reason = nil, 'registered', ''
+local gen, kind, reason, htags = nil, 'registered', '', ''
 if v then
-  local hpid, hstart, hgen, htags, hhost = parse(v)
+  local hpid, hstart, hgen, hhost
+  hpid, hstart, hgen, htags, hhost = parse(v)
   if hpid == pid and hstart == start and hhost == host then
     gen, kind = hgen, 'updated'
   elseif expect == '' then
@@ -106,17 +108,20 @@ if v then
     return {'MOVED'}
   end
   if not gen then reason = 'takeover' end
-  index('SREM', ns, key, htags)
 elseif expect ~= '' then
   return {'MOVED'}
 end
-if not gen then gen = redis.call('HINCRBY', P .. 'meta', 'gen', 1) end
+if not gen then gen = tonumber(redis.call('HGET', P .. 'meta', 'gen')) + 1 end
+emit(ring, now, kind, ns, key, pid, gen, reason, start, host)
+if kind == 'registered' then redis.call('HSET', P .. 'meta', 'gen', gen) end
+redis.call('SET', P .. 'lease:' .. host, '1', 'PX', ARGV[10])
+redis.call('SADD', P .. 'hosts', host)
+index('SREM', ns, key, htags)
 redis.call('HSET', hkey, key, pid .. '\t' .. start .. '\t' .. gen .. '\t' .. tags .. '\t' ..
   host .. '\n' .. ARGV[7])
 redis.call('SADD', P .. 'nss', ns)
 index('SADD', ns, key, tags)
 redis.call('HINCRBY', P .. 'meta', 'ops', 1)
-emit(ring, now, kind, ns, key, pid, gen, reason, start, host)
 return {tonumber(gen), kind}
 """
 )
@@ -130,11 +135,11 @@ local ns, key, old = ARGV[1], ARGV[2], ARGV[3]
 local hkey = P .. 'ns:' .. ns
 if redis.call('HGET', hkey, key) ~= old then return 0 end
 local pid, start, gen, tags, host = parse(old)
+emit(ARGV[7], ARGV[6], 'updated', ns, key, pid, gen, '', start, host)
 index('SREM', ns, key, tags)
 redis.call('HSET', hkey, key, ARGV[4])
 index('SADD', ns, key, ARGV[5])
 redis.call('HINCRBY', P .. 'meta', 'ops', 1)
-emit(ARGV[7], ARGV[6], 'updated', ns, key, pid, gen, '', start, host)
 return 1
 """
 )
@@ -150,11 +155,11 @@ local v = redis.call('HGET', hkey, key)
 if not v then return nil end
 local pid, start, gen, tags, host = parse(v)
 if ARGV[3] ~= '' and ARGV[3] ~= gen then return {'STALE', tonumber(gen)} end
+emit(ARGV[5], ARGV[4], 'unregistered', ns, key, pid, gen, '', start, host)
 redis.call('HDEL', hkey, key)
 if redis.call('EXISTS', hkey) == 0 then redis.call('SREM', P .. 'nss', ns) end
 index('SREM', ns, key, tags)
 redis.call('HINCRBY', P .. 'meta', 'ops', 1)
-emit(ARGV[5], ARGV[4], 'unregistered', ns, key, pid, gen, '', start, host)
 if remote_dead(host, ARGV[6]) then return {v, 0} end
 return {v, 1}
 """
@@ -175,10 +180,10 @@ for i = 5, #ARGV, 4 do
   if redis.call('HGET', hkey, key) == old then
     local pid, start, gen, tags, host = parse(old)
     if host == here or remote_dead(host, here) then
+      emit(ring, now, 'died', ns, key, pid, gen, reason, start, host)
       redis.call('HDEL', hkey, key)
       if redis.call('EXISTS', hkey) == 0 then redis.call('SREM', P .. 'nss', ns) end
       index('SREM', ns, key, tags)
-      emit(ring, now, 'died', ns, key, pid, gen, reason, start, host)
       removed = removed + 1
     end
   end
