@@ -86,6 +86,13 @@ def _open_backend(
     )
 
 
+def _waiter(backend: Backend, clock: Clock) -> Callable[[int, float], bool] | None:
+    # A backend that can block until the next event (Redis: XREAD BLOCK) waits there instead
+    # of polling; a test's fake clock keeps the polling loop it drives.
+    waiter: Callable[[int, float], bool] | None = getattr(backend, "wait_events", None)
+    return waiter if clock is SYSTEM else None
+
+
 def _bad_argument(argument: str, value: object, expected: str) -> InvalidArgument:
     shown = repr(value)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
@@ -403,6 +410,7 @@ class Registry:
         timeout = check_timeout(timeout)
         deadline = None if timeout is None else clock.monotonic() + timeout
         last_seen = getattr(self._backend, "last_event_seq", lambda: -1)
+        waiter = _waiter(self._backend, clock)
         while True:
             seq = last_seen()
             pid = self._backend.lookup(namespace, service)
@@ -414,6 +422,9 @@ class Registry:
                         f"{namespace}/{service!r} not registered within {timeout} s",
                         timeout=timeout,
                     )
+                if waiter is not None:
+                    waiter(seq, 1.0 if deadline is None else deadline - clock.monotonic())
+                    continue
                 clock.sleep(poll_interval)
                 if seq == -1:
                     break  # no event counter on this backend: poll the name itself
@@ -452,6 +463,7 @@ class Registry:
         poll_interval: float,
     ) -> Iterator[Event]:
         idle_since = clock.monotonic()
+        waiter = _waiter(self._backend, clock)
         while True:
             events, lost = self._backend.read_events(position)
             if lost:
@@ -468,6 +480,10 @@ class Registry:
                 continue
             if timeout is not None and clock.monotonic() - idle_since >= timeout:
                 return
+            if waiter is not None:
+                left = 1.0 if timeout is None else timeout - (clock.monotonic() - idle_since)
+                waiter(position, left)
+                continue
             clock.sleep(poll_interval)
 
     @contextlib.contextmanager

@@ -334,3 +334,17 @@ def test_sentinel_failover_is_survived() -> None:
         for server in (sentinel, replica, master):
             if server is not None:
                 server.stop()
+
+
+def test_wait_for_and_watch_follow_the_stream(reg: shmreg.Registry) -> None:
+    seen = reg.backend.last_event_seq()
+    timer = threading.Timer(0.2, lambda: reg.register("ns", "late", metadata={"n": 1}))
+    timer.start()
+    try:
+        assert reg.wait_for("ns", "late", timeout=60) == os.getpid()
+    finally:
+        timer.join()
+    with pytest.raises(shmreg.RegistryTimeout):
+        reg.wait_for("ns", "never", timeout=0.2)
+    watched = reg.watch("ns", since=seen, timeout=0.5)
+    assert [(e.kind, e.service) for e in watched] == [("registered", "late")]
