@@ -348,3 +348,36 @@ def test_wait_for_and_watch_follow_the_stream(reg: shmreg.Registry) -> None:
         reg.wait_for("ns", "never", timeout=0.2)
     watched = reg.watch("ns", since=seen, timeout=0.5)
     assert [(e.kind, e.service) for e in watched] == [("registered", "late")]
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def _cli(*args: str) -> Any:
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-m", "shmreg", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    if args[0] == "watch":  # one event per line
+        return [json.loads(line) for line in out.stdout.splitlines()]
+    return json.loads(out.stdout)
+
+
+def test_cli_takes_urls(reg: shmreg.Registry, url: str) -> None:
+    reg.register("ns", "svc", metadata={"type": "web"})
+    target = f"{url}#{reg.name}"
+    assert reg.name in _cli("ls", url)
+    rows = _cli("ls", target)
+    assert [(r["namespace"], r["service"], r["pid"], r["alive"]) for r in rows] == [
+        ("ns", "svc", os.getpid(), True)
+    ]
+    info = _cli("info", target)
+    assert (info["backend"], info["entries"]) == ("redis", 1)
+    assert _cli("sweep", target) == {"removed": 0}
+    events = _cli("watch", target, "--since", "0", "--timeout", "0.5")
+    assert [(e["kind"], e["service"]) for e in events] == [("registered", "svc")]

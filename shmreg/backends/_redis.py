@@ -100,6 +100,17 @@ def _wanted_tags(equals: Mapping[str, Any]) -> list[bytes] | None:
     return tags or None
 
 
+def registry_names(url: str) -> list[str]:
+    """The names of the registries stored on the server at ``url`` (``shmreg ls URL``)."""
+    client = connect(parse(url))
+    try:
+        with mapped(url, "list registries"):
+            keys = client.scan_iter(match="shmreg:{*}:meta", count=1000)
+            return sorted(k.decode()[len("shmreg:{") : -len("}:meta")] for k in keys)
+    finally:
+        client.close()
+
+
 class RedisBackend(BackendBase):
     """Registry storage in Redis; see the module docstring and docs/redis.md.
 
@@ -306,6 +317,27 @@ class RedisBackend(BackendBase):
         if namespace is None:
             return len(self._live_raw(b""))
         return len(self._space(namespace))
+
+    def dump(self) -> list[dict[str, Any]]:
+        """Every stored entry, dead owners included (flagged), with its host: ``shmreg ls``."""
+        stored, expired = self._scan()
+        probed: dict[int, bool] = {}
+        out = []
+        for ns, key, value in stored:
+            pid, start, gen, _, host = self._head(value)
+            entry = self._entry(ns, key, value)
+            out.append(
+                {
+                    "namespace": ns.decode(),
+                    "service": entry.service,
+                    "pid": entry.pid,
+                    "host": self._ident(pid, start, host).host or _identity.host_id(),
+                    "alive": self._alive(value, expired, probed),
+                    "generation": int(gen),
+                    "metadata": entry.metadata,
+                }
+            )
+        return out
 
     # ------------------------------------------------------------------ writes
 
