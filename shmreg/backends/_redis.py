@@ -58,7 +58,6 @@ from shmreg.backends._redis_conn import Scripts, connect, mapped, parse
 HOST_LOST = "host-lost"  # the ``died`` reason for entries of a host whose lease expired
 _SCRIPTS = {
     "open": lua.OPEN,
-    "get": lua.GET,
     "register": lua.REGISTER,
     "update": lua.UPDATE,
     "unregister": lua.UNREGISTER,
@@ -139,6 +138,12 @@ class RedisBackend(BackendBase):
         self._client = connect(self._target)
         self._scripts = Scripts(self._client, _SCRIPTS)
         self._keys = [f"shmreg:{{{name}}}:"]
+        self._bprefix = self._keys[0].encode()
+        # A remote host seen alive is believed for a tenth of the lease: a lookup then costs
+        # one round trip, and a lost host reads dead at most lease * 1.1 after its last renewal.
+        self._leases: dict[bytes, float] = {}
+        self._lease_cache = self._target.lease / 10
+        self._renewed = -1e9  # when this handle last renewed its host's lease (monotonic)
         self._lease_ms = int(self._target.lease * 1000)
         self._here = _identity.host_id().encode().hex().encode()  # fixed once opened
         asked = {
@@ -220,15 +225,39 @@ class RedisBackend(BackendBase):
     # ------------------------------------------------------------------ reads
 
     def _get(self, namespace: str, service: Service) -> tuple[bytes, bytes, bytes] | None:
+        """The stored value of a live entry: one ``HGET``, the work of a bare ``GET``.
+
+        A miss asks once more whether the registry still exists (a destroyed one must say
+        so); a remote owner's host lease is checked at most every ``_LEASE_CACHE`` seconds.
+        """
         key = _codec.encode_key(namespace, service)
         ns = key[: key.index(b"\x00")]
-        value = self._run("get", ns, key, self._here, operation="lookup")
+        if self._closed:
+            self._run("last")  # raises the right error for this handle
+        with mapped(self._name, "lookup"):
+            value = self._client.hget(self._bprefix + b"ns:" + ns, key)
         if value is None:
+            self._run("last", operation="lookup")  # RegistryDestroyed if it is gone
             return None
         head = self._head(value)
-        if head[4] == self._here and not _identity.probe_alive(int(head[0])):
-            return None  # the per-read probe, for owners on this host only
+        if head[4] == self._here:
+            if not _identity.probe_alive(int(head[0])):
+                return None  # the per-read probe, for owners on this host only
+        elif not self._lease_lives(head[4]):
+            return None
         return ns, key, value
+
+    def _lease_lives(self, host: bytes) -> bool:
+        now = time.monotonic()
+        if now - self._leases.get(host, -1e9) < self._lease_cache:
+            return True
+        with mapped(self._name, "lookup"):
+            alive = bool(self._client.exists(self._bprefix + b"lease:" + host))
+        if alive:
+            self._leases[host] = now
+        else:
+            self._leases.pop(host, None)
+        return alive
 
     def lookup(self, namespace: str, service: Service) -> int | None:
         found = self._get(namespace, service)
@@ -382,6 +411,12 @@ class RedisBackend(BackendBase):
         ns, key, tags, packed = prepared
         host = self._host(owner)
         expect = b""
+        # Renew the owner host's lease with the registration, unless this handle renewed it
+        # within a fifth of the lease (what a monitor's heartbeat would do anyway).
+        now = time.monotonic()
+        lease = self._lease_ms
+        if host == self._here and now - self._renewed < self._target.lease / 5:
+            lease = 0
         while True:
             got = self._run(
                 "register",
@@ -394,10 +429,12 @@ class RedisBackend(BackendBase):
                 packed,
                 time.time(),
                 self.ring_events,
-                self._lease_ms,
+                lease,
                 expect,
                 operation="register",
             )
+            if lease and host == self._here:
+                self._renewed = now
             verdict = got[0]
             if verdict == b"MOVED":  # the holder we judged was replaced meanwhile: again
                 expect = b""
@@ -528,7 +565,9 @@ class RedisBackend(BackendBase):
 
         A monitor calls it every ``heartbeat_interval`` seconds.
         """
+        renewed = time.monotonic()
         expired = set(self._run("heartbeat", self._here, self._lease_ms, operation="heartbeat"))
+        self._renewed = renewed
         if not expired:
             return 0
         stored, _ = self._scan()
@@ -545,7 +584,9 @@ class RedisBackend(BackendBase):
 
     def read_events(self, after: int, limit: int = 1024) -> tuple[list[Event], int]:
         after = max(after, 0)
-        last, raw = self._run("events", after, max(limit, 1), operation="read_events")
+        last, raw = self._run(
+            "events", after, max(limit, 1), self.ring_events, operation="read_events"
+        )
         first, stop, lost = event_window(after, int(last or 0), self.ring_events, limit)
         out = []
         for entry_id, fields in raw:
@@ -590,7 +631,7 @@ class RedisBackend(BackendBase):
     # ------------------------------------------------------------------ reporting
 
     def stats(self) -> RegistryStats:
-        seq, gen, ops, sweeps, dead_found, last_sweep, namespaces = self._run(
+        seq, gen, sweeps, dead_found, last_sweep, namespaces = self._run(
             "meta", operation="stats"
         )
         stored, _ = self._scan()
@@ -613,7 +654,7 @@ class RedisBackend(BackendBase):
                 "capacity_setting": self.capacity,
                 "max_metadata_bytes": self.max_metadata_bytes,
                 "ring_events": self.ring_events,
-                "ops": int(ops or 0),
+                "ops": int(seq or 0),  # every change appends one event
                 "owner_changes": int(gen or 0),
                 "event_seq": int(seq or 0),
             },

@@ -49,11 +49,15 @@ local function remote_dead(host, here)
 end
 -- Scripts are not rolled back when a command fails, so each writes its event first: a script
 -- that fails there (a key of the wrong type, out of memory) has changed nothing.
-local function emit(ring, now, kind, ns, key, pid, gen, reason, start, host)
+local function emit(ring, now, kind, ns, key, pid, gen, reason, start, host, newgen)
   local seq = tonumber(redis.call('HGET', P .. 'meta', 'seq')) + 1
-  redis.call('XADD', P .. 'ev', 'MAXLEN', ring, seq .. '-1', 'k', kind, 'n', ns, 's', key,
+  redis.call('XADD', P .. 'ev', 'MAXLEN', '~', ring, seq .. '-1', 'k', kind, 'n', ns, 's', key,
     'p', pid, 'g', gen, 't', now, 'r', reason, 'st', start, 'h', host)
-  redis.call('HSET', P .. 'meta', 'seq', seq)
+  if newgen then
+    redis.call('HSET', P .. 'meta', 'seq', seq, 'gen', newgen)
+  else
+    redis.call('HSET', P .. 'meta', 'seq', seq)
+  end
   return seq
 end
 """
@@ -65,25 +69,14 @@ local P = KEYS[1]
 if redis.call('EXISTS', P .. 'meta') == 0 then
   if ARGV[1] == '0' then return nil end
   redis.call('HSET', P .. 'meta', 'capacity', ARGV[2], 'max_metadata_bytes', ARGV[3],
-    'ring_events', ARGV[4], 'created', ARGV[5], 'gen', 0, 'seq', 0, 'ops', 0,
+    'ring_events', ARGV[4], 'created', ARGV[5], 'gen', 0, 'seq', 0,
     'sweeps', 0, 'dead_found', 0)
 end
 return redis.call('HMGET', P .. 'meta', 'capacity', 'max_metadata_bytes', 'ring_events')
 """
 
-# ARGV: ns, key, here (host hex). The value, or nil if absent or its host's lease expired.
-GET = (
-    PRELUDE
-    + r"""
-local v = redis.call('HGET', P .. 'ns:' .. ARGV[1], ARGV[2])
-if not v then return nil end
-local _, _, _, _, host = parse(v)
-if remote_dead(host, ARGV[3]) then return nil end
-return v
-"""
-)
-
-# ARGV: ns, key, pid, start, host, tags, metadata, now, ring, lease_ms, expect.
+# ARGV: ns, key, pid, start, host, tags, metadata, now, ring, lease_ms, expect. lease_ms '0'
+# skips renewing the host's lease (the client renewed it a moment ago).
 # expect '' claims a free name or re-registers the same owner; otherwise it is the whole value
 # the client judged dead, and the name is taken over only if that value is still stored.
 # Returns {generation, kind}, {'HELD', value} (the client must judge the holder), or
@@ -112,16 +105,18 @@ elseif expect ~= '' then
   return {'MOVED'}
 end
 if not gen then gen = tonumber(redis.call('HGET', P .. 'meta', 'gen')) + 1 end
-emit(ring, now, kind, ns, key, pid, gen, reason, start, host)
-if kind == 'registered' then redis.call('HSET', P .. 'meta', 'gen', gen) end
-redis.call('SET', P .. 'lease:' .. host, '1', 'PX', ARGV[10])
-redis.call('SADD', P .. 'hosts', host)
-index('SREM', ns, key, htags)
+emit(ring, now, kind, ns, key, pid, gen, reason, start, host, kind == 'registered' and gen)
+if ARGV[10] ~= '0' then
+  redis.call('SET', P .. 'lease:' .. host, '1', 'PX', ARGV[10])
+  redis.call('SADD', P .. 'hosts', host)
+end
+if htags ~= tags then
+  index('SREM', ns, key, htags)
+end
 redis.call('HSET', hkey, key, pid .. '\t' .. start .. '\t' .. gen .. '\t' .. tags .. '\t' ..
   host .. '\n' .. ARGV[7])
-redis.call('SADD', P .. 'nss', ns)
-index('SADD', ns, key, tags)
-redis.call('HINCRBY', P .. 'meta', 'ops', 1)
+if kind == 'registered' then redis.call('SADD', P .. 'nss', ns) end
+if htags ~= tags then index('SADD', ns, key, tags) end
 return {tonumber(gen), kind}
 """
 )
@@ -139,7 +134,6 @@ emit(ARGV[7], ARGV[6], 'updated', ns, key, pid, gen, '', start, host)
 index('SREM', ns, key, tags)
 redis.call('HSET', hkey, key, ARGV[4])
 index('SADD', ns, key, ARGV[5])
-redis.call('HINCRBY', P .. 'meta', 'ops', 1)
 return 1
 """
 )
@@ -159,7 +153,6 @@ emit(ARGV[5], ARGV[4], 'unregistered', ns, key, pid, gen, '', start, host)
 redis.call('HDEL', hkey, key)
 if redis.call('EXISTS', hkey) == 0 then redis.call('SREM', P .. 'nss', ns) end
 index('SREM', ns, key, tags)
-redis.call('HINCRBY', P .. 'meta', 'ops', 1)
 if remote_dead(host, ARGV[6]) then return {v, 0} end
 return {v, 1}
 """
@@ -188,7 +181,6 @@ for i = 5, #ARGV, 4 do
     end
   end
 end
-redis.call('HINCRBY', P .. 'meta', 'ops', removed)
 if ARGV[4] == '1' then
   redis.call('HINCRBY', P .. 'meta', 'sweeps', 1)
   redis.call('HINCRBY', P .. 'meta', 'dead_found', removed)
@@ -255,14 +247,17 @@ return out
 """
 )
 
-# ARGV: after, limit. Returns {last seq, up to limit stream entries numbered after ``after``}:
-# read together, so the client's lost-event arithmetic sees the log as one moment left it.
+# ARGV: after, limit, ring. Returns {last seq, up to limit stream entries numbered after
+# ``after`` among the newest ``ring``}: read together, so the client's lost-event arithmetic
+# sees the log as one moment left it. (The stream is trimmed with ``MAXLEN ~``, which is
+# cheaper and may keep a few more than ``ring``: those are not served, so every reader
+# sees exactly a ring of ``ring`` events.)
 EVENTS = (
     PRELUDE
     + r"""
 local last = tonumber(redis.call('HGET', P .. 'meta', 'seq'))
-return {last, redis.call('XRANGE', P .. 'ev', (tonumber(ARGV[1]) + 1) .. '-1', '+',
-  'COUNT', ARGV[2])}
+local from = math.max(tonumber(ARGV[1]) + 1, last - tonumber(ARGV[3]) + 1)
+return {last, redis.call('XRANGE', P .. 'ev', from .. '-1', '+', 'COUNT', ARGV[2])}
 """
 )
 
@@ -300,13 +295,12 @@ return expired
 """
 )
 
-# No ARGV. Returns {seq, gen, ops, sweeps, dead_found, last_sweep, namespaces}.
+# No ARGV. Returns {seq, gen, sweeps, dead_found, last_sweep, namespaces}.
 META = (
     PRELUDE
     + r"""
-local m = redis.call('HMGET', P .. 'meta', 'seq', 'gen', 'ops', 'sweeps', 'dead_found',
-  'last_sweep')
-m[7] = redis.call('SCARD', P .. 'nss')
+local m = redis.call('HMGET', P .. 'meta', 'seq', 'gen', 'sweeps', 'dead_found', 'last_sweep')
+m[6] = redis.call('SCARD', P .. 'nss')
 return m
 """
 )
