@@ -28,11 +28,8 @@ script whose writes depend only on its arguments replicates the same on every se
 
 from __future__ import annotations
 
-PRELUDE = r"""
+FUNCTIONS = r"""
 local P = KEYS[1]
-if redis.call('EXISTS', P .. 'meta') == 0 then
-  return redis.error_reply('SHMREG_DESTROYED registry was destroyed')
-end
 local function parse(v)
   return string.match(v, '^(%d+)\t(%d+)\t(%d+)\t([^\t]*)\t([^\n]*)\n')
 end
@@ -49,18 +46,23 @@ local function remote_dead(host, here)
 end
 -- Scripts are not rolled back when a command fails, so each writes its event first: a script
 -- that fails there (a key of the wrong type, out of memory) has changed nothing.
-local function emit(ring, now, kind, ns, key, pid, gen, reason, start, host, newgen)
+local function emit(ring, now, kind, ns, key, pid, gen, reason, start, host)
   local seq = tonumber(redis.call('HGET', P .. 'meta', 'seq')) + 1
   redis.call('XADD', P .. 'ev', 'MAXLEN', '~', ring, seq .. '-1', 'k', kind, 'n', ns, 's', key,
     'p', pid, 'g', gen, 't', now, 'r', reason, 'st', start, 'h', host)
-  if newgen then
-    redis.call('HSET', P .. 'meta', 'seq', seq, 'gen', newgen)
-  else
-    redis.call('HSET', P .. 'meta', 'seq', seq)
-  end
+  redis.call('HSET', P .. 'meta', 'seq', seq)
   return seq
 end
 """
+
+PRELUDE = (
+    FUNCTIONS
+    + r"""
+if redis.call('EXISTS', P .. 'meta') == 0 then
+  return redis.error_reply('SHMREG_DESTROYED registry was destroyed')
+end
+"""
+)
 
 # ARGV: create(0/1), capacity, max_metadata_bytes, ring_events, now.
 # Returns the stored settings, or nil when absent and not created. No prelude: it makes meta.
@@ -82,10 +84,15 @@ return redis.call('HMGET', P .. 'meta', 'capacity', 'max_metadata_bytes', 'ring_
 # Returns {generation, kind}, {'HELD', value} (the client must judge the holder), or
 # {'LIVE', value} (held by a live remote host), or {'MOVED'} (expect no longer stored).
 REGISTER = (
-    PRELUDE
+    FUNCTIONS
     + r"""
 local ns, key, pid, start, host, tags = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local now, ring, expect = ARGV[8], ARGV[9], ARGV[11]
+-- The hot path: the counters in one read, which is also the "destroyed?" check.
+local counters = redis.call('HMGET', P .. 'meta', 'seq', 'gen')
+if not counters[1] then
+  return redis.error_reply('SHMREG_DESTROYED registry was destroyed')
+end
 local hkey = P .. 'ns:' .. ns
 local v = redis.call('HGET', hkey, key)
 local gen, kind, reason, htags = nil, 'registered', '', ''
@@ -104,8 +111,15 @@ if v then
 elseif expect ~= '' then
   return {'MOVED'}
 end
-if not gen then gen = tonumber(redis.call('HGET', P .. 'meta', 'gen')) + 1 end
-emit(ring, now, kind, ns, key, pid, gen, reason, start, host, kind == 'registered' and gen)
+if not gen then gen = tonumber(counters[2]) + 1 end
+local seq = tonumber(counters[1]) + 1
+redis.call('XADD', P .. 'ev', 'MAXLEN', '~', ring, seq .. '-1', 'k', kind, 'n', ns, 's', key,
+  'p', pid, 'g', gen, 't', now, 'r', reason, 'st', start, 'h', host)
+if kind == 'registered' then
+  redis.call('HSET', P .. 'meta', 'seq', seq, 'gen', gen)
+else
+  redis.call('HSET', P .. 'meta', 'seq', seq)
+end
 if ARGV[10] ~= '0' then
   redis.call('SET', P .. 'lease:' .. host, '1', 'PX', ARGV[10])
   redis.call('SADD', P .. 'hosts', host)
