@@ -381,3 +381,26 @@ def test_cli_takes_urls(reg: shmreg.Registry, url: str) -> None:
     assert _cli("sweep", target) == {"removed": 0}
     events = _cli("watch", target, "--since", "0", "--timeout", "0.5")
     assert [(e["kind"], e["service"]) for e in events] == [("registered", "svc")]
+
+
+def test_a_hung_server_times_out_and_the_client_recovers() -> None:
+    import signal
+
+    server = RedisServer()
+    try:
+        reg = shmreg.Registry.create(_name(), url=server.url.replace("/0", "/0?timeout=0.5"))
+        reg.register("ns", "svc")
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)  # accepts nothing, answers nothing
+        try:
+            began = time.monotonic()
+            with pytest.raises(shmreg.BackendUnavailable):
+                reg.lookup("ns", "svc")
+            waited = time.monotonic() - began
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert waited < 30  # bounded (two attempts of the timeout; docs/redis.md has figures)
+        assert _until(lambda: reg.lookup("ns", "svc"), what="the reconnect") == os.getpid()
+        reg.destroy()
+    finally:
+        server.stop()

@@ -607,7 +607,7 @@ class RedisBackend(BackendBase):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            block = max(1, int(min(left, self._target.timeout * 0.5) * 1000))
+            block = max(1, int(min(left, self._target.timeout * 0.25) * 1000))
             with mapped(self._name, "wait"):
                 if self._client.xread({stream: f"{after}-1"}, count=1, block=block):
                     return True

@@ -5,7 +5,8 @@ needs numpy, msgpack, psutil and filelock and nothing else.
 
 URLs: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS), ``unix:///path``,
 and ``redis+sentinel://[password@]host:port[,host:port...]/service[/db]`` for a master that
-Sentinel elects. Query options: ``timeout`` (seconds per attempt, default 1), ``lease``
+Sentinel elects. Query options: ``timeout`` (seconds a call may wait on an unresponsive
+server before ``BackendUnavailable``, default 1), ``lease``
 (host lease seconds, default 10).
 
 Errors are mapped at this seam, once: a server that cannot be reached or answers too late is
@@ -84,11 +85,13 @@ def connect(target: Target) -> Any:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    # Each attempt is bounded by the timeout; one immediate retry lets a pooled connection
-    # broken by a server restart reconnect without the caller seeing an error.
+    # One immediate retry lets a pooled connection broken by a server restart reconnect
+    # without the caller seeing an error; each of the two attempts gets half the timeout,
+    # so a hung server costs a call at most the timeout, not twice it.
+    attempt = target.timeout / 2
     common: dict[str, Any] = {
-        "socket_timeout": target.timeout,
-        "socket_connect_timeout": target.timeout,
+        "socket_timeout": attempt,
+        "socket_connect_timeout": attempt,
         "retry": Retry(NoBackoff(), 1),
         "health_check_interval": 0,
     }
@@ -111,9 +114,9 @@ def connect(target: Target) -> Any:
     db = int(path[1]) if len(path) > 1 and path[1].isdigit() else 0
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         hosts,
-        socket_timeout=target.timeout,
-        socket_connect_timeout=target.timeout,
-        sentinel_kwargs={"socket_timeout": target.timeout},
+        socket_timeout=attempt,
+        socket_connect_timeout=attempt,
+        sentinel_kwargs={"socket_timeout": attempt},
     )
     return sentinel.master_for(  # type: ignore[no-untyped-call]
         path[0], db=db, password=password, **common
