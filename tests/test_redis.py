@@ -404,3 +404,29 @@ def test_a_hung_server_times_out_and_the_client_recovers() -> None:
         reg.destroy()
     finally:
         server.stop()
+
+
+def test_a_crashed_hosts_entries_are_buried_by_another_hosts_monitor(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url.replace("/0", "/0?lease=1")
+    name = _name()
+    reg = shmreg.Registry.create(name, url=url)
+    code = _OTHER_HOST.replace("sys.argv[2]", repr(name)).replace("sys.argv[3]", "'monitor'")
+    proc = _child(code, "host-b", url)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        seq = reg.backend.last_event_seq()
+        with reg.monitor():  # this host's monitor, beside host-b's
+            assert reg.lookup("ns", "svc") == proc.pid
+            proc.kill()  # host-b goes down whole: its process and its monitor
+            proc.wait(timeout=30)
+            died = _until(
+                lambda: [e for e in reg.backend.read_events(seq)[0] if e.kind == "died"],
+                what="host-b's entry to be buried",
+            )
+        assert [(e.reason, e.host, e.pid) for e in died] == [("host-lost", "host-b", proc.pid)]
+        assert reg.count() == 0
+    finally:
+        _stop(proc)
+        reg.destroy()
