@@ -15,7 +15,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shmreg import _codec, _identity
-from shmreg._errors import InvalidBackendConfig, StaleGeneration
+from shmreg._errors import (
+    AlreadyRegistered,
+    IncompatibleRegistry,
+    InvalidBackendConfig,
+    StaleGeneration,
+)
 from shmreg._events import REASON_CODES, REASON_NAMES, SWEPT
 from shmreg._types import (
     Entry,
@@ -35,6 +40,28 @@ def setting(name: str, value: int | None, default: int, limit: int) -> int:
     if type(value) is not int or not 1 <= value <= limit:
         raise InvalidBackendConfig(f"{name} must be an int in 1..{limit}, got {value!r}")
     return value
+
+
+def check_settings(name: str, asked: Mapping[str, int | None], actual: Mapping[str, int]) -> None:
+    """Attaching: every setting the caller gave must be the one the registry has."""
+    for option, value in asked.items():
+        if value is not None and value != actual[option]:
+            raise IncompatibleRegistry(
+                f"{option}: registry {name!r} has {actual[option]}, caller asked for {value}",
+                setting=option,
+                expected=value,
+                actual=actual[option],
+            )
+
+
+def held_by(namespace: str, service: Service, pid: int) -> AlreadyRegistered:
+    """The error for a name a live process holds."""
+    return AlreadyRegistered(
+        f"{namespace}/{service!r} is held by live pid {pid}",
+        namespace=namespace,
+        service=service,
+        pid=pid,
+    )
 
 
 def check_generation(namespace: str, service: Service, actual: int, expected: int | None) -> None:

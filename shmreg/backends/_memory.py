@@ -35,8 +35,6 @@ from typing import Any, NamedTuple
 
 from shmreg import _codec, _identity
 from shmreg._errors import (
-    AlreadyRegistered,
-    IncompatibleRegistry,
     NotRegistered,
     RegistryClosed,
     RegistryDestroyed,
@@ -60,8 +58,10 @@ from shmreg._types import (
 from shmreg.backends._base import (
     BackendBase,
     check_generation,
+    check_settings,
     dead_reasons,
     event_window,
+    held_by,
     setting,
 )
 
@@ -190,18 +190,19 @@ class MemoryBackend(BackendBase):
                 )
                 _NAMED[name] = handle._state
                 return handle
-        for option, asked, actual in (
-            ("capacity", capacity, state.capacity),
-            ("max_metadata_bytes", max_metadata_bytes, state.max_metadata_bytes),
-            ("ring_events", ring_events, state.ring_events),
-        ):
-            if asked is not None and asked != actual:
-                raise IncompatibleRegistry(
-                    f"{option}: registry {name!r} has {actual}, caller asked for {asked}",
-                    setting=option,
-                    expected=asked,
-                    actual=actual,
-                )
+        check_settings(
+            name,
+            {
+                "capacity": capacity,
+                "max_metadata_bytes": max_metadata_bytes,
+                "ring_events": ring_events,
+            },
+            {
+                "capacity": state.capacity,
+                "max_metadata_bytes": state.max_metadata_bytes,
+                "ring_events": state.ring_events,
+            },
+        )
         return cls._on(state)
 
     @classmethod
@@ -374,12 +375,7 @@ class MemoryBackend(BackendBase):
             # Taken over only on proof of death (gone, zombie, pid reused): a holder we
             # cannot judge (UNKNOWN) keeps its name.
             if held is not None and not _identity.check(held.owner).is_dead:
-                raise AlreadyRegistered(
-                    f"{namespace}/{service!r} is held by live pid {held.owner.pid}",
-                    namespace=namespace,
-                    service=service,
-                    pid=held.owner.pid,
-                )
+                raise held_by(namespace, service, held.owner.pid)
             if held is not None:
                 reason = "takeover"
             state.owner_changes += 1

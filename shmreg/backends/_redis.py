@@ -21,7 +21,6 @@ from typing import Any
 
 from shmreg import _codec, _identity
 from shmreg._errors import (
-    AlreadyRegistered,
     IncompatibleRegistry,
     InvalidBackendConfig,
     NotRegistered,
@@ -49,8 +48,10 @@ from shmreg.backends import _redis_lua as lua
 from shmreg.backends._base import (
     BackendBase,
     check_generation,
+    check_settings,
     dead_reasons,
     event_window,
+    held_by,
     setting,
 )
 from shmreg.backends._redis_conn import Scripts, connect, mapped, parse
@@ -161,19 +162,19 @@ class RedisBackend(BackendBase):
             self._client.close()
             raise RegistryNotFound(f"no Redis registry named {name!r} at {url}", name=name)
         actual = dict(zip(asked, (int(v) for v in got), strict=True))
-        for option, value in (
-            ("capacity", capacity),
-            ("max_metadata_bytes", max_metadata_bytes),
-            ("ring_events", ring_events),
-        ):
-            if value is not None and value != actual[option]:
-                self._client.close()
-                raise IncompatibleRegistry(
-                    f"{option}: registry {name!r} has {actual[option]}, caller asked for {value}",
-                    setting=option,
-                    expected=value,
-                    actual=actual[option],
-                )
+        try:
+            check_settings(
+                name,
+                {
+                    "capacity": capacity,
+                    "max_metadata_bytes": max_metadata_bytes,
+                    "ring_events": ring_events,
+                },
+                actual,
+            )
+        except IncompatibleRegistry:
+            self._client.close()
+            raise
         self.capacity: int = actual["capacity"]
         self.max_metadata_bytes: int = actual["max_metadata_bytes"]
         self.ring_events: int = actual["ring_events"]
@@ -445,12 +446,7 @@ class RedisBackend(BackendBase):
                 # HELD: a holder on the owner's host, judged here (a proof of death is needed);
                 # LIVE: a remote holder whose host's lease lives.
                 if verdict == b"LIVE" or not _identity.check(holder).is_dead:
-                    raise AlreadyRegistered(
-                        f"{namespace}/{service!r} is held by live pid {holder.pid}",
-                        namespace=namespace,
-                        service=service,
-                        pid=holder.pid,
-                    )
+                    raise held_by(namespace, service, holder.pid)
                 expect = got[1]
                 continue
             return int(verdict)

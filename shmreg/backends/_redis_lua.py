@@ -41,6 +41,12 @@ local function index(op, ns, key, tags)
     redis.call(op, P .. 'ix:' .. ns .. ':' .. tag, key)
   end
 end
+local function expired_hosts(into)
+  for _, host in ipairs(redis.call('SMEMBERS', P .. 'hosts')) do
+    if redis.call('EXISTS', P .. 'lease:' .. host) == 0 then into[#into + 1] = host end
+  end
+  return into
+end
 local function remote_dead(host, here)
   return host ~= here and redis.call('EXISTS', P .. 'lease:' .. host) == 0
 end
@@ -221,10 +227,7 @@ for _, ns in ipairs(spaces) do
   end
 end
 out[#out + 1] = ''
-for _, host in ipairs(redis.call('SMEMBERS', P .. 'hosts')) do
-  if redis.call('EXISTS', P .. 'lease:' .. host) == 0 then out[#out + 1] = host end
-end
-return out
+return expired_hosts(out)
 """
 )
 
@@ -287,11 +290,7 @@ return tonumber(redis.call('HGET', P .. 'meta', 'seq'))
 EXPIRED = (
     PRELUDE
     + r"""
-local expired = {}
-for _, host in ipairs(redis.call('SMEMBERS', P .. 'hosts')) do
-  if redis.call('EXISTS', P .. 'lease:' .. host) == 0 then expired[#expired + 1] = host end
-end
-return expired
+return expired_hosts({})
 """
 )
 
@@ -301,11 +300,7 @@ HEARTBEAT = (
     + r"""
 redis.call('SET', P .. 'lease:' .. ARGV[1], '1', 'PX', ARGV[2])
 redis.call('SADD', P .. 'hosts', ARGV[1])
-local expired = {}
-for _, host in ipairs(redis.call('SMEMBERS', P .. 'hosts')) do
-  if redis.call('EXISTS', P .. 'lease:' .. host) == 0 then expired[#expired + 1] = host end
-end
-return expired
+return expired_hosts({})
 """
 )
 

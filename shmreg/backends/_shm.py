@@ -18,7 +18,6 @@ from shmreg import _codec, _identity
 from shmreg import _events as _ev
 from shmreg import _layout as L
 from shmreg._errors import (
-    AlreadyRegistered,
     NotRegistered,
 )
 from shmreg._table import SlotWords, StuckSlot, Table
@@ -27,7 +26,7 @@ from shmreg._types import (
     ProcessIdentity,
     Service,
 )
-from shmreg.backends._base import check_generation
+from shmreg.backends._base import check_generation, held_by
 from shmreg.backends._shm_base import LO32, record_size, tombstone
 from shmreg.backends._shm_liveness import ShmLiveness
 from shmreg.backends._shm_scans import ShmScans
@@ -228,12 +227,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
             else:
                 held = ProcessIdentity(words[4] & LO32, words[5])
                 if not _identity.check(held).is_dead:
-                    raise AlreadyRegistered(
-                        f"{namespace}/{service!r} is held by live pid {held.pid}",
-                        namespace=namespace,
-                        service=service,
-                        pid=held.pid,
-                    )
+                    raise held_by(namespace, service, held.pid)
                 owners += 1
                 generation = owners
             garbage += record_size(words)
