@@ -29,6 +29,6 @@ def open_target(target: str) -> Registry:
 
 def list_names(url: str) -> list[str]:
     """The registries stored at ``url``."""
-    from shmreg.backends._redis import registry_names
+    from shmreg.backends._redis_base import registry_names
 
     return registry_names(url)
