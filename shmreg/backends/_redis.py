@@ -28,7 +28,7 @@ from shmreg.backends._base import (
     held_by,
 )
 from shmreg.backends._redis_base import _Stored
-from shmreg.backends._redis_conn import mapped
+from shmreg.backends._redis_conn import mapped, translate
 from shmreg.backends._redis_liveness import RedisLiveness
 
 _INDEXED = (("type", b"t"), ("capabilities", b"c"))  # field, tag prefix
@@ -73,12 +73,19 @@ class RedisBackend(RedisLiveness):
         A miss asks once more whether the registry still exists (a destroyed one must say
         so); a remote owner's host lease is checked at most every ``_LEASE_CACHE`` seconds.
         """
-        key = _codec.encode_key(namespace, service)
-        ns = key[: key.index(b"\x00")]
+        try:
+            cached = self._keycache.get((namespace, service))
+        except TypeError:  # unhashable: encode_key raises the proper InvalidKey
+            cached = None
+        if cached is None or cached[3] is not type(service):
+            cached = self._cache_key(namespace, service)
+        hkey, ns, key, _ = cached
         if self._closed:
             self._run("last")  # raises the right error for this handle
-        with mapped(self._name, "lookup"):
-            value = self._client.hget(self._bprefix + b"ns:" + ns, key)
+        try:
+            value = self._client.hget(hkey, key)
+        except self._redis_error as exc:
+            raise translate(self._name, "lookup", exc) from exc
         if value is None:
             self._run("last", operation="lookup")  # RegistryDestroyed if it is gone
             return None
@@ -89,6 +96,16 @@ class RedisBackend(RedisLiveness):
         elif not self._lease_lives(head[4]):
             return None
         return ns, key, value
+
+    def _cache_key(self, namespace: str, service: Service) -> tuple[bytes, bytes, bytes, type]:
+        # The type is kept because 1, 1.0 and True are one dict key but different names.
+        key = _codec.encode_key(namespace, service)
+        ns = key[: key.index(b"\x00")]
+        cached = (self._bprefix + b"ns:" + ns, ns, key, type(service))
+        if len(self._keycache) >= 65_536:
+            self._keycache.clear()  # a bound, not an LRU: hot keys come back at once
+        self._keycache[(namespace, service)] = cached
+        return cached
 
     def _lease_lives(self, host: bytes) -> bool:
         now = time.monotonic()

@@ -67,6 +67,12 @@ def registry_names(url: str) -> list[str]:
         client.close()
 
 
+def _errors() -> type[Exception]:
+    from redis.exceptions import RedisError
+
+    return RedisError
+
+
 class RedisBase(BackendBase):
     """State and helpers shared by every part of ``RedisBackend``."""
 
@@ -97,6 +103,9 @@ class RedisBase(BackendBase):
         self._leases: dict[bytes, float] = {}
         self._lease_cache = self._target.lease / 10
         self._renewed = -1e9  # when this handle last renewed its host's lease (monotonic)
+        # (namespace, service) -> (hash key, namespace bytes, key bytes, service type)
+        self._keycache: dict[tuple[str, Any], tuple[bytes, bytes, bytes, type]] = {}
+        self._redis_error: type[Exception] = _errors()
         self._lease_ms = int(self._target.lease * 1000)
         self._here = _identity.host_id().encode().hex().encode()  # fixed once opened
         asked = {

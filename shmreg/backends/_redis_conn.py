@@ -123,36 +123,39 @@ def connect(target: Target) -> Any:
     )
 
 
-@contextlib.contextmanager
-def mapped(name: str, operation: str) -> Iterator[None]:
-    """Turn redis-py's exceptions raised inside into shmreg errors (see the module docstring)."""
+def translate(name: str, operation: str, exc: Exception) -> Exception:
+    """The shmreg error for a redis-py exception (see the module docstring)."""
     redis = _redis()
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         # redis-py reports a Sentinel with no master as MasterNotFoundError, a ConnectionError.
-        raise BackendUnavailable(
+        return BackendUnavailable(
             f"Redis unreachable during {operation} on {name!r}: {exc}", backend="redis"
-        ) from exc
-    except redis.exceptions.ResponseError as exc:
-        text = str(exc)
+        )
+    text = str(exc)
+    if isinstance(exc, redis.exceptions.ResponseError):
         if "SHMREG_DESTROYED" in text:
-            raise RegistryDestroyed(f"registry {name!r} was destroyed", name=name) from None
+            return RegistryDestroyed(f"registry {name!r} was destroyed", name=name)
         if "READONLY" in text or "LOADING" in text or "MASTERDOWN" in text:
             # A replica answering for a demoted master, or a server still loading its data:
             # the same retry that waits out an unreachable server waits this out.
-            raise BackendUnavailable(
+            return BackendUnavailable(
                 f"Redis cannot serve {operation} on {name!r} yet: {text}", backend="redis"
-            ) from exc
-        raise BackendOperationFailed(
-            f"Redis refused {operation} on {name!r}: {text}",
-            backend="redis",
-            operation=operation,
-        ) from exc
-    except redis.exceptions.RedisError as exc:
-        raise BackendOperationFailed(
-            f"Redis failed {operation} on {name!r}: {exc}", backend="redis", operation=operation
-        ) from exc
+            )
+    return BackendOperationFailed(
+        f"Redis refused {operation} on {name!r}: {text}", backend="redis", operation=operation
+    )
+
+
+@contextlib.contextmanager
+def mapped(name: str, operation: str) -> Iterator[None]:
+    """Turn redis-py's exceptions raised inside into shmreg errors (``translate``)."""
+    try:
+        yield
+    except _redis().exceptions.RedisError as exc:
+        error = translate(name, operation, exc)
+        if isinstance(error, RegistryDestroyed):
+            raise error from None
+        raise error from exc
 
 
 class Scripts:

@@ -30,6 +30,8 @@ from shmreg.backends._redis_conn import mapped
 
 
 class RedisLiveness(RedisBase):
+    """Who is alive across hosts, removing the dead, and reading the event stream."""
+
     # ------------------------------------------------------------------ liveness
 
     def owner_counts(self) -> dict[ProcessIdentity, int]:
