@@ -430,3 +430,37 @@ def test_a_crashed_hosts_entries_are_buried_by_another_hosts_monitor(
     finally:
         _stop(proc)
         reg.destroy()
+
+
+def test_shmreg_monitor_url_keeps_its_hosts_lease(redis_server: RedisServer) -> None:
+    url = redis_server.url.replace("/0", "/0?lease=1")
+    reg = shmreg.Registry.create(_name(), url=url)
+    env = {**os.environ, "SHMREG_HOST_ID": "host-b"}
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "shmreg", "monitor", f"{url}#{reg.name}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert monitor.stdout is not None
+        assert monitor.stdout.readline().startswith("monitoring")
+        # An entry of a live host-b process (registered from here; host-b's monitor judges
+        # it, and finds it alive: both "hosts" are this machine).
+        owner = _identity.self_identity()._replace(host="host-b")
+        reg.backend.register("ns", "svc", owner, None)
+        deadline = time.monotonic() + 3.5  # several lease lengths
+        while time.monotonic() < deadline:
+            assert reg.sweep() == 0 and reg.lookup("ns", "svc") == owner.pid
+            time.sleep(0.2)
+        monitor.terminate()  # host-b's monitor stops: nothing renews the lease now
+        monitor.wait(timeout=30)
+        _until(lambda: reg.lookup("ns", "svc") is None, what="host-b's lease to expire")
+        assert reg.sweep() == 1
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+        monitor.wait(timeout=30)
+        if monitor.stdout is not None:
+            monitor.stdout.close()
+        reg.destroy()
