@@ -60,9 +60,10 @@ def _open_backend(
         if not isinstance(backend, Backend):
             raise InvalidBackendConfig(f"{backend!r} does not implement shmreg.backends.Backend")
         return backend
-    # A URL (given, or $SHMREG_URL when no backend is named) means Redis.
-    url = url or (None if backend else os.environ.get("SHMREG_URL"))
-    if url is not None or backend == "redis":
+    # A URL (given, or $SHMREG_URL when no backend is named either way) means Redis.
+    named = backend or os.environ.get("SHMREG_BACKEND")
+    url = url or (None if named else os.environ.get("SHMREG_URL"))
+    if url is not None or named == "redis":
         from shmreg.backends._redis import RedisBackend
 
         return RedisBackend(
@@ -117,6 +118,10 @@ class Registry:
     ...     reg.destroy()
     True
     True
+
+    ``url="redis://host:6379/0"`` (or ``$SHMREG_URL``) puts it on a Redis server instead,
+    shared by processes on many hosts (docs/redis.md); ``backend=`` picks ``"shm"``,
+    ``"memory"`` or ``"redis"``, or takes a backend object.
     """
 
     def __init__(
