@@ -101,7 +101,14 @@ def dead_reasons(verdicts: Mapping[ProcessIdentity, Liveness]) -> dict[ProcessId
 
 
 class BackendBase:
-    """Shared policy; subclasses provide storage (see the module docstring)."""
+    """Shared policy; subclasses provide storage (see the module docstring).
+
+    The storage primitives a backend writes: ``name``, ``register``, ``register_many``,
+    ``lookup_entry``, ``update_metadata``, ``unregister``, ``list_entries``,
+    ``namespace_owners``, ``count``, ``owner_counts``, ``remove_dead``, ``last_event_seq``,
+    ``read_events``, ``stats``, ``close`` and ``destroy``. The rest of the ``Backend``
+    protocol comes from here, built on them.
+    """
 
     kind = "base"
 
@@ -109,6 +116,9 @@ class BackendBase:
 
     @property
     def name(self) -> str:
+        raise NotImplementedError
+
+    def lookup_entry(self, namespace: str, service: Service) -> tuple[int, int, Metadata] | None:
         raise NotImplementedError
 
     def list_entries(self, namespace: str) -> list[Entry]:
@@ -127,6 +137,20 @@ class BackendBase:
         """Count one finished sweep that removed ``removed`` entries (``stats()`` shows it)."""
 
     # ------------------------------------------------------------------ policy
+
+    def lookup(self, namespace: str, service: Service) -> int | None:
+        """The live owner's pid, or None (backends with a cheaper path override it)."""
+        found = self.lookup_entry(namespace, service)
+        return None if found is None else found[0]
+
+    def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
+        """``(pid, metadata)`` of a live entry, or None."""
+        found = self.lookup_entry(namespace, service)
+        return None if found is None else (found[0], found[2])
+
+    def list_services(self, namespace: str) -> list[Service]:
+        """The services of a namespace's live entries."""
+        return [entry.service for entry in self.list_entries(namespace)]
 
     def _verdicts(self, identities: Iterable[ProcessIdentity]) -> dict[ProcessIdentity, Liveness]:
         """How this backend judges owners; a backend that cannot judge some says UNKNOWN."""

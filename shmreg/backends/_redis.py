@@ -131,10 +131,6 @@ class RedisBackend(RedisLiveness):
         pid, _, gen, _, _ = self._head(value)
         return int(pid), int(gen), _codec.unpack_metadata(value[value.index(b"\n") + 1 :])
 
-    def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
-        found = self.lookup_entry(namespace, service)
-        return None if found is None else (found[0], found[2])
-
     def _entry(self, ns: bytes, key: bytes, value: bytes) -> Entry:
         cut = value.index(b"\n")
         return Entry(
