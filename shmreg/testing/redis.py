@@ -76,9 +76,22 @@ class RedisServer:
             lines += ["appendonly yes", "appendfsync always"]
         lines += config or []
         self.config = self.dir / ("sentinel.conf" if sentinel else "redis.conf")
-        self.config.write_text("\n".join(line for line in lines if line) + "\n")
+        self._lines = [line for line in lines if line]
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for attempt in range(3):
+            self.config.write_text("\n".join(self._lines) + "\n")
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                # Another process may have bound the free port first: take another one.
+                if port is not None or attempt == 2:
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                    raise
+                old, self.port = self.port, free_port()
+                self._lines = [
+                    f"port {self.port}" if line == f"port {old}" else line for line in self._lines
+                ]
 
     @property
     def url(self) -> str:
