@@ -104,7 +104,8 @@ class RedisServer:
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + timeout
-        while not self.ping():
+        # Ours answering, not some other server that holds the port (then ours exits).
+        while self._serving_pid() != self.proc.pid:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited: {self.log()[-2000:]}")
             if time.monotonic() > deadline:
@@ -119,6 +120,22 @@ class RedisServer:
                 return s.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+    def _serving_pid(self) -> int | None:
+        """The pid of the server answering on our port, if any answers."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                s.sendall(b"INFO server\r\n")
+                data = b""
+                while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        return None
+                    data += chunk
+        except OSError:
+            return None
+        line = data.split(b"process_id:", 1)[1].split(b"\r\n", 1)[0]
+        return int(line) if line.isdigit() else None
 
     def log(self) -> str:
         try:
