@@ -751,10 +751,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="do not run: merge these result files and print their tables",
     )
+    ap.add_argument(
+        "--redis-backend",
+        action="store_true",
+        help="only shmreg on Redis beside bare redis-py (bench/redis_backend.py)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker_main(json.loads(a.worker))
+    if a.redis_backend:
+        from bench.redis_backend import main as redis_backend
+
+        return redis_backend([])
     if a.report:
         from bench.report import load, render_markdown, render_text
 

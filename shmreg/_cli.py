@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from shmreg._cli_target import list_names, open_target, split_target
 from shmreg._errors import ShmregError
 from shmreg._registry import Registry
 from shmreg._segment import list_segments
@@ -37,12 +38,12 @@ def _registries() -> list[str]:
 
 
 def _open(name: str) -> Registry:
-    return Registry.attach(name)
+    return open_target(name)  # a NAME, or a Redis URL with #NAME
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    if not args.name:
-        names = _registries()
+    if not args.name or split_target(args.name)[0] is None:
+        names = list_names(args.name) if args.name else _registries()
         if args.json:
             _print_json(names)
         else:
@@ -254,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         if named:
-            p.add_argument("name", nargs="?" if optional else None, help="registry name")
+            p.add_argument(
+                "name",
+                nargs="?" if optional else None,
+                help="registry name, or a Redis URL naming it: redis://host:6379/0#NAME",
+            )
         p.add_argument("--json", action="store_true", help="print data as JSON")
         return p
 

@@ -81,6 +81,7 @@ class Event:
     reason: str | None = None
     lost: int = 0
     start_ticks: int = 0
+    host: str = ""  # the owner's host (``ProcessIdentity.host``): "" for this one
 
 
 def pack_event_word(kind: int, reason: int, seq: int) -> int:

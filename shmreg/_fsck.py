@@ -160,9 +160,9 @@ def _salvage_headers(name: str, report: FsckReport) -> bool:
     """
     import os
 
+    from shmreg._limits import DEFAULT_MAX_METADATA_BYTES, MAX_CAPACITY, MAX_METADATA_LIMIT
     from shmreg._lock import WriterLock
     from shmreg._segment import close_segment, open_segment, segment_path
-    from shmreg._store import DEFAULT_MAX_METADATA_BYTES, MAX_CAPACITY, MAX_METADATA_LIMIT
 
     try:
         root = open_segment(L.root_name(name), name)

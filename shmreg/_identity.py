@@ -35,7 +35,9 @@ __all__ = [
     "boot_id",
     "check",
     "check_many",
+    "host_id",
     "identity_of",
+    "is_local",
     "parse_stat",
     "pid_namespace",
     "probe_alive",
@@ -218,16 +220,42 @@ def _classify(identity: ProcessIdentity, stat: tuple[str, int] | None) -> Livene
     return Liveness.SAME
 
 
+def host_id() -> str:
+    """This machine's id for owner identities: ``hostname:boot_id``, or ``$SHMREG_HOST_ID``.
+
+    The boot id is part of it because start ticks count from boot: after a reboot the same
+    hostname is, for identities, another host. ``SHMREG_HOST_ID`` (read on every call) lets
+    tests run several "hosts" on one machine.
+    """
+    override = os.environ.get("SHMREG_HOST_ID")
+    if override:
+        return override
+    global _host_id
+    if _host_id is None:
+        import socket
+
+        _host_id = f"{socket.gethostname()}:{boot_id()}"
+    return _host_id
+
+
+def is_local(identity: ProcessIdentity) -> bool:
+    """Whether ``identity`` lives on this host (``""`` or this ``host_id()``)."""
+    return not identity.host or identity.host == host_id()
+
+
 def check(identity: ProcessIdentity) -> Liveness:
     """Compare a stored identity with what the system says now (~3 µs on Linux).
 
     ``SAME``: that very process runs. ``GONE``: no process has the pid. ``REUSED``: another
     process has it (different start ticks). ``ZOMBIE``: the process exited and awaits reaping.
-    ``UNKNOWN``: the pid is taken but the kernel will not show by whom; treat it as alive.
+    ``UNKNOWN``: the pid is taken but the kernel will not show by whom, or the process lives
+    on another host (only its own host may judge it); treat it as alive.
 
     >>> check(self_identity())
     <Liveness.SAME: 'same'>
     """
+    if identity.host and not is_local(identity):
+        return Liveness.UNKNOWN
     return _classify(identity, _read_stat(identity.pid))
 
 
@@ -238,7 +266,11 @@ def check_many(identities: Iterable[ProcessIdentity]) -> dict[ProcessIdentity, L
     """
     stats: dict[int, tuple[str, int] | None] = {}
     result: dict[ProcessIdentity, Liveness] = {}
+    here = host_id()
     for identity in identities:
+        if identity.host and identity.host != here:
+            result[identity] = Liveness.UNKNOWN  # judged on its own host, never here
+            continue
         pid = identity.pid
         if pid in stats:
             stat = stats[pid]
@@ -305,6 +337,7 @@ def _is_thread_id(pid: int) -> bool:
 
 _self: ProcessIdentity | None = None
 _boot_id: str | None = None
+_host_id: str | None = None
 _pid_ns: int | None = None
 
 

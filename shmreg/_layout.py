@@ -50,13 +50,15 @@ from __future__ import annotations
 
 import struct
 
+from shmreg import _limits
+
 ROOT_MAGIC = int.from_bytes(b"SHMREG\x00R", "little")
 DATA_MAGIC = int.from_bytes(b"SHMREG\x00D", "little")
 LAYOUT_VERSION = 1
 
 PAGE = 4096
 RING_OFFSET = PAGE  # the event ring (see shmreg._events) follows the root words
-RING_EVENTS = 4096
+RING_EVENTS = _limits.RING_EVENTS
 EVENT_SIZE = 256
 ROOT_SIZE = RING_OFFSET + RING_EVENTS * EVENT_SIZE
 HEADER_SIZE = PAGE

@@ -31,6 +31,9 @@ from shmreg import _identity
 from shmreg._clock import SYSTEM, Clock
 from shmreg._types import Liveness, ProcessIdentity
 
+# How often a monitor renews its host's lease on a many-host backend that does not say
+# (``heartbeat_interval``); leases last ~5x this.
+HEARTBEAT_INTERVAL = 2.0
 _HAS_PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "epoll")
 
 
@@ -149,6 +152,10 @@ class Monitor:
             if poller is not None:
                 poller.register(self._wake_r, select.EPOLLIN)
             seen = self._backend.last_event_seq()
+            # A many-host backend keeps this host's lease alive and buries hosts that lost
+            # theirs (RedisBackend.heartbeat); one-host backends have no such method.
+            beat = getattr(self._backend, "heartbeat", None)
+            next_beat = self._clock.monotonic()
             self._reconcile(self._backend.owners(), poller, by_fd, watched)
             next_rescan = self._clock.monotonic() + self._rescan_interval
             next_sweep = self._clock.monotonic() + self._sweep_interval
@@ -157,6 +164,11 @@ class Monitor:
                 if latest != seen:
                     seen = self._follow(seen, poller, by_fd, watched)
                 now = self._clock.monotonic()
+                if beat is not None and now >= next_beat:
+                    self.stats.removed += beat()
+                    next_beat = now + getattr(
+                        self._backend, "heartbeat_interval", HEARTBEAT_INTERVAL
+                    )
                 if now >= next_rescan:
                     self._reconcile(self._backend.owners(), poller, by_fd, watched)
                     self.stats.rescans += 1
@@ -208,8 +220,8 @@ class Monitor:
             for event in events:
                 seen = event.seq
                 if event.kind == "registered" and event.start_ticks:
-                    ident = ProcessIdentity(event.pid, event.start_ticks)
-                    if ident not in watched:
+                    ident = ProcessIdentity(event.pid, event.start_ticks, event.host)
+                    if ident not in watched and _identity.is_local(ident):
                         self._watch(ident, poller, by_fd, watched)
             if not events:
                 latest: int = self._backend.last_event_seq()
@@ -223,6 +235,8 @@ class Monitor:
         watched: dict[ProcessIdentity, int],
     ) -> None:
         for ident in owners - set(watched):
+            if not _identity.is_local(ident):
+                continue  # judged by a monitor on its own host, never by pid here
             self._watch(ident, poller, by_fd, watched)
         for ident in set(watched) - owners:  # no entries left: stop watching
             fd = watched.pop(ident)

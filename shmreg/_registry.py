@@ -27,8 +27,8 @@ from shmreg._errors import (
     StaleGeneration,
 )
 from shmreg._events import Event
+from shmreg._limits import MAX_CAPACITY, MAX_METADATA_LIMIT
 from shmreg._liveness import CleanupReport, Monitor, terminate_owners
-from shmreg._store import MAX_CAPACITY, MAX_METADATA_LIMIT
 from shmreg._types import Entry, HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
 from shmreg.backends._protocol import Backend
 
@@ -54,11 +54,21 @@ def _open_backend(
     capacity: int | None,
     max_metadata_bytes: int | None,
     mode: int,
+    url: str | None = None,
 ) -> Backend:
     if backend is not None and not isinstance(backend, str):
         if not isinstance(backend, Backend):
             raise InvalidBackendConfig(f"{backend!r} does not implement shmreg.backends.Backend")
         return backend
+    # A URL (given, or $SHMREG_URL when no backend is named either way) means Redis.
+    named = backend or os.environ.get("SHMREG_BACKEND")
+    url = url or (None if named else os.environ.get("SHMREG_URL"))
+    if url is not None or named == "redis":
+        from shmreg.backends._redis import RedisBackend
+
+        return RedisBackend(
+            name, url, create=create, capacity=capacity, max_metadata_bytes=max_metadata_bytes
+        )
     kind = backend or os.environ.get("SHMREG_BACKEND", "shm")
     if kind in ("shm", "shared_memory", "sharedmemory"):
         from shmreg.backends._shm import SharedMemoryBackend
@@ -77,6 +87,13 @@ def _open_backend(
     )
 
 
+def _waiter(backend: Backend, clock: Clock) -> Callable[[int, float], bool] | None:
+    # A backend that can block until the next event (Redis: XREAD BLOCK) waits there instead
+    # of polling; a test's fake clock keeps the polling loop it drives.
+    waiter: Callable[[int, float], bool] | None = getattr(backend, "wait_events", None)
+    return waiter if clock is SYSTEM else None
+
+
 def _bad_argument(argument: str, value: object, expected: str) -> InvalidArgument:
     shown = repr(value)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
@@ -85,10 +102,10 @@ def _bad_argument(argument: str, value: object, expected: str) -> InvalidArgumen
     )
 
 
-def _reopen(name: str, kind: str) -> Registry:
+def _reopen(name: str, kind: str, url: str | None = None) -> Registry:
     # Attach, never create: a task that outlives the registry's destroy() must fail, not
     # quietly bring up an empty registry of the same name that nobody will remove.
-    return Registry(name, backend=kind, create=False)
+    return Registry(name, backend=kind, create=False, url=url)
 
 
 class Registry:
@@ -101,6 +118,10 @@ class Registry:
     ...     reg.destroy()
     True
     True
+
+    ``url="redis://host:6379/0"`` (or ``$SHMREG_URL``) puts it on a Redis server instead,
+    shared by processes on many hosts (docs/redis.md); ``backend=`` picks ``"shm"``,
+    ``"memory"`` or ``"redis"``, or takes a backend object.
     """
 
     def __init__(
@@ -112,6 +133,7 @@ class Registry:
         max_metadata_bytes: int | None = None,
         mode: int = 0o600,
         create: bool = True,
+        url: str | None = None,
     ) -> None:
         self._name = check_name(name)
         for setting, value, most in (
@@ -125,7 +147,7 @@ class Registry:
         if type(mode) is not int or not 0 <= mode <= 0o777:
             raise InvalidBackendConfig(f"mode must be file permission bits, got {mode!r}")
         self._backend = _open_backend(
-            self._name, backend, create, capacity, max_metadata_bytes, mode
+            self._name, backend, create, capacity, max_metadata_bytes, mode, url
         )
         self._monitor: Monitor | None = None
         # Hot paths go straight to the backend (see the module docstring).
@@ -141,11 +163,13 @@ class Registry:
         max_metadata_bytes: int | None = None,
         mode: int = 0o600,
         backend: object = None,
+        url: str | None = None,
     ) -> Registry:
         """Create ``name``, or attach if it exists with the same settings."""
         return cls(
             name,
             backend=backend,
+            url=url,
             capacity=capacity,
             max_metadata_bytes=max_metadata_bytes,
             mode=mode,
@@ -160,11 +184,13 @@ class Registry:
         capacity: int | None = None,
         max_metadata_bytes: int | None = None,
         backend: object = None,
+        url: str | None = None,
     ) -> Registry:
         """Attach to an existing registry; ``RegistryNotFound`` if there is none."""
         return cls(
             name,
             backend=backend,
+            url=url,
             capacity=capacity,
             max_metadata_bytes=max_metadata_bytes,
             create=False,
@@ -201,9 +227,12 @@ class Registry:
     ) -> None:
         self.close()
 
-    def __reduce__(self) -> tuple[Callable[[str, str], Registry], tuple[str, str]]:
-        # A registry travels by name: the receiving process attaches to the same segments.
-        return _reopen, (self._name, getattr(self._backend, "kind", "shm"))
+    def __reduce__(
+        self,
+    ) -> tuple[Callable[[str, str, str | None], Registry], tuple[str, str, str | None]]:
+        # A registry travels by name (and URL, for a server): the receiver attaches to it.
+        kind = getattr(self._backend, "kind", "shm")
+        return _reopen, (self._name, kind, getattr(self._backend, "url", None))
 
     def __repr__(self) -> str:
         return f"<shmreg.Registry {self._name!r} backend={getattr(self._backend, 'kind', '?')}>"
@@ -386,6 +415,7 @@ class Registry:
         timeout = check_timeout(timeout)
         deadline = None if timeout is None else clock.monotonic() + timeout
         last_seen = getattr(self._backend, "last_event_seq", lambda: -1)
+        waiter = _waiter(self._backend, clock)
         while True:
             seq = last_seen()
             pid = self._backend.lookup(namespace, service)
@@ -397,6 +427,9 @@ class Registry:
                         f"{namespace}/{service!r} not registered within {timeout} s",
                         timeout=timeout,
                     )
+                if waiter is not None:
+                    waiter(seq, 1.0 if deadline is None else deadline - clock.monotonic())
+                    continue
                 clock.sleep(poll_interval)
                 if seq == -1:
                     break  # no event counter on this backend: poll the name itself
@@ -435,6 +468,7 @@ class Registry:
         poll_interval: float,
     ) -> Iterator[Event]:
         idle_since = clock.monotonic()
+        waiter = _waiter(self._backend, clock)
         while True:
             events, lost = self._backend.read_events(position)
             if lost:
@@ -451,6 +485,10 @@ class Registry:
                 continue
             if timeout is not None and clock.monotonic() - idle_since >= timeout:
                 return
+            if waiter is not None:
+                left = 1.0 if timeout is None else timeout - (clock.monotonic() - idle_since)
+                waiter(position, left)
+                continue
             clock.sleep(poll_interval)
 
     @contextlib.contextmanager

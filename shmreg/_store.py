@@ -39,6 +39,12 @@ from shmreg._errors import (
     RegistryPermissionError,
 )
 from shmreg._events import Ring
+from shmreg._limits import (
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_METADATA_BYTES,
+    MAX_CAPACITY,
+    MAX_METADATA_LIMIT,
+)
 from shmreg._lock import WriterLock
 from shmreg._segment import (
     close_segment,
@@ -53,12 +59,6 @@ from shmreg._segment import (
 )
 from shmreg._table import Table
 
-DEFAULT_CAPACITY = 16_384
-DEFAULT_MAX_METADATA_BYTES = 4096
-MAX_METADATA_LIMIT = 16 * 1024 * 1024
-# 2**28 entries need 22 GiB of slots alone: past any /dev/shm, and the 32-bit fields of a
-# slot (arena offset in 8-byte units) stay far from overflowing.
-MAX_CAPACITY = 2**28
 _ARENA_PER_ENTRY = 256  # virtual arena bytes reserved per entry of capacity (sparse)
 
 

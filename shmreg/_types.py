@@ -21,11 +21,14 @@ class ProcessIdentity(NamedTuple):
     """An OS process as shmreg stores it: the pid plus the kernel's start time in clock ticks.
 
     Two processes that share a pid (the second got it after the first exited) differ in
-    ``start_ticks``; that is what makes pid reuse detectable.
+    ``start_ticks``; that is what makes pid reuse detectable. ``host`` says on which machine
+    (``shmreg._identity.host_id()``): ``""`` means this one, which is all a one-host backend
+    ever stores. A process is judged alive or dead only on its own host.
     """
 
     pid: int
     start_ticks: int
+    host: str = ""
 
 
 class Liveness(enum.Enum):

@@ -48,6 +48,18 @@ def any_registry(request: pytest.FixtureRequest, reg_name: str) -> Iterator[shmr
         reg.destroy()
 
 
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[object]:
+    """One private redis-server for the session (``shmreg.testing.redis``), stopped after."""
+    from shmreg.testing.redis import RedisServer
+
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def registry(reg_name: str) -> Iterator[shmreg.Registry]:
     reg = shmreg.Registry.create(reg_name, capacity=1024)

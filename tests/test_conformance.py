@@ -20,7 +20,7 @@ from shmreg._segment import list_segments
 from shmreg.backends import Backend, MemoryBackend, SharedMemoryBackend
 from shmreg.testing import CHECKS, ConformanceFailure, check_backend
 
-KINDS = ["shm", "memory"]
+KINDS = ["shm", "memory", "redis"]
 
 
 
@@ -34,7 +34,20 @@ def _segments(name: str) -> list[str]:
     return [s for s in list_segments(root) if s == root or s.startswith(root + ".")]
 
 
-def _open(kind: str, name: str, **settings: object) -> Backend:
+_REDIS_URL: list[str] = []  # the session's server, set by _redis_url for redis cases
+
+
+@pytest.fixture(autouse=True)
+def _redis_url(request: pytest.FixtureRequest) -> None:
+    if "redis" in request.node.name:
+        _REDIS_URL[:] = [request.getfixturevalue("redis_server").url]
+
+
+def _open(kind: str, name: str, url: str | None = None, **settings: object) -> Backend:
+    if kind == "redis":
+        from shmreg.backends import RedisBackend
+
+        return RedisBackend(name, url or _REDIS_URL[0], **settings)  # type: ignore[arg-type]
     if kind == "shm":
         return SharedMemoryBackend(name, **settings)  # type: ignore[arg-type]
     return MemoryBackend.named(name, **settings)  # type: ignore[arg-type]
@@ -258,7 +271,12 @@ def test_backends_package_exports() -> None:
     import shmreg.backends as backends
     import shmreg.testing as testing
 
-    assert sorted(backends.__all__) == ["Backend", "MemoryBackend", "SharedMemoryBackend"]
+    assert sorted(backends.__all__) == [
+        "Backend",
+        "BackendBase",
+        "MemoryBackend",
+        "SharedMemoryBackend",
+    ]
     for public in backends.__all__:
         assert getattr(backends, public).__module__ == "shmreg.backends"
     assert {"CHECKS", "check_backend"} <= set(testing.__all__)

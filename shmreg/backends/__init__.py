@@ -1,17 +1,30 @@
 """Storage backends behind the ``Registry`` facade.
 
 ``Backend`` is the protocol the facade talks to; ``SharedMemoryBackend`` is the default,
-``MemoryBackend`` the in-process reference and test double. ``shmreg.testing.check_backend``
+``MemoryBackend`` the in-process reference and test double, ``RedisBackend`` (imported on
+first use: it needs redis-py) the many-host one. ``shmreg.testing.check_backend``
 is the conformance suite every backend passes.
 """
 
+from shmreg.backends._base import BackendBase
 from shmreg.backends._memory import MemoryBackend
 from shmreg.backends._protocol import Backend
 from shmreg.backends._shm import SharedMemoryBackend
 
 # Tracebacks, reprs and pickles name the import path users know, not the private module.
-for _public in (Backend, MemoryBackend, SharedMemoryBackend):
+for _public in (Backend, BackendBase, MemoryBackend, SharedMemoryBackend):
     _public.__module__ = "shmreg.backends"
 del _public
 
-__all__ = ["Backend", "MemoryBackend", "SharedMemoryBackend"]
+
+def __getattr__(name: str) -> object:
+    # RedisBackend imports redis-py, an optional dependency: only when asked for.
+    if name == "RedisBackend":
+        from shmreg.backends._redis import RedisBackend
+
+        RedisBackend.__module__ = "shmreg.backends"
+        return RedisBackend
+    raise AttributeError(f"module 'shmreg.backends' has no attribute {name!r}")
+
+
+__all__ = ["Backend", "BackendBase", "MemoryBackend", "SharedMemoryBackend"]

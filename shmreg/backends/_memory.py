@@ -29,32 +29,40 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from itertools import islice
 from typing import Any, NamedTuple
 
 from shmreg import _codec, _identity
 from shmreg._errors import (
-    AlreadyRegistered,
-    IncompatibleRegistry,
-    InvalidBackendConfig,
     NotRegistered,
     RegistryClosed,
     RegistryDestroyed,
     RegistryNotFound,
-    StaleGeneration,
 )
-from shmreg._events import REASON_CODES, REASON_NAMES, SWEPT, Event
-from shmreg._layout import RING_EVENTS
-from shmreg._store import DEFAULT_CAPACITY, DEFAULT_MAX_METADATA_BYTES, MAX_METADATA_LIMIT
+from shmreg._events import Event
+from shmreg._limits import (
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_METADATA_BYTES,
+    MAX_METADATA_LIMIT,
+    RING_EVENTS,
+)
 from shmreg._types import (
     Entry,
-    HealthReport,
     Liveness,
     Metadata,
     ProcessIdentity,
     RegistryStats,
     Service,
+)
+from shmreg.backends._base import (
+    BackendBase,
+    check_generation,
+    check_settings,
+    dead_reasons,
+    event_window,
+    held_by,
+    setting,
 )
 
 # What one stored entry costs beyond its key and metadata bytes (a tuple, a dict slot, the
@@ -112,15 +120,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _setting(setting: str, value: int | None, default: int, limit: int) -> int:
-    if value is None:
-        return default
-    if type(value) is not int or not 1 <= value <= limit:
-        raise InvalidBackendConfig(f"{setting} must be an int in 1..{limit}, got {value!r}")
-    return value
-
-
-class MemoryBackend:
+class MemoryBackend(BackendBase):
     """Registry storage in this process's memory; same semantics as ``SharedMemoryBackend``.
 
     >>> from shmreg._identity import self_identity
@@ -149,14 +149,14 @@ class MemoryBackend:
         """
         self._state = _State(
             name,
-            _setting("capacity", capacity, DEFAULT_CAPACITY, 2**62),
-            _setting(
+            setting("capacity", capacity, DEFAULT_CAPACITY, 2**62),
+            setting(
                 "max_metadata_bytes",
                 max_metadata_bytes,
                 DEFAULT_MAX_METADATA_BYTES,
                 MAX_METADATA_LIMIT,
             ),
-            _setting("ring_events", ring_events, RING_EVENTS, 2**24),
+            setting("ring_events", ring_events, RING_EVENTS, 2**24),
         )
         self._closed = False
 
@@ -190,18 +190,19 @@ class MemoryBackend:
                 )
                 _NAMED[name] = handle._state
                 return handle
-        for setting, asked, actual in (
-            ("capacity", capacity, state.capacity),
-            ("max_metadata_bytes", max_metadata_bytes, state.max_metadata_bytes),
-            ("ring_events", ring_events, state.ring_events),
-        ):
-            if asked is not None and asked != actual:
-                raise IncompatibleRegistry(
-                    f"{setting}: registry {name!r} has {actual}, caller asked for {asked}",
-                    setting=setting,
-                    expected=asked,
-                    actual=actual,
-                )
+        check_settings(
+            name,
+            {
+                "capacity": capacity,
+                "max_metadata_bytes": max_metadata_bytes,
+                "ring_events": ring_events,
+            },
+            {
+                "capacity": state.capacity,
+                "max_metadata_bytes": state.max_metadata_bytes,
+                "ring_events": state.ring_events,
+            },
+        )
         return cls._on(state)
 
     @classmethod
@@ -298,23 +299,6 @@ class MemoryBackend:
     def list_services(self, namespace: str) -> list[Service]:
         return [r.service for r in self._space(namespace)]
 
-    def find(
-        self,
-        namespace: str,
-        equals: Mapping[str, Any] | None = None,
-        predicate: Callable[[Metadata], bool] | None = None,
-    ) -> list[Entry]:
-        # The predicate runs outside the lock (list_entries has released it): it is the
-        # caller's code and may well call back into this backend.
-        out = []
-        for entry in self.list_entries(namespace):
-            if equals and not _codec.matches(entry.metadata, equals):
-                continue
-            if predicate is not None and not predicate(entry.metadata):
-                continue
-            out.append(entry)
-        return out
-
     def namespace_owners(self, namespace: str) -> list[tuple[Service, ProcessIdentity, int]]:
         """``(service, owner identity, generation)`` of every live entry in ``namespace``."""
         return [(r.service, r.owner, r.generation) for r in self._space(namespace)]
@@ -391,12 +375,7 @@ class MemoryBackend:
             # Taken over only on proof of death (gone, zombie, pid reused): a holder we
             # cannot judge (UNKNOWN) keeps its name.
             if held is not None and not _identity.check(held.owner).is_dead:
-                raise AlreadyRegistered(
-                    f"{namespace}/{service!r} is held by live pid {held.owner.pid}",
-                    namespace=namespace,
-                    service=service,
-                    pid=held.owner.pid,
-                )
+                raise held_by(namespace, service, held.owner.pid)
             if held is not None:
                 reason = "takeover"
             state.owner_changes += 1
@@ -431,7 +410,7 @@ class MemoryBackend:
                     namespace=namespace,
                     service=service,
                 )
-            _check_generation(namespace, service, record, generation)
+            check_generation(namespace, service, record.generation, generation)
             if merge:
                 merged = _codec.unpack_metadata(record.packed)
                 merged.update(update)  # shallow, as documented: nested dicts are replaced
@@ -450,7 +429,7 @@ class MemoryBackend:
             record = None if space is None else space.get(key)
             if space is None or record is None:
                 return False
-            _check_generation(namespace, service, record, generation)
+            check_generation(namespace, service, record.generation, generation)
             del space[key]
             if not space:
                 del state.spaces[ns]
@@ -462,29 +441,18 @@ class MemoryBackend:
 
     # ------------------------------------------------------------------ liveness
 
-    def sweep(self) -> int:
-        """Remove every entry whose owner is provably dead; return how many.
-
-        Owners are judged outside the lock (a ``/proc`` read each) and the entries removed
-        through ``remove_dead``, which re-checks them under it and appends the died events.
-        """
+    def _note_sweep(self, removed: int) -> None:
         state = self._open()
-        removed = self.remove_dead(_identity.check_many(self.owners()))
         with state.lock:
             state.sweeps += 1
             state.last_sweep = time.time()
             state.dead_found += removed
-        return removed
 
     def owner_counts(self) -> dict[ProcessIdentity, int]:
         """Entries per distinct owner identity, dead owners not yet removed included."""
         state = self._open()
         with state.lock:
             return dict(Counter(r.owner for space in state.spaces.values() for r in space.values()))
-
-    def owners(self) -> set[ProcessIdentity]:
-        """The distinct owner identities of every stored entry."""
-        return set(self.owner_counts())
 
     def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
         """Remove the entries of every identity whose verdict is dead, one died event each.
@@ -493,11 +461,7 @@ class MemoryBackend:
         or held by a newcomer with the same pid, is not touched, and of two callers with the
         same verdicts only the first finds (and reports) each entry.
         """
-        reasons = {
-            ident: REASON_NAMES[REASON_CODES.get(verdict.value, SWEPT)]
-            for ident, verdict in verdicts.items()
-            if verdict.is_dead
-        }
+        reasons = dead_reasons(verdicts)
         state = self._open()
         if not reasons:
             return 0
@@ -516,11 +480,6 @@ class MemoryBackend:
             state.ops += removed
         return removed
 
-    def health_check(self) -> HealthReport:
-        counts = self.owner_counts()
-        verdicts = _identity.check_many(counts)
-        return HealthReport.summarise(self.kind, counts, verdicts)
-
     # ------------------------------------------------------------------ events
 
     def last_event_seq(self) -> int:
@@ -534,15 +493,10 @@ class MemoryBackend:
         behind starts at the oldest kept event and is told how many it skipped.
         """
         state = self._open()
-        after = max(after, 0)  # events are numbered from 1
         with state.lock:
             last = state.event_seq
-            first, lost = after + 1, 0
-            if last - after > state.ring_events:
-                first = last - state.ring_events + 1
-                lost = first - after - 1
+            first, stop, lost = event_window(after, last, state.ring_events, limit)
             oldest = last - len(state.events) + 1  # the number of state.events[0]
-            stop = min(last, first + limit - 1)
             if stop < first:
                 return [], lost
             return list(islice(state.events, first - oldest, stop - oldest + 1)), lost
@@ -583,9 +537,6 @@ class MemoryBackend:
                 unknown_owners=unknown,
             )
 
-    def statistics(self) -> dict[str, Any]:
-        return self.stats().summary(self.name)
-
     def close(self) -> None:
         """Detach this handle; the registry stays for other handles. Idempotent."""
         self._closed = True
@@ -604,20 +555,6 @@ class MemoryBackend:
 
     def __repr__(self) -> str:
         return f"<shmreg.backends.MemoryBackend {self.name!r}>"
-
-
-def _check_generation(
-    namespace: str, service: Service, record: _Record, generation: int | None
-) -> None:
-    if generation is not None and record.generation != generation:
-        raise StaleGeneration(
-            f"{namespace}/{service!r} is at generation {record.generation}, caller holds "
-            f"{generation}",
-            namespace=namespace,
-            service=service,
-            expected=generation,
-            actual=record.generation,
-        )
 
 
 def _emit(state: _State, kind: str, ns: bytes, record: _Record, reason: str | None = None) -> None:

@@ -24,6 +24,10 @@ operation                                      kind          reason
 =============================================  ============  ==========================
 
 A refused call (any error) changes nothing and appends nothing.
+
+A new backend need not write all of this: ``shmreg.backends.BackendBase`` supplies the policy
+(``owners``, ``sweep``, ``health_check``, ``find``, ``statistics``, the fencing check and the
+lost-event arithmetic), leaving storage primitives to the backend.
 """
 
 from __future__ import annotations

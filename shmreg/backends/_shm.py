@@ -18,9 +18,7 @@ from shmreg import _codec, _identity
 from shmreg import _events as _ev
 from shmreg import _layout as L
 from shmreg._errors import (
-    AlreadyRegistered,
     NotRegistered,
-    StaleGeneration,
 )
 from shmreg._table import SlotWords, StuckSlot, Table
 from shmreg._types import (
@@ -28,6 +26,7 @@ from shmreg._types import (
     ProcessIdentity,
     Service,
 )
+from shmreg.backends._base import check_generation, held_by
 from shmreg.backends._shm_base import LO32, record_size, tombstone
 from shmreg.backends._shm_liveness import ShmLiveness
 from shmreg.backends._shm_scans import ShmScans
@@ -191,7 +190,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
         meta = metadata if type(metadata) is dict else _codec.as_metadata(metadata)
         packed = _pack_metadata(meta, self._max_meta)
         record = key + packed
-        pid, start = owner
+        pid, start, _ = owner  # one host: the engine stores no host (docs/redis.md)
         # L.record_seed, written out: this runs for every registration.
         crc = _crc32(record, (pid ^ start ^ (start >> 32)) & LO32)
         record += _PADDING[-len(record) & 7]
@@ -228,12 +227,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
             else:
                 held = ProcessIdentity(words[4] & LO32, words[5])
                 if not _identity.check(held).is_dead:
-                    raise AlreadyRegistered(
-                        f"{namespace}/{service!r} is held by live pid {held.pid}",
-                        namespace=namespace,
-                        service=service,
-                        pid=held.pid,
-                    )
+                    raise held_by(namespace, service, held.pid)
                 owners += 1
                 generation = owners
             garbage += record_size(words)
@@ -323,14 +317,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
             raise NotRegistered(
                 f"{namespace}/{service!r} is not registered", namespace=namespace, service=service
             )
-        if generation is not None and words[6] != generation:
-            raise StaleGeneration(
-                f"{namespace}/{service!r} is at generation {words[6]}, caller holds {generation}",
-                namespace=namespace,
-                service=service,
-                expected=generation,
-                actual=words[6],
-            )
+        check_generation(namespace, service, words[6], generation)
         return index, words
 
     def unregister(
@@ -342,15 +329,7 @@ class SharedMemoryBackend(ShmScans, ShmLiveness):
             index, words, _, _ = table.probe_for_write(key, key_hash)
             if words is None:
                 return False
-            if generation is not None and words[6] != generation:
-                raise StaleGeneration(
-                    f"{namespace}/{service!r} is at generation {words[6]}, caller holds "
-                    f"{generation}",
-                    namespace=namespace,
-                    service=service,
-                    expected=generation,
-                    actual=words[6],
-                )
+            check_generation(namespace, service, words[6], generation)
             alive = self._alive(words[4] & LO32)
             tombstone(table, index, words)
             return alive

@@ -17,7 +17,8 @@ from shmreg import _layout as L
 from shmreg._errors import CorruptRegistry, IncompatibleRegistry
 from shmreg._store import Store
 from shmreg._table import SlotWords, StuckSlot, Table
-from shmreg._types import HealthReport, Service
+from shmreg._types import Service
+from shmreg.backends._base import BackendBase
 
 T = TypeVar("T")
 _crc32 = zlib.crc32
@@ -36,7 +37,7 @@ def _assume_alive(pid: int) -> bool:
     return True
 
 
-class ShmBase:
+class ShmBase(BackendBase):
     """State and brackets shared by every part of ``SharedMemoryBackend``."""
 
     kind = "shm"
@@ -64,10 +65,6 @@ class ShmBase:
         self._alive: Callable[[int], bool] = (
             _assume_alive if self._foreign_pidns else _identity.probe_alive
         )
-
-    def health_check(self) -> HealthReport:
-        """Implemented by ``ShmLiveness``; declared here so scans can report unknown owners."""
-        raise NotImplementedError
 
     def _refuse_if_foreign(self) -> None:
         if self._foreign_pidns:

@@ -4,7 +4,7 @@ and reading the event ring."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -12,7 +12,8 @@ from shmreg import _events as _ev
 from shmreg import _identity
 from shmreg import _layout as L
 from shmreg._table import Table
-from shmreg._types import HealthReport, Liveness, ProcessIdentity
+from shmreg._types import Liveness, ProcessIdentity
+from shmreg.backends._base import event_window
 from shmreg.backends._shm_base import LO32, ShmBase, tombstone
 
 
@@ -25,8 +26,7 @@ class ShmLiveness(ShmBase):
         Each distinct owner is checked once (``/proc`` read), so the cost grows with live
         processes and slots, not with entries per process.
         """
-        verdicts = _identity.check_many(self.owners())
-        return self._remove(verdicts, sweeping=True)
+        return self._remove(self._verdicts(self.owners()), sweeping=True)
 
     def owner_counts(self) -> dict[ProcessIdentity, int]:
         """Entries per distinct owner identity, over all used slots."""
@@ -53,10 +53,6 @@ class ShmLiveness(ShmBase):
             }
 
         return self._read(scan)
-
-    def owners(self) -> set[ProcessIdentity]:
-        """The distinct owner identities of all used slots."""
-        return set(self.owner_counts())
 
     def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
         """Tombstone the entries of every identity whose verdict is dead, with a died event.
@@ -104,13 +100,10 @@ class ShmLiveness(ShmBase):
 
         return self._write(write)
 
-    def health_check(self) -> HealthReport:
-        counts = self.owner_counts()
-        if self._foreign_pidns:
-            verdicts = {ident: Liveness.UNKNOWN for ident in counts}
-        else:
-            verdicts = _identity.check_many(counts)
-        return HealthReport.summarise(self.kind, counts, verdicts)
+    def _verdicts(self, identities: Iterable[ProcessIdentity]) -> dict[ProcessIdentity, Liveness]:
+        if self._foreign_pidns:  # pids of another namespace cannot be judged from here
+            return {ident: Liveness.UNKNOWN for ident in identities}
+        return _identity.check_many(identities)
 
     # ------------------------------------------------------------------ events
 
@@ -122,14 +115,9 @@ class ShmLiveness(ShmBase):
     def read_events(self, after: int, limit: int = 1024) -> tuple[list[_ev.Event], int]:
         """Events after ``after`` (at most ``limit``) and how many were lost to overwrite."""
         ring = self._store.ring
-        last = self.last_event_seq()
-        lost = 0
-        first = after + 1
-        if last - after > L.RING_EVENTS:
-            first = last - L.RING_EVENTS + 1
-            lost = first - after - 1
+        first, stop, lost = event_window(after, self.last_event_seq(), L.RING_EVENTS, limit)
         out = []
-        for seq in range(first, min(last, first + limit - 1) + 1):
+        for seq in range(first, stop + 1):
             raw = ring.read(seq)
             if raw is None:
                 # Overwritten while we read: the writers lapped us. Stop here; the next call

@@ -290,6 +290,3 @@ class ShmScans(ShmBase):
             extra={**info, **self._store.root_info()},
             unknown_owners=self.health_check().unknown,
         )
-
-    def statistics(self) -> dict[str, Any]:
-        return self.stats().summary(self._name)

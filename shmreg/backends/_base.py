@@ -1,0 +1,197 @@
+"""``BackendBase``: the policy every backend shares, so a backend is storage and little else.
+
+A backend supplies storage primitives (point reads and writes, ``owner_counts``,
+``remove_dead``, the event log). The rules that are the same whatever the storage live here
+once: the fencing check on generations, the arithmetic that tells a reader how many events it
+lost, settings validation, how dead verdicts become event reasons, health thresholds, the
+sweep as "judge owners, remove the dead", and queries as a filter over a namespace's
+entries. A backend overrides one of these only to do the same thing faster (the shared-memory
+backend narrows ``find`` with its tag columns first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from shmreg import _codec, _identity
+from shmreg._errors import (
+    AlreadyRegistered,
+    IncompatibleRegistry,
+    InvalidBackendConfig,
+    StaleGeneration,
+)
+from shmreg._events import REASON_CODES, REASON_NAMES, SWEPT
+from shmreg._types import (
+    Entry,
+    HealthReport,
+    Liveness,
+    Metadata,
+    ProcessIdentity,
+    RegistryStats,
+    Service,
+)
+
+
+def setting(name: str, value: int | None, default: int, limit: int) -> int:
+    """A size setting: ``default`` when not given, else an int in ``1..limit``."""
+    if value is None:
+        return default
+    if type(value) is not int or not 1 <= value <= limit:
+        raise InvalidBackendConfig(f"{name} must be an int in 1..{limit}, got {value!r}")
+    return value
+
+
+def check_settings(name: str, asked: Mapping[str, int | None], actual: Mapping[str, int]) -> None:
+    """Attaching: every setting the caller gave must be the one the registry has."""
+    for option, value in asked.items():
+        if value is not None and value != actual[option]:
+            raise IncompatibleRegistry(
+                f"{option}: registry {name!r} has {actual[option]}, caller asked for {value}",
+                setting=option,
+                expected=value,
+                actual=actual[option],
+            )
+
+
+def held_by(namespace: str, service: Service, pid: int) -> AlreadyRegistered:
+    """The error for a name a live process holds."""
+    return AlreadyRegistered(
+        f"{namespace}/{service!r} is held by live pid {pid}",
+        namespace=namespace,
+        service=service,
+        pid=pid,
+    )
+
+
+def check_generation(namespace: str, service: Service, actual: int, expected: int | None) -> None:
+    """Fencing: a caller holding ``expected`` may change the entry only at that generation."""
+    if expected is not None and actual != expected:
+        raise StaleGeneration(
+            f"{namespace}/{service!r} is at generation {actual}, caller holds {expected}",
+            namespace=namespace,
+            service=service,
+            expected=expected,
+            actual=actual,
+        )
+
+
+def event_window(after: int, last: int, kept: int, limit: int) -> tuple[int, int, int]:
+    """``(first, stop, lost)``: the event numbers to read after ``after``, and the gap.
+
+    A log that keeps the newest ``kept`` events serves a reader more than ``kept`` behind
+    from its oldest kept event, and tells it how many it will never see:
+    ``lost = last - kept - after`` when positive. ``stop < first`` means nothing to read.
+    """
+    after = max(after, 0)  # events are numbered from 1
+    first, lost = after + 1, 0
+    if last - after > kept:
+        first = last - kept + 1
+        lost = first - after - 1
+    return first, min(last, first + limit - 1), lost
+
+
+def dead_reasons(verdicts: Mapping[ProcessIdentity, Liveness]) -> dict[ProcessIdentity, str]:
+    """The ``died`` event reason of every identity whose verdict is dead; the rest left out."""
+    return {
+        ident: REASON_NAMES[REASON_CODES.get(verdict.value, SWEPT)] or "dead"
+        for ident, verdict in verdicts.items()
+        if verdict.is_dead
+    }
+
+
+class BackendBase:
+    """Shared policy; subclasses provide storage (see the module docstring).
+
+    The storage primitives a backend writes: ``name``, ``register``, ``register_many``,
+    ``lookup_entry``, ``update_metadata``, ``unregister``, ``list_entries``,
+    ``namespace_owners``, ``count``, ``owner_counts``, ``remove_dead``, ``last_event_seq``,
+    ``read_events``, ``stats``, ``close`` and ``destroy``. The rest of the ``Backend``
+    protocol comes from here, built on them.
+    """
+
+    kind = "base"
+
+    # ------------------------------------------------------------------ primitives
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def lookup_entry(self, namespace: str, service: Service) -> tuple[int, int, Metadata] | None:
+        raise NotImplementedError
+
+    def list_entries(self, namespace: str) -> list[Entry]:
+        raise NotImplementedError
+
+    def owner_counts(self) -> dict[ProcessIdentity, int]:
+        raise NotImplementedError
+
+    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
+        raise NotImplementedError
+
+    def stats(self) -> RegistryStats:
+        raise NotImplementedError
+
+    def _note_sweep(self, removed: int) -> None:
+        """Count one finished sweep that removed ``removed`` entries (``stats()`` shows it)."""
+
+    # ------------------------------------------------------------------ policy
+
+    def lookup(self, namespace: str, service: Service) -> int | None:
+        """The live owner's pid, or None (backends with a cheaper path override it)."""
+        found = self.lookup_entry(namespace, service)
+        return None if found is None else found[0]
+
+    def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
+        """``(pid, metadata)`` of a live entry, or None."""
+        found = self.lookup_entry(namespace, service)
+        return None if found is None else (found[0], found[2])
+
+    def list_services(self, namespace: str) -> list[Service]:
+        """The services of a namespace's live entries."""
+        return [entry.service for entry in self.list_entries(namespace)]
+
+    def _verdicts(self, identities: Iterable[ProcessIdentity]) -> dict[ProcessIdentity, Liveness]:
+        """How this backend judges owners; a backend that cannot judge some says UNKNOWN."""
+        return _identity.check_many(identities)
+
+    def owners(self) -> set[ProcessIdentity]:
+        """The distinct owner identities of every stored entry (``owner_counts()``'s keys)."""
+        return set(self.owner_counts())
+
+    def sweep(self) -> int:
+        """Remove every entry whose owner is provably dead; return how many.
+
+        Owners are judged once each, outside any lock, and removed through ``remove_dead``,
+        which re-checks each entry is still held by that identity.
+        """
+        removed = self.remove_dead(self._verdicts(self.owners()))
+        self._note_sweep(removed)
+        return removed
+
+    def health_check(self) -> HealthReport:
+        """Healthy below 10 % dead entries, degraded below 30 %, else unhealthy."""
+        counts = self.owner_counts()
+        return HealthReport.summarise(self.kind, counts, self._verdicts(counts))
+
+    def find(
+        self,
+        namespace: str,
+        equals: Mapping[str, Any] | None = None,
+        predicate: Callable[[Metadata], bool] | None = None,
+    ) -> list[Entry]:
+        """Entries matching every ``equals`` field (list fields by membership) and the predicate.
+
+        The predicate runs with no lock held: it is the caller's code and may call back in.
+        """
+        entries = self.list_entries(namespace)
+        if equals:
+            entries = _codec.select(entries, equals)
+        if predicate is not None:
+            entries = [e for e in entries if predicate(e.metadata)]
+        return entries
+
+    def statistics(self) -> dict[str, Any]:
+        """The flat summary of ``stats()``."""
+        return self.stats().summary(self.name)
