@@ -51,7 +51,7 @@ def test_info_json(filled: shmreg.Registry) -> None:
 
 
 def test_sweep_removes_dead(filled: shmreg.Registry) -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1e9)"])
     try:
         filled.register("prod", "doomed", pid=child.pid)
     finally:

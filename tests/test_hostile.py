@@ -178,7 +178,7 @@ BAD_TIMEOUTS = [
 def reg(registry: shmreg.Registry) -> Iterator[shmreg.Registry]:
     """The conftest registry with a few entries: ours, a sleeper's, typed, with capabilities."""
     with children() as kids:
-        sleeper = kids.sleeper(600)
+        sleeper = kids.sleeper()
         registry.register(NS, "mine", metadata={"type": "worker", "capabilities": ["a"]})
         registry.register(NS, ("agent", 1), pid=sleeper.pid, metadata={"type": "agent", "n": 1})
         registry.register("other", 7, metadata={})
