@@ -239,6 +239,10 @@ class Registry:
         me = _identity.self_identity()
         if pid is None or (pid == me.pid and type(pid) is int):
             return me  # our own identity is cached: no /proc read
+        if type(pid) is not int or pid < 1:
+            # A caller's bug (a pid read from a file and never converted, say), not a
+            # process that died: say which argument is wrong rather than ProcessNotAlive.
+            raise _bad_argument("pid", pid, "a process id (an int >= 1) or None")
         return _identity.identity_of(pid)
 
     def lookup(self, namespace: str, service: Service) -> int | None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-# A service name: a str, an int, or a (possibly nested) tuple of those.
+# A service name: a non-empty str without NUL, an int, or a flat tuple of those.
 Service = str | int | tuple[Any, ...]
 Metadata = dict[str, Any]
 
