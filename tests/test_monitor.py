@@ -195,6 +195,33 @@ def test_monitor_removes_owners_sigkilled_after_it_started(
         report_latency(record_property, "in_process_monitor", deaths, killed_at)
 
 
+@pytest.mark.parametrize("backend", ["shm", "memory"])
+def test_entries_the_monitor_removes_count_in_stats(reg_name: str, backend: str) -> None:
+    """stats() counts every dead entry removed, by a sweep or by the monitor alike."""
+    reg = shmreg.Registry.create(reg_name, backend=backend)
+    try:
+        with children() as kids:
+            owners = [kids.sleeper() for _ in range(2)]
+            for n, proc in enumerate(owners):
+                reg.register("ns", f"a{n}", pid=proc.pid)
+                reg.register("ns", f"b{n}", pid=proc.pid)
+            before = reg.stats()
+            with reg.monitor() as monitor:
+                wait_until(lambda: monitor.stats.watched >= 2, "both owners watched")
+                for proc in owners:
+                    proc.kill()
+                    proc.wait()
+                wait_until(lambda: reg.count("ns") == 0, "the monitor's removals")
+            after = reg.stats()
+        assert monitor.stats.removed == 4
+        assert after.dead_found - before.dead_found == 4
+        assert 1 <= after.sweeps - before.sweeps <= 2  # one removal pass per death at most
+        assert after.last_sweep_time is not None
+        assert reg.statistics()["sweeps"] == after.sweeps
+    finally:
+        reg.destroy()
+
+
 def test_monitor_removes_owners_registered_before_it_started(
     registry: shmreg.Registry, reg_name: str
 ) -> None:
