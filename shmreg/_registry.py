@@ -174,10 +174,12 @@ class Registry:
 
     @property
     def name(self) -> str:
+        """The registry's name, as passed to the constructor."""
         return self._name
 
     @property
     def backend(self) -> Backend:
+        """The storage backend behind this registry (``shmreg.backends``)."""
         return self._backend
 
     def close(self) -> None:
@@ -250,9 +252,11 @@ class Registry:
         return self._backend.lookup(namespace, service)
 
     def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
+        """``(pid, metadata)`` of the live owner, or ``None``; one consistent read."""
         return self._backend.lookup_with_metadata(namespace, service)
 
     def get_metadata(self, namespace: str, service: Service) -> Metadata:
+        """The live entry's metadata; ``NotRegistered`` if there is none."""
         found = self._backend.lookup_with_metadata(namespace, service)
         if found is None:
             raise NotRegistered(
@@ -263,6 +267,8 @@ class Registry:
     def get_metadata_field(
         self, namespace: str, service: Service, field: str, default: Any = None
     ) -> Any:
+        """One metadata field (``default`` if the entry lacks it); ``NotRegistered`` if the
+        name has no live entry."""
         if type(field) is not str:
             raise _bad_argument("field", field, "a str (metadata keys are str)")
         return self.get_metadata(namespace, service).get(field, default)
@@ -281,6 +287,11 @@ class Registry:
         merge: bool = False,
         generation: int | None = None,
     ) -> None:
+        """Replace the entry's metadata, or with ``merge=True`` update its top-level keys.
+
+        ``NotRegistered`` if there is no live entry; with ``generation``, ``StaleGeneration``
+        if the name changed hands since that generation was issued.
+        """
         self._backend.update_metadata(
             namespace, service, metadata, merge=merge, generation=generation
         )
@@ -288,17 +299,25 @@ class Registry:
     def unregister(
         self, namespace: str, service: Service, *, generation: int | None = None
     ) -> bool:
+        """Remove the entry; ``True`` if there was one, ``False`` if not.
+
+        With ``generation``, ``StaleGeneration`` if the name changed hands since (the new
+        owner's entry is left alone). Any process may unregister any name.
+        """
         return self._backend.unregister(namespace, service, generation=generation)
 
     def registered(self, namespace: str, service: Service) -> bool:
+        """Whether the name has a live owner (``lookup(...) is not None``)."""
         return self._backend.lookup(namespace, service) is not None
 
     # ------------------------------------------------------------------ queries
 
     def list_services(self, namespace: str) -> list[Service]:
+        """The services in ``namespace`` whose owners are alive, in no particular order."""
         return self._backend.list_services(namespace)
 
     def list_services_with_metadata(self, namespace: str) -> dict[Service, Metadata]:
+        """``{service: metadata}`` for the live entries of ``namespace``."""
         return {e.service: e.metadata for e in self._backend.list_entries(namespace)}
 
     def find_services_by_metadata(
@@ -316,18 +335,30 @@ class Registry:
         return list(self._backend.find(namespace, equals=equals))
 
     def list_by_type(self, namespace: str, type: Any) -> list[Entry]:
+        """Entries whose metadata ``"type"`` equals ``type`` (``find_by_metadata(type=...)``)."""
         return list(self._backend.find(namespace, equals={"type": type}))
 
     def count(self, namespace: str | None = None) -> int:
+        """Live entries in ``namespace``, or in the whole registry when it is ``None``."""
         return self._backend.count(namespace)
 
     def stats(self) -> RegistryStats:
+        """Everything measured about the registry, typed: a ``RegistryStats`` snapshot.
+
+        Sizes (capacity, used, tombstones, load factor, memory), removal counters (sweeps,
+        last sweep time, dead entries found by sweeps and the monitor alike) and the
+        backend's own figures in ``extra``. ``statistics()`` is its flat summary.
+        """
         return self._backend.stats()
 
     def health_check(self) -> HealthReport:
+        """Owners judged now: how many entries are alive, dead (awaiting removal), unknown."""
         return self._backend.health_check()
 
     def statistics(self) -> dict[str, Any]:
+        """The few headline figures of ``stats()`` as a flat, JSON-ready dict, the same
+        keys on every backend: for logs and metrics. Exactly
+        ``stats().summary(name)``; use ``stats()`` for everything else."""
         return self._backend.statistics()
 
     def sweep(self) -> int:
@@ -359,14 +390,24 @@ class Registry:
         return self._monitor
 
     def stop_monitor(self) -> None:
+        """Stop this process's death monitor, if it runs (its thread and fds are released)."""
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.stop()
 
     @contextlib.contextmanager
-    def monitor(self, **options: Any) -> Iterator[Monitor]:
-        """``with reg.monitor(): ...`` runs the death monitor for the block."""
-        started = self.start_monitor(**options)
+    def monitor(
+        self,
+        *,
+        poll_interval: float = 0.01,
+        sweep_interval: float = 1.0,
+        on_death: Callable[[Any, Any, int], None] | None = None,
+    ) -> Iterator[Monitor]:
+        """``with reg.monitor(): ...`` runs the death monitor for the block (see
+        ``start_monitor`` for the options)."""
+        started = self.start_monitor(
+            poll_interval=poll_interval, sweep_interval=sweep_interval, on_death=on_death
+        )
         try:
             yield started
         finally:

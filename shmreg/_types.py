@@ -51,6 +51,8 @@ class Entry(NamedTuple):
 
 
 class HealthStatus(str, enum.Enum):
+    """A registry's health by the share of its entries whose owners are dead."""
+
     HEALTHY = "healthy"
     DEGRADED = "degraded"
     UNHEALTHY = "unhealthy"
@@ -83,6 +85,7 @@ class HealthReport:
 
     @staticmethod
     def classify(total: int, dead: int) -> HealthStatus:
+        """The status for ``dead`` of ``total`` entries (the thresholds live here only)."""
         if total == 0:
             return HealthStatus.HEALTHY
         ratio = dead / total
