@@ -17,7 +17,6 @@ from typing import Any
 
 from shmreg import _identity
 from shmreg._clock import SYSTEM, Clock, check_timeout
-from shmreg._codec import check_namespace
 from shmreg._errors import (
     InvalidArgument,
     InvalidBackendConfig,
@@ -27,6 +26,7 @@ from shmreg._errors import (
     StaleGeneration,
 )
 from shmreg._events import Event
+from shmreg._follow import next_events, watch_start
 from shmreg._liveness import CleanupReport, Monitor, terminate_owners
 from shmreg._store import MAX_CAPACITY, MAX_METADATA_LIMIT
 from shmreg._types import Entry, HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
@@ -461,14 +461,7 @@ class Registry:
         reader that fell behind the ring first gets an event of kind ``lost`` saying how
         many it missed. Stops after ``timeout`` seconds without an event (None: never).
         """
-        timeout = check_timeout(timeout)
-        if since is not None and (type(since) is not int or since < 0):
-            raise _bad_argument("since", since, "an event number >= 0")
-        if namespace is not None:
-            check_namespace(namespace)  # a bad one would never match: say so now
-        # The start is fixed now, not at the first next(): events between this call and the
-        # first iteration belong to the watch.
-        start = self._backend.last_event_seq() if since is None else since
+        timeout, start = watch_start(self._backend, namespace, since, timeout)
         return self._follow_events(namespace, start, timeout, clock, poll_interval)
 
     def _follow_events(
@@ -481,17 +474,9 @@ class Registry:
     ) -> Iterator[Event]:
         idle_since = clock.monotonic()
         while True:
-            events, lost = self._backend.read_events(position)
-            if lost:
-                # The gap sits right after ``position``: the lost event is numbered as the
-                # last one missed, so resuming from it skips nothing that was delivered.
-                position += lost
-                yield Event(seq=position, kind="lost", lost=lost)
-            for event in events:
-                position = event.seq
-                if namespace is None or event.namespace == namespace:
-                    yield event
-            if events or lost:
+            events, position, moved = next_events(self._backend, namespace, position)
+            yield from events
+            if moved:
                 idle_since = clock.monotonic()
                 continue
             if timeout is not None and clock.monotonic() - idle_since >= timeout:
