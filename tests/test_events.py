@@ -323,7 +323,7 @@ def test_event_time_is_the_wall_clock(registry: shmreg.Registry) -> None:
 
 
 @pytest.mark.parametrize(
-    "service", ["plain", 0, -(2**63), 2**63 - 1, ("agent", "planner-1"), (1, ("x", 2)), "ü" * 50]
+    "service", ["plain", 0, -(2**63), 2**63 - 1, ("agent", "planner-1"), (1, "x", 2), "ü" * 50]
 )
 def test_events_name_services_of_every_shape(any_registry: shmreg.Registry, service: Any) -> None:
     start = last_seq(any_registry)
