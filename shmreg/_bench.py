@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix="shmreg-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
     )
     t_start, pid, results = time.monotonic(), os.getpid(), {}
+    left_out: dict[str, str] = {}  # peer -> why it has no column: said at the end, not lost
 
     def noter(peer: str) -> Callable[[str], None]:
         def note(msg: str) -> None:
@@ -360,11 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in a.peers.split(","):
             cap = a.size + 20_000 + 10_000 * sum(procs) + 1000  # fill, batch, mixed writes
+            if name not in PEERS:
+                left_out[name] = f"unknown peer (known: {', '.join(PEERS)})"
+                continue
             st = PEERS[name](f"benchq{pid}{name}", cap, path=os.path.join(tmp, name))
             try:
                 st.create()
+            except ImportError as exc:
+                left_out[name] = f"not installed ({exc.name or exc}): pip install 'shmreg[bench]'"
+                continue
             except Exception as exc:
-                sys.stderr.write(f"skip {name}: {exc!r}\n")
+                left_out[name] = f"could not start: {exc!r}"
                 continue
             try:
                 note = noter(name)
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                         r["wrong"] += mx["wrong_reads"]
             except Exception as exc:
                 results.pop(name, None)
-                sys.stderr.write(f"\n{name} failed: {exc!r}\n")
+                left_out[name] = f"failed while measured: {exc!r}"
             finally:
                 st.destroy()
     finally:
@@ -396,4 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"N = {a.size}: median per operation (rate where /s); {os.cpu_count()} CPUs")
         print(table(results))
+    for name, why in left_out.items():
+        # On stderr under --json, so the JSON on stdout stays the results alone.
+        print(f"left out {name}: {why}", file=sys.stderr if a.json else sys.stdout)
     return 0 if results else 1

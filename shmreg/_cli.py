@@ -2,6 +2,18 @@
 
 Every command that reads works on a registry whose writers are all dead: reading needs no
 lock, and a write (``sweep``) repairs what a dead writer left half-done before it starts.
+
+One exit-code table for every command (docs/errors.md, "The command line"):
+
+    0    done (``watch`` and ``monitor`` stopped by Ctrl-C or SIGTERM included)
+    1    done, and what it looked at has problems (``fsck`` without ``--repair``)
+    2    a shmreg error (no such registry, a bad name, ...): ``{"error": {...}}`` under --json
+    64   usage: an unknown command or option, a malformed value (same JSON shape, code 3008)
+    130  interrupted by Ctrl-C (other commands)
+
+Under ``--json`` an error is the object ``{"error": ShmregError.to_dict()}`` on stdout, and
+the text form goes to stderr either way. A new command group is one ``command(...)`` call
+in ``build_parser`` plus its ``cmd_*`` function.
 """
 
 from __future__ import annotations
@@ -11,12 +23,11 @@ import json
 import os
 import signal
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from shmreg._cli_target import list_names, open_target, split_target
-from shmreg._errors import ShmregError
+from shmreg._errors import InvalidArgument, RegistryNotFound, ShmregError
 from shmreg._registry import Registry
 from shmreg._segment import list_segments
 
@@ -37,8 +48,25 @@ def _registries() -> list[str]:
     return sorted(seg[len("shmreg-") :] for seg in list_segments() if "." not in seg)
 
 
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 64, 130
+
+
+class _UsageError(Exception):
+    """argparse's complaint, raised instead of its own exit(2) so the exit-code table and
+    the JSON error shape hold for usage mistakes too."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's hook; never returns
+        raise _UsageError(f"{self.prog}: {message}")
+
+
 def _open(name: str) -> Registry:
     return open_target(name)  # a NAME, or a Redis URL with #NAME
+
+
+def _exists(name: str) -> bool:
+    return bool(list_segments(f"shmreg-{name}"))
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -53,6 +81,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = reg.backend.dump()  # type: ignore[attr-defined]
     if args.namespace is not None:
         rows = [r for r in rows if r["namespace"] == args.namespace]
+    hidden = 0 if args.all else sum(not r["alive"] for r in rows)
     if not args.all:
         rows = [r for r in rows if r["alive"]]
     rows.sort(key=lambda r: (r["namespace"], repr(r["service"])))
@@ -61,6 +90,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print("(no entries)")
+    if hidden:
+        # On stderr: the rows on stdout stay one entry per line for scripts.
+        print(
+            f"({hidden} entr{'y' if hidden == 1 else 'ies'} of dead processes hidden: "
+            "--all shows them, `shmreg sweep` removes them)",
+            file=sys.stderr,
+        )
     for r in rows:
         dead = "" if r["alive"] else "  [dead]"
         print(
@@ -98,9 +134,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
     else:
-        for key, value in info.items():
-            print(f"{key:16} {value}")
+        for key, value in _flatten(info):
+            print(f"{key:28} {'-' if value is None else value}")
     return 0
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``health.status  healthy`` rows instead of a Python dict's repr."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -116,14 +161,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_destroy(args: argparse.Namespace) -> int:
     from shmreg._store import destroy_by_name
 
-    removed = destroy_by_name(args.name)
+    if not destroy_by_name(args.name):
+        raise RegistryNotFound(name=args.name)
     if args.json:
-        _print_json({"destroyed": removed, "name": args.name})
-    elif removed:
-        print(f"destroyed registry {args.name!r}")
+        _print_json({"destroyed": True, "name": args.name})
     else:
-        print(f"no registry named {args.name!r}", file=sys.stderr)
-    return 0 if removed else 1
+        print(f"destroyed registry {args.name!r}")
+    return EXIT_OK
 
 
 def _event_dict(event: Any) -> dict[str, Any]:
@@ -217,6 +261,8 @@ def _exit_on_sigterm() -> None:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from shmreg._fsck import check
 
+    if not _exists(args.name):
+        raise RegistryNotFound(name=args.name)  # nothing to check: an error, not a problem
     report = check(args.name, repair=args.repair)
     if args.json:
         _print_json(report.as_dict())
@@ -229,7 +275,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             print(f"  problem: {line}")
         for line in report.repaired:
             print(f"  repaired: {line}")
-    return 0 if report.ok or args.repair else 1
+    return EXIT_OK if report.ok or args.repair else EXIT_PROBLEMS
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -245,10 +291,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="shmreg", description="A process registry in shared memory."
+    from shmreg import __version__
+
+    parser = _Parser(
+        prog="shmreg",
+        description="A process registry in shared memory.",
+        epilog="Exit codes: 0 done, 1 problems found (fsck), 2 shmreg error, 64 usage, "
+        "130 interrupted. With --json an error prints {\"error\": {code, name, message, ...}}.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"shmreg {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND",
+        help="one of these; `shmreg COMMAND --help` lists its options",
+    )
 
     def command(
         name: str, help: str, *, named: bool = True, optional: bool = False
@@ -281,16 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_watch)
     p = command("monitor", "remove entries of dying processes, in the foreground")
-    p.add_argument("--poll-interval", type=float, default=0.01)
-    p.add_argument("--sweep-interval", type=float, default=1.0)
+    p.add_argument(
+        "--poll-interval", type=float, default=0.01, metavar="S",
+        help="seconds between looks at the event ring for new owners (default 0.01)",
+    )
+    p.add_argument(
+        "--sweep-interval", type=float, default=1.0, metavar="S",
+        help="seconds between full sweeps for owners no pidfd can watch (default 1.0)",
+    )
     p.set_defaults(fn=cmd_monitor)
     p = command("demo", "worker pool, a crash, the sweep and a capability query", named=False)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument(
+        "--workers", type=int, default=4, metavar="N", help="worker processes to start (default 4)"
+    )
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser(
         "bench", help="a short benchmark against the installed peers", add_help=False
     )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="the benchmark's options: shmreg bench --help"
+    )
     p.set_defaults(fn=cmd_bench)
     return parser
 
@@ -303,20 +368,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shmreg import _bench
 
         return int(_bench.main(argv[1:]))
-    args = build_parser().parse_args(argv)
-    started = time.monotonic()
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        return _report(
+            InvalidArgument(str(exc), argument="command line", value=" ".join(argv)),
+            "--json" in argv,
+            EXIT_USAGE,
+        )
     try:
         code: int = args.fn(args)
         return code
     except ShmregError as exc:
-        if getattr(args, "json", False):
-            _print_json({"error": exc.to_dict()})
-        else:
-            print(f"shmreg: {type(exc).__name__} [{exc.code}]: {exc}", file=sys.stderr)
-        return 2
+        return _report(exc, getattr(args, "json", False), EXIT_ERROR)
     except KeyboardInterrupt:
-        return 0 if args.command in ("watch", "monitor") else 130
+        return EXIT_OK if args.command in ("watch", "monitor") else EXIT_INTERRUPTED
     except BrokenPipeError:
-        return 0
-    finally:
-        del started
+        return EXIT_OK
+
+
+def _report(exc: ShmregError, as_json: bool, code: int) -> int:
+    """The one error shape: the object on stdout under --json, the text on stderr always."""
+    if as_json:
+        _print_json({"error": exc.to_dict()})
+    print(f"shmreg: {type(exc).__name__} [{exc.code}]: {exc}", file=sys.stderr)
+    return code

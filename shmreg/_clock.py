@@ -11,9 +11,16 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    def monotonic(self) -> float: ...
+    """Time as ``wait_for``, ``watch`` and the monitor read it: pass a fake one in tests
+    (``shmreg.testing.FakeClock``) so timeouts run without sleeping."""
 
-    def sleep(self, seconds: float) -> None: ...
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Block the calling thread for ``seconds``."""
+        ...
 
 
 class SystemClock:

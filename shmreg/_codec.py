@@ -30,7 +30,6 @@ T = TypeVar("T")
 
 MAX_NAMESPACE_BYTES = 255
 MAX_KEY_BYTES = 1024
-MAX_SERVICE_DEPTH = 8
 MAX_METADATA_DEPTH = 32
 
 _INT_MIN = -(2**63)
@@ -78,9 +77,15 @@ def check_namespace(namespace: object) -> bytes:
     return raw
 
 
-def _check_service(service: Any, depth: int, whole: object) -> None:
+def _check_service(service: Any, whole: object, part: bool = False) -> None:
     kind = type(service)
     if kind is str:
+        # The same rules as the namespace: an empty name or one with NUL is a bug at the
+        # caller (NUL also cuts the text in C consumers and in logs), never a real service.
+        if not service:
+            raise InvalidKey("service must not be an empty str", key=_short(whole))
+        if "\x00" in service:
+            raise InvalidKey("service must not contain NUL", key=_short(whole))
         try:
             service.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -90,14 +95,16 @@ def _check_service(service: Any, depth: int, whole: object) -> None:
         if not _INT_MIN <= service <= _INT_MAX:
             raise InvalidKey("service int does not fit in 64 bits", key=_short(whole))
         return
-    if kind is tuple:
-        if depth >= MAX_SERVICE_DEPTH:
-            raise InvalidKey(f"service nests deeper than {MAX_SERVICE_DEPTH}", key=_short(whole))
+    if kind is tuple and not part:
         if not service:
             raise InvalidKey("service tuple must not be empty", key=_short(whole))
-        for part in service:
-            _check_service(part, depth + 1, whole)
+        for item in service:
+            _check_service(item, whole, part=True)
         return
+    if kind is tuple:
+        # One level, as documented: ("agent", 3) is a name; a tree of tuples is a data
+        # structure that belongs in the metadata.
+        raise InvalidKey("service tuples must not nest: use str and int parts", key=_short(whole))
     raise InvalidKey(
         f"service must be a str, an int or a tuple of those, got {kind.__name__}",
         key=_short(whole),
@@ -111,8 +118,8 @@ def encode_key(namespace: object, service: object) -> bytes:
 
 def encode_service(prefix: bytes, service: object) -> bytes:
     """Key bytes from a checked namespace prefix (namespace + NUL) and a service."""
-    if type(service) is not str:
-        _check_service(service, 0, service)
+    if type(service) is not str or not service or "\x00" in service:
+        _check_service(service, service)
     try:
         raw: bytes = prefix + _pack(service)
     except UnicodeEncodeError as exc:

@@ -53,6 +53,9 @@ def _raise_fd_limit() -> None:
 
 @dataclass
 class MonitorStats:
+    """What a ``Monitor`` did so far: owners watched now, deaths seen, entries removed,
+    sweeps and rescans run, and the errors it survived (as text)."""
+
     watched: int = 0
     deaths: int = 0
     removed: int = 0
@@ -96,9 +99,11 @@ class Monitor:
 
     @property
     def running(self) -> bool:
+        """Whether the monitor's thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> Monitor:
+        """Start the thread (idempotent); returns ``self``."""
         if self.running:
             return self
         if self._use_pidfd:
@@ -110,6 +115,7 @@ class Monitor:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close its fds; waits up to ``timeout`` seconds for it."""
         thread = self._thread
         if thread is None:
             return

@@ -17,7 +17,6 @@ from typing import Any
 
 from shmreg import _identity
 from shmreg._clock import SYSTEM, Clock, check_timeout
-from shmreg._codec import check_namespace
 from shmreg._errors import (
     InvalidArgument,
     InvalidBackendConfig,
@@ -27,6 +26,7 @@ from shmreg._errors import (
     StaleGeneration,
 )
 from shmreg._events import Event
+from shmreg._follow import next_events, watch_start
 from shmreg._limits import MAX_CAPACITY, MAX_METADATA_LIMIT
 from shmreg._liveness import CleanupReport, Monitor, terminate_owners
 from shmreg._types import Entry, HealthReport, Metadata, ProcessIdentity, RegistryStats, Service
@@ -200,10 +200,12 @@ class Registry:
 
     @property
     def name(self) -> str:
+        """The registry's name, as passed to the constructor."""
         return self._name
 
     @property
     def backend(self) -> Backend:
+        """The storage backend behind this registry (``shmreg.backends``)."""
         return self._backend
 
     def close(self) -> None:
@@ -268,6 +270,10 @@ class Registry:
         me = _identity.self_identity()
         if pid is None or (pid == me.pid and type(pid) is int):
             return me  # our own identity is cached: no /proc read
+        if type(pid) is not int or pid < 1:
+            # A caller's bug (a pid read from a file and never converted, say), not a
+            # process that died: say which argument is wrong rather than ProcessNotAlive.
+            raise _bad_argument("pid", pid, "a process id (an int >= 1) or None")
         return _identity.identity_of(pid)
 
     def lookup(self, namespace: str, service: Service) -> int | None:
@@ -275,9 +281,11 @@ class Registry:
         return self._backend.lookup(namespace, service)
 
     def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
+        """``(pid, metadata)`` of the live owner, or ``None``; one consistent read."""
         return self._backend.lookup_with_metadata(namespace, service)
 
     def get_metadata(self, namespace: str, service: Service) -> Metadata:
+        """The live entry's metadata; ``NotRegistered`` if there is none."""
         found = self._backend.lookup_with_metadata(namespace, service)
         if found is None:
             raise NotRegistered(
@@ -288,6 +296,8 @@ class Registry:
     def get_metadata_field(
         self, namespace: str, service: Service, field: str, default: Any = None
     ) -> Any:
+        """One metadata field (``default`` if the entry lacks it); ``NotRegistered`` if the
+        name has no live entry."""
         if type(field) is not str:
             raise _bad_argument("field", field, "a str (metadata keys are str)")
         return self.get_metadata(namespace, service).get(field, default)
@@ -306,6 +316,11 @@ class Registry:
         merge: bool = False,
         generation: int | None = None,
     ) -> None:
+        """Replace the entry's metadata, or with ``merge=True`` update its top-level keys.
+
+        ``NotRegistered`` if there is no live entry; with ``generation``, ``StaleGeneration``
+        if the name changed hands since that generation was issued.
+        """
         self._backend.update_metadata(
             namespace, service, metadata, merge=merge, generation=generation
         )
@@ -313,17 +328,25 @@ class Registry:
     def unregister(
         self, namespace: str, service: Service, *, generation: int | None = None
     ) -> bool:
+        """Remove the entry; ``True`` if there was one, ``False`` if not.
+
+        With ``generation``, ``StaleGeneration`` if the name changed hands since (the new
+        owner's entry is left alone). Any process may unregister any name.
+        """
         return self._backend.unregister(namespace, service, generation=generation)
 
     def registered(self, namespace: str, service: Service) -> bool:
+        """Whether the name has a live owner (``lookup(...) is not None``)."""
         return self._backend.lookup(namespace, service) is not None
 
     # ------------------------------------------------------------------ queries
 
     def list_services(self, namespace: str) -> list[Service]:
+        """The services in ``namespace`` whose owners are alive, in no particular order."""
         return self._backend.list_services(namespace)
 
     def list_services_with_metadata(self, namespace: str) -> dict[Service, Metadata]:
+        """``{service: metadata}`` for the live entries of ``namespace``."""
         return {e.service: e.metadata for e in self._backend.list_entries(namespace)}
 
     def find_services_by_metadata(
@@ -341,18 +364,30 @@ class Registry:
         return list(self._backend.find(namespace, equals=equals))
 
     def list_by_type(self, namespace: str, type: Any) -> list[Entry]:
+        """Entries whose metadata ``"type"`` equals ``type`` (``find_by_metadata(type=...)``)."""
         return list(self._backend.find(namespace, equals={"type": type}))
 
     def count(self, namespace: str | None = None) -> int:
+        """Live entries in ``namespace``, or in the whole registry when it is ``None``."""
         return self._backend.count(namespace)
 
     def stats(self) -> RegistryStats:
+        """Everything measured about the registry, typed: a ``RegistryStats`` snapshot.
+
+        Sizes (capacity, used, tombstones, load factor, memory), removal counters (sweeps,
+        last sweep time, dead entries found by sweeps and the monitor alike) and the
+        backend's own figures in ``extra``. ``statistics()`` is its flat summary.
+        """
         return self._backend.stats()
 
     def health_check(self) -> HealthReport:
+        """Owners judged now: how many entries are alive, dead (awaiting removal), unknown."""
         return self._backend.health_check()
 
     def statistics(self) -> dict[str, Any]:
+        """The few headline figures of ``stats()`` as a flat, JSON-ready dict, the same
+        keys on every backend: for logs and metrics. Exactly
+        ``stats().summary(name)``; use ``stats()`` for everything else."""
         return self._backend.statistics()
 
     def sweep(self) -> int:
@@ -384,14 +419,24 @@ class Registry:
         return self._monitor
 
     def stop_monitor(self) -> None:
+        """Stop this process's death monitor, if it runs (its thread and fds are released)."""
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.stop()
 
     @contextlib.contextmanager
-    def monitor(self, **options: Any) -> Iterator[Monitor]:
-        """``with reg.monitor(): ...`` runs the death monitor for the block."""
-        started = self.start_monitor(**options)
+    def monitor(
+        self,
+        *,
+        poll_interval: float = 0.01,
+        sweep_interval: float = 1.0,
+        on_death: Callable[[Any, Any, int], None] | None = None,
+    ) -> Iterator[Monitor]:
+        """``with reg.monitor(): ...`` runs the death monitor for the block (see
+        ``start_monitor`` for the options)."""
+        started = self.start_monitor(
+            poll_interval=poll_interval, sweep_interval=sweep_interval, on_death=on_death
+        )
         try:
             yield started
         finally:
@@ -449,14 +494,7 @@ class Registry:
         reader that fell behind the ring first gets an event of kind ``lost`` saying how
         many it missed. Stops after ``timeout`` seconds without an event (None: never).
         """
-        timeout = check_timeout(timeout)
-        if since is not None and (type(since) is not int or since < 0):
-            raise _bad_argument("since", since, "an event number >= 0")
-        if namespace is not None:
-            check_namespace(namespace)  # a bad one would never match: say so now
-        # The start is fixed now, not at the first next(): events between this call and the
-        # first iteration belong to the watch.
-        start = self._backend.last_event_seq() if since is None else since
+        timeout, start = watch_start(self._backend, namespace, since, timeout)
         return self._follow_events(namespace, start, timeout, clock, poll_interval)
 
     def _follow_events(
@@ -470,17 +508,9 @@ class Registry:
         idle_since = clock.monotonic()
         waiter = _waiter(self._backend, clock)
         while True:
-            events, lost = self._backend.read_events(position)
-            if lost:
-                # The gap sits right after ``position``: the lost event is numbered as the
-                # last one missed, so resuming from it skips nothing that was delivered.
-                position += lost
-                yield Event(seq=position, kind="lost", lost=lost)
-            for event in events:
-                position = event.seq
-                if namespace is None or event.namespace == namespace:
-                    yield event
-            if events or lost:
+            events, position, moved = next_events(self._backend, namespace, position)
+            yield from events
+            if moved:
                 idle_since = clock.monotonic()
                 continue
             if timeout is not None and clock.monotonic() - idle_since >= timeout:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-# A service name: a str, an int, or a (possibly nested) tuple of those.
+# A service name: a non-empty str without NUL, an int, or a flat tuple of those.
 Service = str | int | tuple[Any, ...]
 Metadata = dict[str, Any]
 
@@ -54,6 +54,8 @@ class Entry(NamedTuple):
 
 
 class HealthStatus(str, enum.Enum):
+    """A registry's health by the share of its entries whose owners are dead."""
+
     HEALTHY = "healthy"
     DEGRADED = "degraded"
     UNHEALTHY = "unhealthy"
@@ -86,6 +88,7 @@ class HealthReport:
 
     @staticmethod
     def classify(total: int, dead: int) -> HealthStatus:
+        """The status for ``dead`` of ``total`` entries (the thresholds live here only)."""
         if total == 0:
             return HealthStatus.HEALTHY
         ratio = dead / total

@@ -123,6 +123,11 @@ BAD_SERVICES = [
     pytest.param((), id="svc-empty-tuple"),
     pytest.param(("a", 1.5), id="svc-tuple-float"),
     pytest.param(NESTED_SERVICE, id="svc-nested-20"),
+    pytest.param(("agent", ("planner", 1)), id="svc-nested-2"),
+    pytest.param("", id="svc-empty"),
+    pytest.param("a\x00b", id="svc-NUL"),
+    pytest.param(("agent", ""), id="svc-tuple-empty-str"),
+    pytest.param(("agent", "a\x00"), id="svc-tuple-NUL"),
     pytest.param(2**64, id="svc-int-65-bits"),
     pytest.param(-(2**63) - 1, id="svc-int-too-negative"),
     pytest.param(HUGE_KEY_TEXT, id="svc-huge"),
@@ -178,7 +183,7 @@ BAD_TIMEOUTS = [
 def reg(registry: shmreg.Registry) -> Iterator[shmreg.Registry]:
     """The conftest registry with a few entries: ours, a sleeper's, typed, with capabilities."""
     with children() as kids:
-        sleeper = kids.sleeper(600)
+        sleeper = kids.sleeper()
         registry.register(NS, "mine", metadata={"type": "worker", "capabilities": ["a"]})
         registry.register(NS, ("agent", 1), pid=sleeper.pid, metadata={"type": "agent", "n": 1})
         registry.register("other", 7, metadata={})
@@ -253,17 +258,18 @@ def test_watch_bad_namespace(reg: shmreg.Registry, namespace: Any) -> None:
 
 
 def test_names_with_slash_and_nul_are_keys_not_paths(reg: shmreg.Registry) -> None:
-    """'/' is an ordinary character of a namespace or service, NUL of a service: no two of
-    these keys collide, each round-trips exactly. (A NUL namespace is refused above.)"""
+    """'/' is an ordinary character of a namespace or service: no two of these keys
+    collide, each round-trips exactly. (NUL and '' are refused, in namespaces and services
+    alike: see BAD_NAMESPACES and BAD_SERVICES.)"""
     keys = [
         ("a/b", "c"),
         ("a", "b/c"),
-        ("a", "b\x00c"),
+        ("a", "b\\x00c"),  # the four characters, not a NUL
         ("a", ("b", "c")),
         ("a", "b"),
         ("/", "/"),
         ("..", "../../etc/passwd"),
-        ("a", ""),
+        ("a", " "),
     ]
     for i, (ns, service) in enumerate(keys):
         reg.register(ns, service, metadata={"i": i})
@@ -325,7 +331,11 @@ def test_bad_pid(reg: shmreg.Registry, call: str, pid: Any) -> None:
         "register_many": lambda: reg.register_many(NS, [("a", None, None), ("b", pid, None)]),
     }
     error = assert_refused_unchanged(reg, calls[call])
-    assert isinstance(error, shmreg.ProcessNotAlive), repr(error)
+    if type(pid) is int and pid >= 1:
+        assert isinstance(error, shmreg.ProcessNotAlive), repr(error)  # no such process
+    else:
+        assert isinstance(error, shmreg.InvalidArgument), repr(error)  # not a pid at all
+        assert error.argument == "pid"
 
 
 def test_pids_of_the_dead_a_zombie_and_a_thread(reg: shmreg.Registry) -> None:
@@ -709,7 +719,10 @@ garbage = st.recursive(
     ),
     max_leaves=12,
 )
-valid_service = st.one_of(st.text(min_size=1, max_size=10), st.integers(0, 1000))
+valid_service = st.one_of(
+    st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=10),
+    st.integers(0, 1000),
+)
 service_arg = st.one_of(valid_service, garbage)
 namespace_arg = st.one_of(st.just("hyp"), garbage)
 

@@ -38,7 +38,7 @@ needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="n
 #: into a zombie within microseconds; 10 s only guards against a badly overloaded CI machine.
 _ZOMBIE_DEADLINE = 10.0
 
-_SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+_SLEEPER = [sys.executable, "-c", "import time; time.sleep(1e9)"]
 
 
 def _proc_stat_fields(pid: int) -> list[str]:

@@ -92,7 +92,7 @@ elif how == "sigkill":
     reg = shmreg.Registry.attach(name)
     work(reg)
     report({"tracker": resource_tracker._resource_tracker._pid})
-    time.sleep(60)
+    time.sleep(1e9)  # until the test kills it
 else:
     reg = shmreg.Registry.attach(name)
     work(reg)
@@ -172,7 +172,7 @@ reg.register(ns, "made-by-creator", pid=owner, metadata={"creator": os.getpid()}
 reg.register(ns, "creator-self")
 if how == "sigkill":
     report({"pid": os.getpid()})
-    time.sleep(60)
+    time.sleep(1e9)  # until the test kills it
 reg.close()
 report({"pid": os.getpid()})
 """

@@ -54,7 +54,7 @@ reg = shmreg.Registry.attach(name)
 gens = {s: reg.register(ns, s, metadata={"by": os.getpid()}) for s in sys.argv[3:]}
 me = shmreg._identity.self_identity()
 report({"pid": os.getpid(), "start": me.start_ticks, "gens": gens})
-time.sleep(120)
+time.sleep(1e9)  # until the test kills it
 """
 
 
@@ -189,7 +189,7 @@ reg = shmreg.Registry.attach(sys.argv[1])
 gens = [reg.register("ns", "svc"), reg.register("ns", "svc2")]
 start = shmreg._identity.self_identity().start_ticks
 print(json.dumps({"pid": os.getpid(), "start": start, "gens": gens}), flush=True)
-time.sleep(120)
+time.sleep(1e9)  # until the test kills it
 '''
 
 name = sys.argv[1]
@@ -210,7 +210,7 @@ try:
     except OSError as exc:
         out["skip"] = f"cannot write /proc/sys/kernel/ns_last_pid: {exc}"
     else:
-        new = subprocess.Popen(["sleep", "120"])
+        new = subprocess.Popen(["sleep", "infinity"])
         procs.append(new)
         out["new_pid"] = new.pid
         if new.pid != old["pid"]:
@@ -694,7 +694,7 @@ if stubborn == "1":
 reg = shmreg.Registry.attach(name)
 reg.register(ns, service)
 report({"pid": os.getpid()})
-time.sleep(120)
+time.sleep(1e9)  # until the test kills it
 """
 
 

@@ -47,7 +47,7 @@ def _as_user(name: str, uid: int, count: int, owner: int, crash: str = "") -> in
 
 @needs_root
 def test_growth_by_another_user_leaves_the_registry_writable(reg_name: str) -> None:
-    keeper = subprocess.Popen(["sleep", "120"])
+    keeper = subprocess.Popen(["sleep", "infinity"])
     reg = shmreg.Registry.create(reg_name, capacity=16, mode=0o666)
     try:
         assert _as_user(reg_name, 65534, 200, keeper.pid) == 0  # grows it, as nobody
@@ -65,7 +65,7 @@ def test_growth_by_another_user_leaves_the_registry_writable(reg_name: str) -> N
 def test_a_half_built_generation_of_another_user_does_not_wedge_writers(
     reg_name: str,
 ) -> None:
-    keeper = subprocess.Popen(["sleep", "120"])
+    keeper = subprocess.Popen(["sleep", "infinity"])
     shmreg.Registry.create(reg_name, capacity=16, mode=0o666).close()
     try:
         # uid 65533 dies half-way through a growth: its half-built segment is its own.

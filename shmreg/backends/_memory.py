@@ -441,12 +441,13 @@ class MemoryBackend(BackendBase):
 
     # ------------------------------------------------------------------ liveness
 
-    def _note_sweep(self, removed: int) -> None:
-        state = self._open()
-        with state.lock:
-            state.sweeps += 1
-            state.last_sweep = time.time()
-            state.dead_found += removed
+    def sweep(self) -> int:
+        """Remove every entry whose owner is provably dead; return how many.
+
+        Owners are judged outside the lock (a ``/proc`` read each) and the entries removed
+        through ``remove_dead``, which re-checks them under it and appends the died events.
+        """
+        return self._remove_dead(self._verdicts(self.owners()), sweeping=True)
 
     def owner_counts(self) -> dict[ProcessIdentity, int]:
         """Entries per distinct owner identity, dead owners not yet removed included."""
@@ -459,11 +460,15 @@ class MemoryBackend(BackendBase):
 
         Matched by the whole identity under the lock: an entry taken over since the verdict,
         or held by a newcomer with the same pid, is not touched, and of two callers with the
-        same verdicts only the first finds (and reports) each entry.
+        same verdicts only the first finds (and reports) each entry. A call that removed
+        something counts as a sweep in ``stats()``.
         """
+        return self._remove_dead(verdicts, sweeping=False)
+
+    def _remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness], sweeping: bool) -> int:
         reasons = dead_reasons(verdicts)
         state = self._open()
-        if not reasons:
+        if not reasons and not sweeping:
             return 0
         removed = 0
         with state.lock:
@@ -478,6 +483,12 @@ class MemoryBackend(BackendBase):
                 if not space:
                     del state.spaces[ns]
             state.ops += removed
+            if sweeping or removed:
+                # Whoever removed them (a sweep, the monitor, cleanup_namespace), dead
+                # owners' entries are counted the same way: stats() tells the whole story.
+                state.sweeps += 1
+                state.last_sweep = time.time()
+                state.dead_found += removed
         return removed
 
     # ------------------------------------------------------------------ events

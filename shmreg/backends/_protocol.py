@@ -160,7 +160,9 @@ class Backend(Protocol):
         identity (a name taken over since, or a pid now owned by a newcomer, is left alone),
         so callers racing on the same verdicts remove, and report, each entry once. Appends
         one ``died`` event per removed entry, its reason the verdict: ``gone``, ``reused``
-        or ``zombie``. Verdicts that are not dead are ignored.
+        or ``zombie``. Verdicts that are not dead are ignored. A call that removed at least
+        one entry counts in ``stats()`` like a sweep (``sweeps``, ``last_sweep_time``,
+        ``dead_found``), so entries the monitor removes are counted too.
         """
         ...
 

@@ -201,7 +201,8 @@ for i = 5, #ARGV, 4 do
     end
   end
 end
-if ARGV[4] == '1' then
+if ARGV[4] == '1' or removed > 0 then
+  -- a monitor's removal counts like a sweep's, so stats() sees every dead entry
   redis.call('HINCRBY', P .. 'meta', 'sweeps', 1)
   redis.call('HINCRBY', P .. 'meta', 'dead_found', removed)
   redis.call('HSET', P .. 'meta', 'last_sweep', now)

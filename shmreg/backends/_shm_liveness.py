@@ -91,7 +91,9 @@ class ShmLiveness(ShmBase):
                     if reason is not None and (words[2] >> 48) & 0xFF == L.USED:
                         tombstone(table, index, words, _ev.DIED, reason)
                         removed += 1
-            if sweeping:  # under the lock: concurrent sweepers must not lose counts
+            if sweeping or removed:
+                # Under the lock: concurrent sweepers must not lose counts. A monitor's or
+                # cleanup's removal counts like a sweep's, so stats() sees every dead entry.
                 rq = self._store.rq
                 rq[L.R_SWEEPS] = (rq[L.R_SWEEPS] + 1) & L.MASK64  # statistics wrap
                 rq[L.R_LAST_SWEEP_NS] = time.time_ns()

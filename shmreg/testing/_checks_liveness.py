@@ -157,7 +157,7 @@ def remove_dead_needs_proof(b: Backend) -> None:
     me, ghost = _me(), _reused(_me())
     g_live = b.register(NS, "live", me, None)
     b.register(NS, "ghost", ghost, None)
-    base = b.last_event_seq()
+    base, counted = b.last_event_seq(), b.stats()
     for verdicts in (
         {},
         {me: Liveness.SAME},
@@ -167,8 +167,13 @@ def remove_dead_needs_proof(b: Backend) -> None:
     ):
         _equal(b.remove_dead(verdicts), 0, f"remove_dead({verdicts})")
     _equal(b.last_event_seq(), base, "events after verdicts that prove nothing")
+    _equal((b.stats().sweeps, b.stats().dead_found), (counted.sweeps, counted.dead_found),
+           "stats() after removals of nothing")
     # A dead verdict names one identity, not a pid: our own entry, same pid, stays.
     _equal(b.remove_dead({ghost: Liveness.REUSED}), 1, "remove_dead of the reused identity")
+    after = b.stats()  # the monitor removes through remove_dead: counted like a sweep
+    _equal((after.sweeps - counted.sweeps, after.dead_found - counted.dead_found), (1, 1),
+           "stats() (sweeps, dead_found) after remove_dead removed one entry")
     _equal(b.lookup_entry(NS, "live"), (os.getpid(), g_live, {}), "entry of the same pid")
     with _children() as (child,):
         kid = _owner(child)

@@ -57,16 +57,16 @@ def namespaces_are_isolated(b: Backend) -> None:
 def services_round_trip(b: Backend) -> None:
     services: list[Service] = [
         "svc",
-        "",
+        " ",
         "ünïcødé ✓ 日本",
-        "a\x00b",
+        "a\\x00b",  # backslash, x, 0, 0: text that only looks like a NUL
         0,
         7,
         -5,
         2**64 - 1,
         -(2**63),
         ("agent", "planner-1"),
-        ("a", 1, ("b", (2, -3))),
+        ("a", 1, "b", 2, -3),
         (1,),
         ("1",),
         "1",
@@ -240,6 +240,10 @@ _BAD_SERVICES: list[object] = [
     "\ud800",
     {"a": 1},
     _nest(9, lambda v: (v,), "a"),
+    ("a", ("b", 1)),  # tuples are flat: a tree belongs in the metadata
+    "",
+    "a\x00b",
+    ("a", ""),
 ]
 
 
