@@ -26,6 +26,7 @@ from shmreg._types import (
     RegistryStats,
     Service,
 )
+from shmreg.backends._portable import StoredEntry
 
 
 def setting(name: str, value: int | None, default: int, limit: int) -> int:
@@ -94,6 +95,32 @@ class BackendBase:
         raise NotImplementedError
 
     def stats(self) -> RegistryStats:
+        raise NotImplementedError
+
+    # Migration's primitives (shmreg.backends._portable says what they promise).
+
+    def namespaces(self) -> list[str]:
+        """The namespaces that hold at least one stored entry, sorted."""
+        raise NotImplementedError
+
+    def export_entries(self, namespace: str) -> list[StoredEntry]:
+        """Every live entry of ``namespace`` with owner identity, generation and metadata."""
+        raise NotImplementedError
+
+    def swap_entry(
+        self,
+        namespace: str,
+        service: Service,
+        expect: StoredEntry | None,
+        new: StoredEntry | None,
+    ) -> tuple[bool, StoredEntry | None]:
+        """Atomically replace the live entry ``expect`` (``None``: no live entry) by ``new``.
+
+        ``new`` ``None`` removes the entry. Returns ``(True, what is stored now)`` (``new``
+        with the generation it got, see ``imported_generation``), or ``(False, the live entry
+        found)`` when it was not ``expect``, changing nothing. ``new``'s metadata is validated
+        as a registration's is; bad input changes nothing.
+        """
         raise NotImplementedError
 
     def _note_sweep(self, removed: int) -> None:

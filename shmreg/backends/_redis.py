@@ -46,6 +46,7 @@ from shmreg._types import (
     Service,
 )
 from shmreg.backends import _redis_lua as lua
+from shmreg.backends import _redis_portable
 from shmreg.backends._base import (
     BackendBase,
     check_generation,
@@ -53,6 +54,7 @@ from shmreg.backends._base import (
     event_window,
     setting,
 )
+from shmreg.backends._portable import StoredEntry
 from shmreg.backends._redis_conn import Scripts, connect, mapped, parse
 
 HOST_LOST = "host-lost"  # the ``died`` reason for entries of a host whose lease expired
@@ -69,6 +71,8 @@ _SCRIPTS = {
     "expired": lua.EXPIRED,
     "heartbeat": lua.HEARTBEAT,
     "meta": lua.META,
+    "swap": lua.SWAP,
+    "namespaces": lua.NAMESPACES,
 }
 # (namespace bytes, key bytes, stored value)
 _Stored = tuple[bytes, bytes, bytes]
@@ -512,6 +516,33 @@ class RedisBackend(BackendBase):
             check_generation(namespace, service, int(got[1]), generation)
         # A dead owner's entry is removed all the same, but no read saw it: answer as they did.
         return self._alive(got[0], set() if got[1] else {self._head(got[0])[4]}, {})
+
+    # ------------------------------------------------------------------ migration
+
+    def namespaces(self) -> list[str]:
+        return sorted(ns.decode() for ns in self._run("namespaces", operation="namespaces"))
+
+    def export_entries(self, namespace: str) -> list[StoredEntry]:
+        return _redis_portable.export(self, namespace)
+
+    def swap_entry(
+        self,
+        namespace: str,
+        service: Service,
+        expect: StoredEntry | None,
+        new: StoredEntry | None,
+    ) -> tuple[bool, StoredEntry | None]:
+        return _redis_portable.swap(self, namespace, service, expect, new)
+
+    def _get_raw(self, ns: bytes, key: bytes) -> bytes | None:
+        """The stored value, dead owner or not (None when absent)."""
+        if self._closed:
+            self._run("last")  # raises the right error for this handle
+        with mapped(self._name, "lookup"):
+            value: bytes | None = self._client.hget(self._bprefix + b"ns:" + ns, key)
+        if value is None:
+            self._run("last", operation="lookup")  # RegistryDestroyed if it is gone
+        return value
 
     # ------------------------------------------------------------------ liveness
 
