@@ -60,6 +60,10 @@ def _open_backend(
         if not isinstance(backend, Backend):
             raise InvalidBackendConfig(f"{backend!r} does not implement shmreg.backends.Backend")
         return backend
+    if url is not None and url.startswith("dual+"):  # dual-write: docs/migration.md
+        from shmreg.migration._locations import open_location
+
+        return open_location(url, name, create=create)
     # A URL (given, or $SHMREG_URL when no backend is named) means Redis.
     url = url or (None if backend else os.environ.get("SHMREG_URL"))
     if url is not None or backend == "redis":

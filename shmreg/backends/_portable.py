@@ -115,3 +115,14 @@ def imported_generation(
     if wanted < 1 or (stored is not None and stored >= wanted):
         generation = counter + 1
     return generation, max(counter, generation)
+
+
+def read_entry(backend: Any, namespace: str, service: Service) -> StoredEntry | None:
+    """The live entry of one name with its owner and generation, or None; changes nothing.
+
+    A swap that expects an entry no backend can hold (pid 0, generation 0) never matches and
+    answers with what is there: one read-only round trip on every backend.
+    """
+    never = StoredEntry(namespace, service, ProcessIdentity(0, 0), 0, {})
+    found: StoredEntry | None = backend.swap_entry(namespace, service, never, None)[1]
+    return found

@@ -1,0 +1,32 @@
+"""Moving a registry between backends: copy, validate, roll back, dual-write, feature flags.
+
+See docs/migration.md for the runbook. ``migrate`` copies live entries with their owners and
+fencing generations, ``validate`` compares two registries, ``rollback`` undoes a migration
+where nothing changed since; ``open_location`` opens a registry from one string (a name, a
+Redis URL, or a ``dual+`` dual-write location).
+"""
+
+from shmreg.backends._portable import StoredEntry
+from shmreg.migration._copy import migrate, rollback, validate
+from shmreg.migration._locations import location_of, open_location
+from shmreg.migration._report import (
+    Conflict,
+    Failure,
+    MigrationReport,
+    RollbackReport,
+    ValidationReport,
+)
+
+__all__ = [
+    "Conflict",
+    "Failure",
+    "MigrationReport",
+    "RollbackReport",
+    "StoredEntry",
+    "ValidationReport",
+    "location_of",
+    "migrate",
+    "open_location",
+    "rollback",
+    "validate",
+]
