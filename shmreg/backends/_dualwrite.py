@@ -56,12 +56,26 @@ class DualWriteBackend(BackendBase):
         self.secondary = secondary
         self.failures = 0  # secondary writes that failed, ever
         self.reconciled = 0  # names copied again by reconcile()
-        self._pending: set[tuple[str, Service]] = set()
+        # Names whose mirror failed, by key bytes: reads do not fall back to the secondary for
+        # them (it may still hold what the primary has since removed or changed).
+        self._pending: dict[bytes, tuple[str, Service]] = {}
         self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
         return self.primary.name
+
+    @property
+    def max_metadata_bytes(self) -> int | None:
+        """The primary's limit (it is the one that refuses)."""
+        limit: int | None = getattr(self.primary, "max_metadata_bytes", None)
+        return limit
+
+    @property
+    def ring_events(self) -> int | None:
+        """The primary's event ring size: events are the primary's."""
+        size: int | None = getattr(self.primary, "ring_events", None)
+        return size
 
     @property
     def location(self) -> str:
@@ -79,12 +93,13 @@ class DualWriteBackend(BackendBase):
 
     def _mirror(self, namespace: str, service: Service, known: StoredEntry | None = None) -> None:
         """Copy the name's primary state to the secondary; a failure is counted, never raised."""
+        key = _codec.encode_key(namespace, service)
         try:
             self._copy(namespace, service, known)
         except Exception as exc:
             with self._lock:
                 self.failures += 1
-                self._pending.add((namespace, service))
+                self._pending[key] = (namespace, service)
             log.warning(
                 "dual-write: secondary %r failed for %s/%r (%s); kept for reconcile()",
                 self.secondary.name,
@@ -92,6 +107,10 @@ class DualWriteBackend(BackendBase):
                 service,
                 exc,
             )
+            return
+        if self._pending:  # mirrored now: reads may fall back to the secondary again
+            with self._lock:
+                self._pending.pop(key, None)
 
     def _copy(self, namespace: str, service: Service, known: StoredEntry | None = None) -> bool:
         """Make the secondary hold what the primary holds; True if it had to write."""
@@ -120,8 +139,7 @@ class DualWriteBackend(BackendBase):
         pending; nothing is raised unless the primary itself fails.
         """
         with self._lock:
-            names = set(self._pending)
-            self._pending.clear()
+            names = dict(self._pending)
         if full:
             for ns in sorted(set(self.primary.namespaces()) | set(self.secondary.namespaces())):
                 exported = self.primary.export_entries(ns)
@@ -129,27 +147,30 @@ class DualWriteBackend(BackendBase):
                 for e in self.secondary.export_entries(ns):
                     mine = ours.get(_codec.encode_key(ns, e.service))
                     if not same_entry(mine, e):
-                        names.add((ns, e.service))
-                names.update((ns, e.service) for e in ours.values())
+                        names[_codec.encode_key(ns, e.service)] = (ns, e.service)
+                names.update({key: (ns, e.service) for key, e in ours.items()})
         fixed = 0
-        for namespace, service in names:
+        for key, (namespace, service) in names.items():
             try:
                 fixed += self._copy(namespace, service)
-            except Exception as exc:
-                with self._lock:
-                    self._pending.add((namespace, service))
+            except Exception as exc:  # the secondary still failing: stays pending
                 log.warning("reconcile: %s/%r still fails (%s)", namespace, service, exc)
+                continue
+            with self._lock:
+                self._pending.pop(key, None)
         with self._lock:
             self.reconciled += fixed
         return fixed
 
-    def _read(self, call: Callable[[Backend], T | None]) -> T | None:
+    def _read(
+        self, namespace: str, service: Service, call: Callable[[Backend], T | None]
+    ) -> T | None:
         """The primary's answer, or the secondary's on a miss or a failing primary."""
         try:
             found = call(self.primary)
         except ShmregError:
             return call(self.secondary)
-        if found is not None:
+        if found is not None or _codec.encode_key(namespace, service) in self._pending:
             return found
         try:
             return call(self.secondary)
@@ -224,13 +245,13 @@ class DualWriteBackend(BackendBase):
     # ------------------------------------------------------------------ reads
 
     def lookup(self, namespace: str, service: Service) -> int | None:
-        return self._read(lambda b: b.lookup(namespace, service))
+        return self._read(namespace, service, lambda b: b.lookup(namespace, service))
 
     def lookup_with_metadata(self, namespace: str, service: Service) -> tuple[int, Metadata] | None:
-        return self._read(lambda b: b.lookup_with_metadata(namespace, service))
+        return self._read(namespace, service, lambda b: b.lookup_with_metadata(namespace, service))
 
     def lookup_entry(self, namespace: str, service: Service) -> tuple[int, int, Metadata] | None:
-        return self._read(lambda b: b.lookup_entry(namespace, service))
+        return self._read(namespace, service, lambda b: b.lookup_entry(namespace, service))
 
     def _union(self, call: Callable[[Backend], list[T]], key: Callable[[T], bytes]) -> list[T]:
         try:
@@ -242,6 +263,7 @@ class DualWriteBackend(BackendBase):
         except ShmregError:
             return ours
         seen = {key(item) for item in ours}
+        seen.update(self._pending)
         return ours + [item for item in theirs if key(item) not in seen]
 
     def export_entries(self, namespace: str) -> list[StoredEntry]:
