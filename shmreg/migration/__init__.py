@@ -8,6 +8,13 @@ Redis URL, or a ``dual+`` dual-write location).
 
 from shmreg.backends._portable import StoredEntry
 from shmreg.migration._copy import migrate, rollback, validate
+from shmreg.migration._flags import (
+    FLAGS_NAMESPACE,
+    FeatureFlags,
+    FlagState,
+    bucket,
+    open_by_flag,
+)
 from shmreg.migration._locations import location_of, open_location
 from shmreg.migration._report import (
     Conflict,
@@ -18,14 +25,19 @@ from shmreg.migration._report import (
 )
 
 __all__ = [
+    "FLAGS_NAMESPACE",
     "Conflict",
     "Failure",
+    "FeatureFlags",
+    "FlagState",
     "MigrationReport",
     "RollbackReport",
     "StoredEntry",
     "ValidationReport",
+    "bucket",
     "location_of",
     "migrate",
+    "open_by_flag",
     "open_location",
     "rollback",
     "validate",
