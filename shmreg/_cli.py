@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from shmreg import _cli_migrate
 from shmreg._cli_target import list_names, open_target, split_target
 from shmreg._errors import ShmregError
 from shmreg._registry import Registry
@@ -292,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+    _cli_migrate.add_commands(sub)  # migrate, rollback, flags
     return parser
 
 

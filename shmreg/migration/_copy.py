@@ -18,7 +18,8 @@ from typing import IO
 
 from shmreg import _codec
 from shmreg._error_base import ShmregError
-from shmreg._errors import InvalidArgument
+from shmreg._errors import InvalidArgument, RegistryNotFound
+from shmreg.backends._memory import MemoryBackend
 from shmreg.backends._portable import StoredEntry, _to_json, local_owner, same_entry
 from shmreg.backends._protocol import Backend
 from shmreg.migration._locations import location_of, open_location
@@ -183,14 +184,15 @@ def migrate(
     started = time.perf_counter()
     src, close_src = as_backend(source, create=False)
     try:
-        tgt, close_tgt = as_backend(target, create=not dry_run)
+        tgt, close_tgt = _target(target, dry_run)
     except BaseException:
         if close_src:
             src.close()
         raise
     try:
         spaces = _spaces([src], namespaces)
-        report = MigrationReport(location_of(src), location_of(tgt), spaces, dry_run=dry_run)
+        where = target if isinstance(target, str) else location_of(tgt)
+        report = MigrationReport(location_of(src), where, spaces, dry_run=dry_run)
         copier = _Copier(tgt, report, on_conflict, None if journal is None else Path(journal))
         try:
             _run(src, tgt, spaces, copier, progress)
@@ -203,6 +205,16 @@ def migrate(
             src.close()
         if close_tgt:
             tgt.close()
+
+
+def _target(target: object, dry_run: bool) -> tuple[Backend, bool]:
+    """The target; for a dry run of a target that does not exist yet, an empty stand-in."""
+    try:
+        return as_backend(target, create=not dry_run)
+    except RegistryNotFound:
+        if not dry_run:
+            raise
+        return MemoryBackend(), True
 
 
 def _run(
