@@ -278,3 +278,69 @@ def test_sigkill_of_a_copy_to_redis_then_rerun(
     finally:
         src.destroy()
         shmreg.migration.open_location(dst).destroy()
+
+
+_LIVE_WRITER = textwrap.dedent(
+    """
+    import os, sys, shmreg
+    reg = shmreg.Registry(sys.argv[1], url=sys.argv[2])
+    me, die = sys.argv[3], sys.argv[4] == "die"
+    for i in range(150):
+        reg.register("jobs", f"{me}-{i % 40}", metadata={"i": i})
+        reg.update_metadata("jobs", f"{me}-{i % 40}", {"seen": i}, merge=True)
+        if i % 9 == 0:
+            reg.unregister("jobs", f"{me}-{(i * 7) % 40}")
+        if die and i == 90:
+            os._exit(0)  # dies holding its names: both sides must drop them alike
+    print("done", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_migration_under_live_load_misses_nothing(
+    reg_name: str, redis_server: RedisServer, sleepers: list[subprocess.Popen[bytes]]
+) -> None:
+    # Old-only entries are backfilled by migrate while writers on dual-write register,
+    # update, unregister and die; afterwards the two sides agree, entry for entry.
+    old = shmreg.Registry.create(reg_name, capacity=2048)
+    new = f"{redis_server.url}#{_redis_name()}"
+    dual = f"dual+shm://{reg_name}?secondary={new}"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        old.register_many("jobs", [(f"old-{i}", sleepers[i % 3].pid, {"i": i}) for i in range(600)])
+        for n in range(4):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        _LIVE_WRITER,
+                        reg_name,
+                        dual,
+                        f"w{n}",
+                        "die" if n % 2 else "live",
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        report = migrate(old, new)
+        assert report.ok and not report.failed
+        for n, proc in enumerate(procs):
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if n % 2:
+                proc.wait(timeout=300)
+            else:
+                assert line.strip() == "done"
+        check = validate(old, new)
+        assert check.missing == [] and check.different == [] and check.extra == []
+        assert check.checked >= 600 + 2 * 30
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        old.destroy()
+        shmreg.migration.open_location(new).destroy()
