@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
-    _cli_migrate.add_commands(sub)  # migrate, rollback, flags
+    _cli_migrate.add_commands(sub)  # migrate, rollback, flags, upgrade
     return parser
 
 

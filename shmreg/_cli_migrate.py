@@ -138,8 +138,25 @@ def cmd_flags(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from shmreg._upgrade import upgrade
+
+    done = upgrade(args.name)
+    if args.json:
+        _print_json(done)
+    elif done["upgraded"]:
+        print(f"upgraded layout {done['from']} -> {done['to']} ({done['entries']} entries)")
+    else:
+        print(f"already at layout {done['to']}")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
-    """Add ``migrate``, ``rollback`` and ``flags`` to the ``shmreg`` parser."""
+    """Add ``migrate``, ``rollback``, ``flags`` and ``upgrade`` to the ``shmreg`` parser."""
+    p = sub.add_parser("upgrade", help="upgrade a registry written by an older layout, in place")
+    p.add_argument("name", help="shared-memory registry name")
+    p.add_argument("--json", action="store_true", help="print data as JSON")
+    p.set_defaults(fn=cmd_upgrade)
     p = sub.add_parser("migrate", help="copy a registry's entries into another backend")
     p.add_argument("source", help="NAME, redis://host:6379/0#NAME, memory://NAME or dual+...")
     p.add_argument("target", help="same forms as SOURCE")
