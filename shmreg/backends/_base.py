@@ -123,6 +123,15 @@ class BackendBase:
         """
         raise NotImplementedError
 
+    def import_entries(self, entries: list[StoredEntry]) -> list[tuple[bool, StoredEntry | None]]:
+        """``swap_entry(e.namespace, e.service, None, e)`` for each entry, in order.
+
+        A backend overrides it only to do the same in fewer round trips (Redis pipelines
+        it). An error may leave some of the entries imported: a caller retries them one by
+        one, where an entry already there, the same, is found unchanged.
+        """
+        return [self.swap_entry(e.namespace, e.service, None, e) for e in entries]
+
     def _note_sweep(self, removed: int) -> None:
         """Count one finished sweep that removed ``removed`` entries (``stats()`` shows it)."""
 

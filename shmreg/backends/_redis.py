@@ -534,6 +534,9 @@ class RedisBackend(BackendBase):
     ) -> tuple[bool, StoredEntry | None]:
         return _redis_portable.swap(self, namespace, service, expect, new)
 
+    def import_entries(self, entries: list[StoredEntry]) -> list[tuple[bool, StoredEntry | None]]:
+        return _redis_portable.import_many(self, entries)
+
     def _get_raw(self, ns: bytes, key: bytes) -> bytes | None:
         """The stored value, dead owner or not (None when absent)."""
         if self._closed:

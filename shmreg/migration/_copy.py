@@ -35,6 +35,7 @@ from shmreg.migration._report import (
 RESERVED_PREFIX = "shmreg."
 CONFLICT_POLICIES = ("skip", "overwrite", "fail")
 Progress = Callable[[int, int], None]
+_BATCH = 1000  # entries imported per round trip where the target can batch (Redis)
 
 
 def as_backend(where: object, *, create: bool) -> tuple[Backend, bool]:
@@ -109,6 +110,31 @@ class _Copier:
                 self.out.write(key + "\n")
                 self.out.flush()  # in the kernel before the write: survives a SIGKILL
                 self.written.add(key)
+
+    def copy_new(self, entries: list[StoredEntry]) -> bool:
+        """Copy entries whose names the target did not hold when scanned: in one batch."""
+        if self.report.dry_run or not entries:
+            return all([self.copy(e, None) for e in entries])
+        if self.out is not None:
+            fresh = [k for k in map(_journal_key, entries) if k not in self.written]
+            self.out.write("".join(k + "\n" for k in fresh))
+            self.out.flush()  # in the kernel before the writes: survives a SIGKILL
+            self.written.update(fresh)
+        many = getattr(self.target, "import_entries", None)
+        try:
+            results = many(entries) if many is not None else None
+        except ShmregError:
+            results = None  # some may be in: one by one, they are found there unchanged
+        if results is None:
+            return all([self.copy(e, None) for e in entries])
+        go_on = True
+        for entry, (ok, stored) in zip(entries, results, strict=True):
+            if ok and stored is not None:
+                self.report.added.append(stored)
+                self.report.copied += 1
+            elif go_on:
+                go_on = self.copy(entry, stored)
+        return go_on
 
     def copy(self, entry: StoredEntry, current: StoredEntry | None) -> bool:
         """Copy one entry; False when the policy says stop (``on_conflict="fail"``)."""
@@ -229,9 +255,17 @@ def _run(
     done = 0
     for ns in spaces:
         present = {_key(e): e for e in tgt.export_entries(ns)}
-        for entry in exported[ns]:
-            if not copier.copy(entry, present.get(_key(entry))):
+        batch: list[StoredEntry] = []
+        for i, entry in enumerate(exported[ns], 1):
+            current = present.get(_key(entry))
+            if current is None:
+                batch.append(entry)
+            elif not copier.copy(entry, current):
                 return
+            if len(batch) == _BATCH or i == len(exported[ns]):
+                if not copier.copy_new(batch):
+                    return
+                batch = []
             done += 1
             if progress is not None and done % 1000 == 0:
                 progress(done, total)
