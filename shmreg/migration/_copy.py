@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -136,6 +137,14 @@ class _Copier:
                 go_on = self.copy(entry, stored)
         return go_on
 
+    def _count(self, entry: StoredEntry, current: StoredEntry | None) -> None:
+        """Count one entry written (or, in a dry run, that would be) over ``current``."""
+        if current is None:
+            self.report.copied += 1
+        else:
+            kind = _conflict_kind(entry, current)
+            self.report.conflicts.append(Conflict(kind, entry, current, "overwritten"))
+
     def copy(self, entry: StoredEntry, current: StoredEntry | None) -> bool:
         """Copy one entry; False when the policy says stop (``on_conflict="fail"``)."""
         report = self.report
@@ -156,11 +165,7 @@ class _Copier:
                 report.conflicts.append(Conflict(kind, entry, current, resolution))
                 return self.policy != "fail"
             if report.dry_run:
-                if current is None:
-                    report.copied += 1
-                else:
-                    kind = _conflict_kind(entry, current)
-                    report.conflicts.append(Conflict(kind, entry, current, "overwritten"))
+                self._count(entry, current)
                 return True
             self._intend(entry)
             try:
@@ -171,11 +176,7 @@ class _Copier:
             if ok:
                 assert stored is not None
                 report.added.append(stored)
-                if current is None:
-                    report.copied += 1
-                else:
-                    kind = _conflict_kind(entry, current)
-                    report.conflicts.append(Conflict(kind, entry, current, "overwritten"))
+                self._count(entry, current)
                 return True
             current = stored
         report.failed.append(Failure(entry, "the target entry kept changing while copying"))
@@ -208,14 +209,7 @@ def migrate(
             value=repr(on_conflict),
         )
     started = time.perf_counter()
-    src, close_src = as_backend(source, create=False)
-    try:
-        tgt, close_tgt = _target(target, dry_run)
-    except BaseException:
-        if close_src:
-            src.close()
-        raise
-    try:
+    with _both(source, target, dry_run) as (src, tgt):
         spaces = _spaces([src], namespaces)
         where = target if isinstance(target, str) else location_of(tgt)
         report = MigrationReport(location_of(src), where, spaces, dry_run=dry_run)
@@ -226,6 +220,25 @@ def migrate(
             copier.close()
         report.seconds = time.perf_counter() - started
         return report
+
+
+@contextmanager
+def _both(
+    source: object, target: object, dry_run: bool | None
+) -> Iterator[tuple[Backend, Backend]]:
+    """Source and target opened (from locations) for one call, and closed after if opened.
+
+    ``dry_run`` (migrate): a target that does not exist is not created but stood in for.
+    """
+    src, close_src = as_backend(source, create=False)
+    try:
+        tgt, close_tgt = _target(target, dry_run)
+    except BaseException:
+        if close_src:
+            src.close()
+        raise
+    try:
+        yield src, tgt
     finally:
         if close_src:
             src.close()
@@ -233,10 +246,11 @@ def migrate(
             tgt.close()
 
 
-def _target(target: object, dry_run: bool) -> tuple[Backend, bool]:
-    """The target; for a dry run of a target that does not exist yet, an empty stand-in."""
+def _target(target: object, dry_run: bool | None) -> tuple[Backend, bool]:
+    """The target: created for a copy (``dry_run`` false), opened only for a check (None);
+    for a dry run of a target that does not exist yet, an empty stand-in."""
     try:
-        return as_backend(target, create=not dry_run)
+        return as_backend(target, create=dry_run is False)
     except RegistryNotFound:
         if not dry_run:
             raise
@@ -277,14 +291,7 @@ def validate(
     source: object, target: object, namespaces: Iterable[str] | None = None
 ) -> ValidationReport:
     """Compare the live entries of both sides: missing from the target, extra, different."""
-    src, close_src = as_backend(source, create=False)
-    try:
-        tgt, close_tgt = as_backend(target, create=False)
-    except BaseException:
-        if close_src:
-            src.close()
-        raise
-    try:
+    with _both(source, target, None) as (src, tgt):
         report = ValidationReport()
         for ns in _spaces([src, tgt], namespaces):
             ours = {_key(e): e for e in src.export_entries(ns)}
@@ -298,11 +305,6 @@ def validate(
                     report.different.append((entry, other))
             report.extra += [e for key, e in theirs.items() if key not in ours]
         return report
-    finally:
-        if close_src:
-            src.close()
-        if close_tgt:
-            tgt.close()
 
 
 def rollback(report: MigrationReport | str | Path, target: object = None) -> RollbackReport:
