@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -97,6 +98,18 @@ def test_a_secondary_outage_never_fails_a_primary_write(
         assert backend.reconcile() == 4 and backend.pending == 0
         assert validate(backend.primary, backend.secondary).ok
         assert backend.reconcile(full=True) == 0
+        # Once more, repaired by the monitor this time (it reconciles with each sweep).
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            reg.register("jobs", "second-outage")
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert backend.pending == 1
+        with reg.monitor(sweep_interval=0.05):
+            deadline = time.monotonic() + 120
+            while backend.pending and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert backend.pending == 0 and validate(backend.primary, backend.secondary).ok
     finally:
         if reg is not None:
             reg.destroy()
