@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -57,6 +58,16 @@ def test_every_write_is_mirrored_with_its_generation(dual: shmreg.Registry) -> N
     assert dual.unregister("jobs", "a", generation=gen)
     assert secondary.lookup("jobs", "a") is None
     assert backend.failures == 0 and backend.location.startswith("dual+shm://")
+
+
+def test_a_dual_registry_pickles_by_its_location(dual: shmreg.Registry) -> None:
+    dual.register("jobs", "p")
+    again = pickle.loads(pickle.dumps(dual))
+    try:
+        assert isinstance(again.backend, DualWriteBackend)
+        assert again.lookup("jobs", "p") == os.getpid()
+    finally:
+        again.close()
 
 
 def test_reads_fall_back_to_the_secondary(dual: shmreg.Registry) -> None:

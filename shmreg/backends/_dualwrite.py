@@ -85,6 +85,11 @@ class DualWriteBackend(BackendBase):
         return f"dual+{location_of(self.primary)}?secondary={location_of(self.secondary)}"
 
     @property
+    def url(self) -> str:
+        """The location, as ``Registry(name, url=...)`` takes it (pickles reopen by it)."""
+        return self.location
+
+    @property
     def pending(self) -> int:
         """Names whose mirror failed and that ``reconcile()`` has not copied yet."""
         return len(self._pending)
