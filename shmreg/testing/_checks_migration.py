@@ -105,3 +105,27 @@ def swap_updates_metadata_of_the_same_owner(backend: Backend) -> None:
     ok, stored = backend.swap_entry(NS, "m", current, current._replace(metadata={"v": 2}))
     _equal((ok, stored), (True, current._replace(metadata={"v": 2})), "same-owner swap")
     _equal(backend.read_events(backend.last_event_seq() - 1)[0][0].kind, "updated", "event")
+
+
+@check
+def import_entries_matches_one_swap_each(backend: Backend) -> None:
+    importer = getattr(backend, "import_entries", None)
+    if importer is None:
+        return  # optional: migration falls back to swap_entry one by one
+    taken = backend.register(NS, "taken", _me(), {"mine": 1})
+    entries = [
+        StoredEntry(NS, "new-1", _me(), 500, {"a": 1}),
+        StoredEntry(NS, "taken", _me(), 501, {"b": 2}),
+        StoredEntry(OTHER, ("t", 3), _me(), 502, {}),
+    ]
+    results = importer(entries)
+    _equal(
+        results,
+        [
+            (True, entries[0]),
+            (False, StoredEntry(NS, "taken", _me(), taken, {"mine": 1})),
+            (True, entries[2]),
+        ],
+        "import_entries results",
+    )
+    _equal(backend.lookup_entry(OTHER, ("t", 3)), (_me().pid, 502, {}), "imported entry")
