@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from shmreg import _cli_migrate
 from shmreg._cli_target import list_names, open_target, split_target
 from shmreg._errors import InvalidArgument, RegistryNotFound, ShmregError
 from shmreg._registry import Registry
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rest", nargs=argparse.REMAINDER, help="the benchmark's options: shmreg bench --help"
     )
     p.set_defaults(fn=cmd_bench)
+    _cli_migrate.add_commands(sub)  # migrate, rollback, flags, upgrade
     return parser
 
 

@@ -55,6 +55,10 @@ from shmreg import _limits
 ROOT_MAGIC = int.from_bytes(b"SHMREG\x00R", "little")
 DATA_MAGIC = int.from_bytes(b"SHMREG\x00D", "little")
 LAYOUT_VERSION = 1
+# Older layout versions ``shmreg upgrade`` can bring to LAYOUT_VERSION (shmreg._upgrade): those
+# whose slots and records this table reads, so the growth swap re-lays out the rest. 0 is
+# the unversioned layout of builds before the version word was checked.
+UPGRADABLE_VERSIONS = frozenset({0})
 
 PAGE = 4096
 RING_OFFSET = PAGE  # the event ring (see shmreg._events) follows the root words

@@ -185,6 +185,8 @@ class Monitor:
                     if poller is None or any(fd < 0 for fd in watched.values()):
                         self.stats.removed += self._backend.sweep()
                         self.stats.sweeps += 1
+                    if getattr(self._backend, "pending", 0):  # dual-write: failed mirrors
+                        self._backend.reconcile()
                     next_sweep = now + self._sweep_interval
                 if poller is None:
                     self._stop.wait(self._poll)

@@ -60,9 +60,14 @@ def _open_backend(
         if not isinstance(backend, Backend):
             raise InvalidBackendConfig(f"{backend!r} does not implement shmreg.backends.Backend")
         return backend
-    # A URL (given, or $SHMREG_URL when no backend is named either way) means Redis.
+    # A URL (given, or $SHMREG_URL when no backend is named either way) means Redis, or
+    # dual-write when it starts with ``dual+`` (docs/migration.md).
     named = backend or os.environ.get("SHMREG_BACKEND")
     url = url or (None if named else os.environ.get("SHMREG_URL"))
+    if url is not None and url.startswith("dual+"):
+        from shmreg.migration._locations import open_location
+
+        return open_location(url, name, create=create)
     if url is not None or named == "redis":
         from shmreg.backends._redis import RedisBackend
 

@@ -85,8 +85,11 @@ def _arena_size(capacity: int, max_meta: int) -> int:
 
 
 class Store:
-    def __init__(self, name: str, root: SharedMemory, *, created: bool) -> None:
+    def __init__(
+        self, name: str, root: SharedMemory, *, created: bool, upgrading: bool = False
+    ) -> None:
         self.name = name
+        self._upgrading = upgrading  # shmreg upgrade: an older layout may be attached
         self._root = root
         assert root.buf is not None
         self.rq: Any = root.buf.cast("Q")
@@ -118,8 +121,12 @@ class Store:
         capacity: int | None,
         max_metadata_bytes: int | None,
         mode: int = 0o600,
+        upgrading: bool = False,
     ) -> Store:
-        """Attach to ``name``; if absent and ``create``, build it first (race-safe)."""
+        """Attach to ``name``; if absent and ``create``, build it first (race-safe).
+
+        ``upgrading`` (``shmreg._upgrade`` only) also attaches an upgradable older layout.
+        """
         for _ in range(50):
             try:
                 root = open_segment(L.root_name(name), name)
@@ -135,7 +142,7 @@ class Store:
                 if store is not None:
                     return store
                 continue  # another process created it first: attach to theirs
-            store = cls(name, root, created=False)
+            store = cls(name, root, created=False, upgrading=upgrading)
             store.check_settings(capacity, max_metadata_bytes)
             return store
         raise RegistryNotFound(f"registry {name!r} kept vanishing while attaching", name=name)
@@ -206,11 +213,20 @@ class Store:
                 name=self.name,
                 detail="bad root magic",
             )
-        if rq[L.R_VERSION] != L.LAYOUT_VERSION:
-            version = int(rq[L.R_VERSION])
+        version = int(rq[L.R_VERSION])
+        upgradable = version in L.UPGRADABLE_VERSIONS
+        if version != L.LAYOUT_VERSION and not (self._upgrading and upgradable):
             self._close_root()
+            hint = (
+                f" (run `shmreg upgrade {self.name}` to upgrade it in place)"
+                if upgradable
+                else " (a newer shmreg wrote it: upgrade shmreg)"
+                if version > L.LAYOUT_VERSION
+                else ""
+            )
             raise IncompatibleRegistry(
-                f"layout version: registry has {version}, this shmreg reads {L.LAYOUT_VERSION}",
+                f"layout version: registry has {version}, this shmreg reads {L.LAYOUT_VERSION}"
+                + hint,
                 setting="layout_version",
                 expected=L.LAYOUT_VERSION,
                 actual=version,

@@ -274,6 +274,7 @@ def test_backends_package_exports() -> None:
     assert sorted(backends.__all__) == [
         "Backend",
         "BackendBase",
+        "DualWriteBackend",
         "MemoryBackend",
         "SharedMemoryBackend",
     ]

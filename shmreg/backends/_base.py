@@ -31,6 +31,7 @@ from shmreg._types import (
     RegistryStats,
     Service,
 )
+from shmreg.backends._portable import StoredEntry
 
 
 def setting(name: str, value: int | None, default: int, limit: int) -> int:
@@ -132,6 +133,41 @@ class BackendBase:
 
     def stats(self) -> RegistryStats:
         raise NotImplementedError
+
+    # Migration's primitives (shmreg.backends._portable says what they promise).
+
+    def namespaces(self) -> list[str]:
+        """The namespaces that hold at least one stored entry, sorted."""
+        raise NotImplementedError
+
+    def export_entries(self, namespace: str) -> list[StoredEntry]:
+        """Every live entry of ``namespace`` with owner identity, generation and metadata."""
+        raise NotImplementedError
+
+    def swap_entry(
+        self,
+        namespace: str,
+        service: Service,
+        expect: StoredEntry | None,
+        new: StoredEntry | None,
+    ) -> tuple[bool, StoredEntry | None]:
+        """Atomically replace the live entry ``expect`` (``None``: no live entry) by ``new``.
+
+        ``new`` ``None`` removes the entry. Returns ``(True, what is stored now)`` (``new``
+        with the generation it got, see ``imported_generation``), or ``(False, the live entry
+        found)`` when it was not ``expect``, changing nothing. ``new``'s metadata is validated
+        as a registration's is; bad input changes nothing.
+        """
+        raise NotImplementedError
+
+    def import_entries(self, entries: list[StoredEntry]) -> list[tuple[bool, StoredEntry | None]]:
+        """``swap_entry(e.namespace, e.service, None, e)`` for each entry, in order.
+
+        A backend overrides it only to do the same in fewer round trips (Redis pipelines
+        it). An error may leave some of the entries imported: a caller retries them one by
+        one, where an entry already there, the same, is found unchanged.
+        """
+        return [self.swap_entry(e.namespace, e.service, None, e) for e in entries]
 
     def _note_sweep(self, removed: int) -> None:
         """Count one finished sweep that removed ``removed`` entries (``stats()`` shows it)."""

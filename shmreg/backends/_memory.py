@@ -64,6 +64,13 @@ from shmreg.backends._base import (
     held_by,
     setting,
 )
+from shmreg.backends._portable import (
+    StoredEntry,
+    imported_generation,
+    local_owner,
+    require_local,
+    same_entry,
+)
 
 # What one stored entry costs beyond its key and metadata bytes (a tuple, a dict slot, the
 # identity): measured with sys.getsizeof and rounded, good enough for an estimate.
@@ -438,6 +445,72 @@ class MemoryBackend(BackendBase):
         # A dead owner's entry is removed all the same, but it was not "there" for any read,
         # so the answer agrees with what lookup said a moment ago.
         return _identity.probe_alive(record.owner.pid)
+
+    # ------------------------------------------------------------------ migration
+
+    def namespaces(self) -> list[str]:
+        state = self._open()
+        with state.lock:
+            return sorted(ns.decode() for ns, space in state.spaces.items() if space)
+
+    def export_entries(self, namespace: str) -> list[StoredEntry]:
+        return [
+            StoredEntry(
+                namespace, r.service, r.owner, r.generation, _codec.unpack_metadata(r.packed)
+            )
+            for r in self._space(namespace)
+        ]
+
+    def swap_entry(
+        self,
+        namespace: str,
+        service: Service,
+        expect: StoredEntry | None,
+        new: StoredEntry | None,
+    ) -> tuple[bool, StoredEntry | None]:
+        state, ns, key = self._find(namespace, service)
+        packed = b""
+        if new is not None:
+            require_local(new.owner, "the memory backend")
+            meta = _codec.as_metadata(new.metadata)
+            packed = _codec.pack_metadata(meta, state.max_metadata_bytes)
+        with state.lock:
+            self._open()
+            space = state.spaces.get(ns, {})
+            held = space.get(key)
+            current = None
+            if held is not None and _identity.probe_alive(held.owner.pid):
+                current = StoredEntry(
+                    namespace,
+                    held.service,
+                    held.owner,
+                    held.generation,
+                    _codec.unpack_metadata(held.packed),
+                )
+            if not same_entry(current, expect):
+                return False, current
+            if new is None:
+                if held is not None:
+                    del space[key]
+                    if not space:
+                        del state.spaces[ns]
+                    state.ops += 1
+                    _emit(state, "unregistered", ns, held)
+                return True, None
+            owner = local_owner(new.owner)
+            same = held is not None and held.owner == owner
+            generation, state.owner_changes = imported_generation(
+                new.generation,
+                None if held is None else held.generation,
+                state.owner_changes,
+                same_owner=same,
+            )
+            value = held.service if held is not None else _codec.decode_service(key, len(ns))
+            record = _Record(value, owner, generation, packed)
+            state.spaces.setdefault(ns, space)[key] = record
+            state.ops += 1
+            _emit(state, "updated" if same else "registered", ns, record)
+        return True, new._replace(service=value, owner=owner, generation=generation)
 
     # ------------------------------------------------------------------ liveness
 

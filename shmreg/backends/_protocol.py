@@ -45,6 +45,7 @@ from shmreg._types import (
     RegistryStats,
     Service,
 )
+from shmreg.backends._portable import StoredEntry
 
 Predicate = Callable[[Metadata], bool]
 
@@ -129,6 +130,31 @@ class Backend(Protocol):
 
         What ``cleanup_namespace`` needs: whom to signal, and the generation that fences the
         unregister afterwards (a name taken over meanwhile is left to its new owner).
+        """
+        ...
+
+    # ------------------------------------------------------------------ migration
+
+    def namespaces(self) -> list[str]:
+        """The namespaces that hold at least one stored entry, sorted."""
+        ...
+
+    def export_entries(self, namespace: str) -> list[StoredEntry]:
+        """Every live entry of ``namespace``: owner identity (with host), generation, metadata."""
+        ...
+
+    def swap_entry(
+        self,
+        namespace: str,
+        service: Service,
+        expect: StoredEntry | None,
+        new: StoredEntry | None,
+    ) -> tuple[bool, StoredEntry | None]:
+        """Atomically replace the live entry ``expect`` (None: none) by ``new`` (None: remove).
+
+        ``(True, what is stored now)`` or ``(False, the live entry found)``, changing nothing.
+        An imported generation is kept unless the name was stored at it or above already
+        (then a fresh one); the generation counter never goes below what was written.
         """
         ...
 

@@ -23,10 +23,12 @@ from shmreg._types import (
     RegistryStats,
     Service,
 )
+from shmreg.backends import _redis_portable
 from shmreg.backends._base import (
     check_generation,
     held_by,
 )
+from shmreg.backends._portable import StoredEntry
 from shmreg.backends._redis_base import _Stored
 from shmreg.backends._redis_conn import mapped, translate
 from shmreg.backends._redis_liveness import RedisLiveness
@@ -353,6 +355,36 @@ class RedisBackend(RedisLiveness):
             check_generation(namespace, service, int(got[1]), generation)
         # A dead owner's entry is removed all the same, but no read saw it: answer as they did.
         return self._alive(got[0], set() if got[1] else {self._head(got[0])[4]}, {})
+
+    # ------------------------------------------------------------------ migration
+
+    def namespaces(self) -> list[str]:
+        return sorted(ns.decode() for ns in self._run("namespaces", operation="namespaces"))
+
+    def export_entries(self, namespace: str) -> list[StoredEntry]:
+        return _redis_portable.export(self, namespace)
+
+    def swap_entry(
+        self,
+        namespace: str,
+        service: Service,
+        expect: StoredEntry | None,
+        new: StoredEntry | None,
+    ) -> tuple[bool, StoredEntry | None]:
+        return _redis_portable.swap(self, namespace, service, expect, new)
+
+    def import_entries(self, entries: list[StoredEntry]) -> list[tuple[bool, StoredEntry | None]]:
+        return _redis_portable.import_many(self, entries)
+
+    def _get_raw(self, ns: bytes, key: bytes) -> bytes | None:
+        """The stored value, dead owner or not (None when absent)."""
+        if self._closed:
+            self._run("last")  # raises the right error for this handle
+        with mapped(self._name, "lookup"):
+            value: bytes | None = self._client.hget(self._bprefix + b"ns:" + ns, key)
+        if value is None:
+            self._run("last", operation="lookup")  # RegistryDestroyed if it is gone
+        return value
 
     # ------------------------------------------------------------------ reporting
 

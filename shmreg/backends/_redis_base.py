@@ -51,6 +51,8 @@ _SCRIPTS = {
     "expired": lua.EXPIRED,
     "heartbeat": lua.HEARTBEAT,
     "meta": lua.META,
+    "swap": lua.SWAP,
+    "namespaces": lua.NAMESPACES,
 }
 # (namespace bytes, key bytes, stored value)
 _Stored = tuple[bytes, bytes, bytes]

@@ -169,6 +169,14 @@ class Scripts:
         self._sha = {op: hashlib.sha1(src.encode()).hexdigest() for op, src in sources.items()}
         self._noscript = _redis().exceptions.NoScriptError
 
+    def sha(self, op: str) -> str:
+        """The SHA1 a pipeline runs ``op`` by (after ``SCRIPT LOAD`` of ``source(op)``)."""
+        return self._sha[op]
+
+    def source(self, op: str) -> str:
+        """The Lua source of ``op``."""
+        return self._sources[op]
+
     def run(self, op: str, keys: list[str], args: list[Any]) -> Any:
         try:
             return self._client.evalsha(self._sha[op], len(keys), *keys, *args)

@@ -314,3 +314,60 @@ m[6] = redis.call('SCARD', P .. 'nss')
 return m
 """
 )
+
+# ARGV: ns, key, old value ('' when absent), delete (0/1), pid, start, host, tags, metadata,
+# wanted generation, now, ring, lease_ms. Migration's compare-and-swap of one entry: replaces
+# the stored value only if it is still ``old`` (the client judged that one). The generation
+# rule is ``shmreg.backends._portable.imported_generation``. Returns {'MOVED'} when the value
+# changed meanwhile, {0} after a removal, else {1, generation}.
+SWAP = (
+    PRELUDE
+    + r"""
+local ns, key, old = ARGV[1], ARGV[2], ARGV[3]
+local now, ring = ARGV[11], ARGV[12]
+local hkey = P .. 'ns:' .. ns
+local v = redis.call('HGET', hkey, key)
+if (v or '') ~= old then return {'MOVED'} end
+local opid, ostart, ogen, otags, ohost
+if v then opid, ostart, ogen, otags, ohost = parse(v) end
+if ARGV[4] == '1' then
+  if v then
+    emit(ring, now, 'unregistered', ns, key, opid, ogen, '', ostart, ohost)
+    redis.call('HDEL', hkey, key)
+    if redis.call('EXISTS', hkey) == 0 then redis.call('SREM', P .. 'nss', ns) end
+    index('SREM', ns, key, otags)
+  end
+  return {0}
+end
+local pid, start, host, tags = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local counter = tonumber(redis.call('HGET', P .. 'meta', 'gen'))
+local want = tonumber(ARGV[10])
+local same = v and opid == pid and ostart == start and ohost == host
+local gen = want
+if not (same and tonumber(ogen) == want) then
+  if want < 1 or (v and tonumber(ogen) >= want) then gen = counter + 1 end
+end
+local kind = 'registered'
+if same then kind = 'updated' end
+emit(ring, now, kind, ns, key, pid, gen, '', start, host)
+if gen > counter then redis.call('HSET', P .. 'meta', 'gen', gen) end
+if v then index('SREM', ns, key, otags) end
+redis.call('HSET', hkey, key, pid .. '\t' .. start .. '\t' .. gen .. '\t' .. tags .. '\t' ..
+  host .. '\n' .. ARGV[9])
+redis.call('SADD', P .. 'nss', ns)
+index('SADD', ns, key, tags)
+if ARGV[13] ~= '0' then
+  redis.call('SET', P .. 'lease:' .. host, '1', 'PX', ARGV[13])
+  redis.call('SADD', P .. 'hosts', host)
+end
+return {1, gen}
+"""
+)
+
+# No ARGV. The namespaces holding entries.
+NAMESPACES = (
+    PRELUDE
+    + r"""
+return redis.call('SMEMBERS', P .. 'nss')
+"""
+)

@@ -29,7 +29,7 @@ from shmreg._types import (
 from shmreg.backends._base import check_generation, held_by
 from shmreg.backends._shm_base import LO32, record_size, tombstone
 from shmreg.backends._shm_liveness import ShmLiveness
-from shmreg.backends._shm_scans import ShmScans
+from shmreg.backends._shm_portable import ShmPortable
 
 _crc32 = zlib.crc32
 # key, key hash, padded record, slot words 1-5 (record offset still to add), capabilities mask
@@ -45,7 +45,7 @@ _type_tag = _codec.type_tag
 _capability_mask = _codec.capability_mask
 
 
-class SharedMemoryBackend(ShmScans, ShmLiveness):
+class SharedMemoryBackend(ShmPortable, ShmLiveness):
     """Registry storage in one host's shared memory; see docs/concepts.md."""
 
     # ------------------------------------------------------------------ reads

@@ -32,6 +32,7 @@ from shmreg.backends._protocol import Backend
 from shmreg.testing import (
     _checks_events,
     _checks_liveness,
+    _checks_migration,
     _checks_queries,
     _checks_registration,
     _checks_scale,
@@ -47,6 +48,7 @@ CHECKS: list[tuple[str, Check]] = [
     *_checks_liveness.CHECKS,
     *_checks_events.CHECKS,
     *_checks_scale.CHECKS,
+    *_checks_migration.CHECKS,
 ]
 
 
