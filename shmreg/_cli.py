@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from shmreg._cli_ops import add_commands as add_ops_commands
 from shmreg._cli_target import list_names, open_target, split_target
 from shmreg._errors import ShmregError
 from shmreg._registry import Registry
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=0.01)
     p.add_argument("--sweep-interval", type=float, default=1.0)
     p.set_defaults(fn=cmd_monitor)
+    add_ops_commands(command)
     p = command("demo", "worker pool, a crash, the sweep and a capability query", named=False)
     p.add_argument("--workers", type=int, default=4)
     p.set_defaults(fn=cmd_demo)

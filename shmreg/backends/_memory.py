@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from itertools import islice
 from typing import Any, NamedTuple
 
-from shmreg import _codec, _identity
+from shmreg import _codec, _identity, _log
 from shmreg._errors import (
     AlreadyRegistered,
     IncompatibleRegistry,
@@ -470,6 +470,7 @@ class MemoryBackend(BackendBase):
         if not reasons:
             return 0
         removed = 0
+        per_owner: dict[ProcessIdentity, int] = {}
         with state.lock:
             self._open()
             for ns, space in list(state.spaces.items()):
@@ -479,9 +480,11 @@ class MemoryBackend(BackendBase):
                         del space[key]
                         _emit(state, "died", ns, record, reason)
                         removed += 1
+                        per_owner[record.owner] = per_owner.get(record.owner, 0) + 1
                 if not space:
                     del state.spaces[ns]
             state.ops += removed
+        _log.removed_dead(self.name, per_owner, reasons)
         return removed
 
     # ------------------------------------------------------------------ events
