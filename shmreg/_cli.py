@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shmreg._cli_ops import add_commands as add_ops_commands
+from shmreg._cli_ops import add_monitor_options, exporters
 from shmreg._cli_target import list_names, open_target, split_target
 from shmreg._errors import ShmregError
 from shmreg._registry import Registry
@@ -199,7 +200,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         removed = reg.sweep()  # whatever died while nobody watched
         if removed and not args.json:
             print(f"initial sweep removed {removed}", flush=True)
-        monitor.run_forever()
+        with exporters(args, reg, monitor):
+            monitor.run_forever()
         if not args.json:
             print(
                 f"stopped: {monitor.stats.deaths} deaths, {monitor.stats.removed} removed",
@@ -284,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("monitor", "remove entries of dying processes, in the foreground")
     p.add_argument("--poll-interval", type=float, default=0.01)
     p.add_argument("--sweep-interval", type=float, default=1.0)
+    add_monitor_options(p)
     p.set_defaults(fn=cmd_monitor)
     add_ops_commands(command)
     p = command("demo", "worker pool, a crash, the sweep and a capability query", named=False)

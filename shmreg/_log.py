@@ -1,6 +1,6 @@
 """shmreg's loggers: ``logging.getLogger("shmreg")`` and its children.
 
-The library configures no handler (an application decides where its logs go) and logs only
+The library configures no output (an application decides where its logs go) and logs only
 off the hot paths: repairs after a dead writer, table growth, entries removed because their
 owner died, damaged records skipped by scans, and backend failover. Each line starts with the
 registry's name so one handler can serve many registries. See docs/operations.md.
@@ -14,6 +14,10 @@ from collections.abc import Mapping
 from shmreg._types import ProcessIdentity
 
 root = logging.getLogger("shmreg")
+# A NullHandler, as the logging HOWTO advises libraries: without any handler, Python's
+# last-resort handler would print WARNING lines to stderr of programs that never asked for
+# logs. Records still propagate to whatever handlers the application puts on the root.
+root.addHandler(logging.NullHandler())
 store = logging.getLogger("shmreg.store")  # recoveries, growth
 liveness = logging.getLogger("shmreg.liveness")  # entries removed as dead
 scan = logging.getLogger("shmreg.scan")  # damaged records skipped

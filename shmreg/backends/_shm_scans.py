@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -301,6 +302,30 @@ class ShmScans(ShmBase):
 
             return self._read(scan)
         return len(self._scan(namespace, with_records=False).pids)
+
+    def namespace_counts(self) -> dict[str, int]:
+        """Live entries per namespace, for metrics: one pass, no checksums, no decoding.
+
+        The rows are copied without the seqlock: an entry being written at that instant
+        may be counted under its old namespace, which a gauge scraped every few seconds
+        can live with.
+        """
+
+        def scan(table: Table) -> Counter[bytes]:
+            cols = table.columns()
+            rows = cols[(cols[:, L.S_REC] >> np.uint64(48)) == L.USED]
+            del cols
+            pids = rows[:, L.S_OWNER] & np.uint64(LO32)
+            rows = rows[np.isin(pids, [p for p in np.unique(pids).tolist() if self._alive(p)])]
+            offsets = (table.arena_off + (rows[:, L.S_REC] & np.uint64(LO32)) * np.uint64(8))
+            key_lens = (rows[:, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)
+            end = table.arena_off + table.arena_size
+            buf = table.buf
+            spans = zip(offsets.tolist(), key_lens.tolist(), strict=True)
+            return Counter(bytes(buf[a : min(a + k, end)]).partition(b"\x00")[0] for a, k in spans)
+
+        counts = self._read(scan)
+        return {ns.decode("utf-8", "replace"): n for ns, n in counts.items()}
 
     def dump(self) -> list[dict[str, Any]]:
         """Every used slot, dead owners included (flagged): for ``shmreg ls`` and debugging."""
