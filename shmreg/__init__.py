@@ -6,6 +6,7 @@ process sees them at memory speed, and entries of dead processes go away on thei
 
 from shmreg._errors import *  # noqa: F403
 from shmreg._errors import __all__ as _errors_all
+from shmreg._monitoring import BackendMonitor
 from shmreg._registry import Registry
 from shmreg._types import (
     Entry,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 for _public in (
     Registry,
+    BackendMonitor,
     Entry,
     HealthReport,
     HealthStatus,
@@ -32,6 +34,7 @@ del _public
 
 __all__ = [
     *_errors_all,
+    "BackendMonitor",
     "Entry",
     "HealthReport",
     "HealthStatus",

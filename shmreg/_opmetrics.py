@@ -163,6 +163,18 @@ def instrument(registry: Registry) -> None:
     setattr(registry, _ATTR, (table, wrappers))
 
 
+def rebind_reads(registry: Registry) -> None:
+    """After the registry's point reads were rebound (a backend switch): wrap them again,
+    counting into the same figures."""
+    state = getattr(registry, _ATTR, None)
+    if state is None:
+        return
+    table, wrappers = state
+    for op in READS:
+        wrappers[op] = _wrap(getattr(registry, op), None, table[op], READ_SAMPLE)
+        setattr(registry, op, wrappers[op])
+
+
 def uninstrument(registry: Registry) -> None:
     """Remove the wrappers: the registry's calls go straight through again."""
     state = getattr(registry, _ATTR, None)

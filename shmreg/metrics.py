@@ -241,12 +241,54 @@ def monitor_section(c: RegistryCollector) -> Iterator[Metric]:
     )
 
 
+def backend_monitor_section(c: RegistryCollector) -> Iterator[Metric]:
+    """The ``BackendMonitor`` of this registry, if this process runs one."""
+    from shmreg._monitoring import monitor_of
+
+    monitor = monitor_of(c.registry)
+    if monitor is None:
+        return
+    names, values = list(c.labels), list(c.labels.values())
+    per_role = {
+        "shmreg_backend_active": (GaugeMetricFamily, "1 for the backend the registry uses."),
+        "shmreg_backend_check_up": (GaugeMetricFamily, "1 if the last health check answered."),
+        "shmreg_backend_checks_total": (CounterMetricFamily, "Health checks run."),
+        "shmreg_backend_check_failures_total": (CounterMetricFamily, "Health checks failed."),
+        "shmreg_backend_check_duration_seconds": (GaugeMetricFamily, "The last check's time."),
+    }
+    families = {
+        name: kind(name, doc, labels=[*names, "role"]) for name, (kind, doc) in per_role.items()
+    }
+    for role, h in monitor.backends.items():
+        for name, value in (
+            ("shmreg_backend_active", int(role == monitor.active)),
+            ("shmreg_backend_check_up", int(h.up)),
+            ("shmreg_backend_checks_total", h.checks),
+            ("shmreg_backend_check_failures_total", h.failures),
+            ("shmreg_backend_check_duration_seconds", h.last_duration),
+        ):
+            families[name].add_metric([*values, role], value)
+    yield from families.values()
+    yield c.counter(
+        "shmreg_backend_failovers_total", "Switches to the standby.", monitor.figures.failovers
+    )
+    yield c.counter(
+        "shmreg_backend_failbacks_total", "Switches back to the primary.", monitor.figures.failbacks
+    )
+
+
 def operations_section(c: RegistryCollector) -> Iterator[Metric]:
     """This process's operation metrics (``shmreg._opmetrics``), when they are on."""
     yield from _opmetrics.families(c.registry, c.labels)
 
 
-SECTIONS: list[Section] = [registry_section, events_section, monitor_section, operations_section]
+SECTIONS: list[Section] = [
+    registry_section,
+    events_section,
+    monitor_section,
+    backend_monitor_section,
+    operations_section,
+]
 
 
 def add_section(section: Section) -> None:
