@@ -1,10 +1,12 @@
 """Operation metrics in-process: calls, errors and latency per operation kind.
 
-``instrument(registry)`` wraps the registry's public calls on that instance (nothing on the
-class, nothing in shared memory). Counts of calls and errors are exact. Latency goes into a
-histogram from a sample: one point read in ``READ_SAMPLE`` (they take ~1-2 µs), one write in
-``WRITE_SAMPLE``, every scan. Timing every call would cost ~0.6 µs each (two clock reads and
-the bucket), 30 % of a lookup; sampled, the overhead stays under 5 % (bench/opmetrics.py).
+``instrument(registry)`` counts that handle's calls: its point reads through wrappers stored
+on the instance, its writes and scans through a subclass it switches the instance to
+(nothing changes for other handles, nothing is kept in shared memory). Counts of calls and
+errors are exact. Latency goes into a histogram from a sample: one point read in
+``READ_SAMPLE`` (they take ~1-2 µs), one write in ``WRITE_SAMPLE``, every scan. Timing
+every call would cost ~0.6 µs each (two clock reads and the bucket), 30 % of a lookup;
+sampled, the overhead stays under 5 % (bench/opmetrics.py).
 
 On by default for every registry opened in this process; ``SHMREG_OPERATION_METRICS=0`` in
 the environment, or ``set_enabled(False)``, turns them off for registries opened after, and
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -56,13 +57,14 @@ _now = time.perf_counter_ns
 class OpStats:
     """One operation kind's figures: calls, errors by exception type, latency histogram."""
 
-    __slots__ = ("buckets", "calls", "errors", "sum_ns")
+    __slots__ = ("buckets", "calls", "errors", "every", "left", "sum_ns")
 
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, every: int = 1) -> None:
+        self.calls = 0  # in whole blocks of ``every``; ``every - left`` more are under way
+        self.every = self.left = every
         self.errors: dict[str, int] = {}
         self.buckets = [0] * NBUCKETS  # the last one is +Inf
-        self.sum_ns = [0]  # a list: the wrappers add to it without an attribute store
+        self.sum_ns = [0]  # a list: the read wrappers add to it without an attribute store
 
     def failed(self, exc: BaseException) -> None:
         name = type(exc).__name__
@@ -79,44 +81,14 @@ def enabled() -> bool:
     return _enabled
 
 
-def _wrap(
-    fn: Callable[..., Any], owner: weakref.ref[Registry] | None, stats: OpStats, every: int
-) -> Callable[..., Any]:
-    """``fn`` counted on every call and timed on one call in ``every``.
-
-    Calls are counted in blocks of ``every``, added when the block's timed call runs and
-    topped up at export from ``left``: the untimed path is a decrement and a test. With
-    ``owner``, ``fn`` is the class's function and the registry is held weakly: a wrapper
-    holding a bound method would make registry -> wrapper -> registry a cycle, and an
-    unclosed registry would then be freed by the cyclic collector, not when dropped.
-    """
-    left = every
+def _wrap_read(fn: Callable[[Any, Any], Any], stats: OpStats) -> Callable[[Any, Any], Any]:
+    """A point read (bound to the backend) counted on every call, timed on one in
+    ``READ_SAMPLE``. Calls are counted in blocks, added when the block's timed call runs and
+    topped up at export from ``left``: the untimed path is a decrement and a test."""
+    left = READ_SAMPLE
     buckets, total, last = stats.buckets, stats.sum_ns, NBUCKETS - 1
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        nonlocal left
-        left -= 1
-        if left:
-            try:
-                return fn(owner(), *args, **kwargs)  # type: ignore[misc]
-            except BaseException as exc:
-                stats.failed(exc)
-                raise
-        left = every
-        stats.calls += every
-        start = _now()
-        try:
-            result = fn(owner(), *args, **kwargs)  # type: ignore[misc]
-        except BaseException as exc:
-            stats.failed(exc)
-            raise
-        ns = _now() - start
-        total[0] += ns
-        i = (ns >> FIRST_SHIFT).bit_length()
-        buckets[i if i < last else last] += 1
-        return result
-
-    def read(namespace: Any, service: Any) -> Any:  # the point reads' path: no packing
+    def read(namespace: Any, service: Any) -> Any:
         nonlocal left
         left -= 1
         if left:
@@ -125,8 +97,8 @@ def _wrap(
             except BaseException as exc:
                 stats.failed(exc)
                 raise
-        left = every
-        stats.calls += every
+        left = READ_SAMPLE
+        stats.calls += READ_SAMPLE
         start = _now()
         try:
             result = fn(namespace, service)
@@ -139,65 +111,112 @@ def _wrap(
         buckets[i if i < last else last] += 1
         return result
 
-    chosen = call if owner is not None else read
-    chosen.pending = lambda: every - left  # type: ignore[attr-defined]
-    return chosen
+    read.pending = lambda: READ_SAMPLE - left  # type: ignore[attr-defined]
+    return read
+
+
+def _method(op: str, base: Callable[..., Any], every: int) -> Callable[..., Any]:
+    """``base`` (a ``Registry`` method) counted on every call, timed on one in ``every``.
+
+    A method of a subclass, not a closure stored on the instance: a closure holding the
+    registry would keep it alive in a cycle (freed late, by the collector), one holding it
+    weakly would lose it in a chained ``Registry.attach(name).register(...)``.
+    """
+    last = NBUCKETS - 1
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stats: OpStats = self.__dict__[_ATTR][0][op]
+        stats.left -= 1
+        if stats.left:
+            try:
+                return base(self, *args, **kwargs)
+            except BaseException as exc:
+                stats.failed(exc)
+                raise
+        stats.left = every
+        stats.calls += every
+        start = _now()
+        try:
+            result = base(self, *args, **kwargs)
+        except BaseException as exc:
+            stats.failed(exc)
+            raise
+        ns = _now() - start
+        stats.sum_ns[0] += ns
+        i = (ns >> FIRST_SHIFT).bit_length()
+        stats.buckets[i if i < last else last] += 1
+        return result
+
+    method.__name__ = op
+    method.__doc__ = base.__doc__
+    return method
+
+
+_classes: dict[type, type] = {}
+
+
+def _instrumented_class(cls: type) -> type:
+    """``cls`` with its writes and scans counted (made once per class)."""
+    made = _classes.get(cls)
+    if made is None:
+        methods: dict[str, Any] = {
+            op: _method(op, getattr(cls, op), WRITE_SAMPLE if op in WRITES else 1)
+            for op in WRITES + SCANS
+        }
+        methods["__module__"] = cls.__module__
+        methods["__qualname__"] = cls.__qualname__
+        made = _classes[cls] = type(cls.__name__, (cls,), methods)
+    return made
 
 
 def instrument(registry: Registry) -> None:
-    """Wrap ``registry``'s operations with metrics (idempotent)."""
-    if getattr(registry, _ATTR, None) is not None:
+    """Count and time ``registry``'s operations (idempotent)."""
+    if registry.__dict__.get(_ATTR) is not None:
         return
     table: dict[str, OpStats] = {}
-    wrappers: dict[str, Callable[..., Any]] = {}
-    owner = weakref.ref(registry)
+    reads: dict[str, Callable[..., Any]] = {}
     for op in READS + WRITES + SCANS:
-        table[op] = stats = OpStats()
-        if op in READS:  # bound to the backend already: no cycle through the registry
-            wrappers[op] = _wrap(getattr(registry, op), None, stats, READ_SAMPLE)
-        else:
-            every = WRITE_SAMPLE if op in WRITES else 1
-            wrappers[op] = _wrap(getattr(type(registry), op), owner, stats, every)
-    for op, wrapper in wrappers.items():
-        setattr(registry, op, wrapper)
-    setattr(registry, _ATTR, (table, wrappers))
+        table[op] = OpStats(READ_SAMPLE if op in READS else WRITE_SAMPLE if op in WRITES else 1)
+    for op in READS:  # bound to the backend already: no cycle through the registry
+        reads[op] = _wrap_read(getattr(registry, op), table[op])
+        setattr(registry, op, reads[op])
+    registry.__dict__[_ATTR] = (table, reads)
+    registry.__class__ = _instrumented_class(type(registry))
 
 
 def rebind_reads(registry: Registry) -> None:
     """After the registry's point reads were rebound (a backend switch): wrap them again,
     counting into the same figures."""
-    state = getattr(registry, _ATTR, None)
+    state = registry.__dict__.get(_ATTR)
     if state is None:
         return
-    table, wrappers = state
+    table, reads = state
     for op in READS:
-        wrappers[op] = _wrap(getattr(registry, op), None, table[op], READ_SAMPLE)
-        setattr(registry, op, wrappers[op])
+        reads[op] = _wrap_read(getattr(registry, op), table[op])
+        setattr(registry, op, reads[op])
 
 
 def uninstrument(registry: Registry) -> None:
-    """Remove the wrappers: the registry's calls go straight through again."""
-    state = getattr(registry, _ATTR, None)
-    if state is None:
+    """Remove the counting: the registry's calls go straight through again."""
+    if registry.__dict__.get(_ATTR) is None:
         return
-    for op in state[1]:
-        delattr(registry, op)  # the class's method (or, for reads, rebind below)
+    registry.__class__ = type(registry).__mro__[1]
     backend = registry.backend
     registry.lookup = backend.lookup  # type: ignore[method-assign]
     registry.lookup_with_metadata = backend.lookup_with_metadata  # type: ignore[method-assign]
-    setattr(registry, _ATTR, None)
+    registry.__dict__[_ATTR] = None
 
 
 def snapshot(registry: Registry) -> dict[str, dict[str, Any]]:
     """Per operation: ``calls``, ``errors`` (by exception type), ``sampled``, ``sum_ns`` and
     the histogram ``buckets`` (counts per bound of ``BOUNDS_NS``, then +Inf); empty when off."""
-    state = getattr(registry, _ATTR, None)
+    state = registry.__dict__.get(_ATTR)
     if state is None:
         return {}
-    table, wrappers = state
+    table, reads = state
     out = {}
     for op, stats in table.items():
-        pending = getattr(wrappers[op], "pending", lambda: 0)()
+        pending = reads[op].pending() if op in reads else stats.every - stats.left
         out[op] = {
             "calls": stats.calls + pending,
             "errors": dict(stats.errors),

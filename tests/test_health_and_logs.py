@@ -89,3 +89,23 @@ def test_growth_is_logged(reg_name: str, caplog: pytest.LogCaptureFixture) -> No
 def test_the_library_configures_no_output() -> None:
     handlers = logging.getLogger("shmreg").handlers
     assert all(type(h) is logging.NullHandler for h in handlers), handlers
+
+
+def test_recovery_after_a_dead_writer_is_logged(
+    registry: shmreg.Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.helpers import child_env
+
+    code = "import sys, shmreg; shmreg.Registry.attach(sys.argv[1]).register('ns', 'x')"
+    child = subprocess.run(
+        [sys.executable, "-c", code, registry.name],
+        env=child_env(SHMREG_CRASH_AT="lock.owner_set"),
+        capture_output=True,
+        timeout=120,
+    )
+    assert child.returncode == -9, child  # SIGKILLed holding the writer lock
+    with caplog.at_level(logging.WARNING, logger="shmreg"):
+        registry.register("ns", "y")  # takes the lock: repairs first
+    lines = [r.getMessage() for r in caplog.records if r.name == "shmreg.store"]
+    assert len(lines) == 1, lines
+    assert "recovered after writer pid" in lines[0] and "died holding the lock" in lines[0]

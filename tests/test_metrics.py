@@ -192,3 +192,23 @@ def test_a_failing_backend_is_reported_down_not_raised(reg_name: str) -> None:
     samples = parse(generate_latest(scrape).decode())
     assert samples[("shmreg_backend_up", ())] == 0
     assert samples[("shmreg_scrape_errors_total", ())] >= 1
+
+
+def test_instrumented_handles_chain_and_free_promptly(reg_name: str) -> None:
+    import gc
+    import weakref
+
+    reg = shmreg.Registry.create(reg_name, capacity=64)
+    try:
+        assert shmreg.Registry.attach(reg_name).register("ns", "chained") > 0  # a temporary
+        handle = shmreg.Registry.attach(reg_name)
+        assert isinstance(handle, shmreg.Registry) and _opmetrics.snapshot(handle)
+        ref = weakref.ref(handle)
+        gc.disable()  # freed by reference counting alone: no cycle through the wrappers
+        try:
+            del handle
+            assert ref() is None
+        finally:
+            gc.enable()
+    finally:
+        reg.destroy()
