@@ -9,6 +9,7 @@ from shmreg._errors import *  # noqa: F403
 from shmreg._errors import __all__ as _errors_all
 from shmreg._events import Event
 from shmreg._liveness import CleanupReport, Monitor, MonitorStats
+from shmreg._monitoring import BackendMonitor
 from shmreg._registry import Registry
 from shmreg._types import (
     Entry,
@@ -30,6 +31,7 @@ for _public in (
     Event,
     Monitor,
     MonitorStats,
+    BackendMonitor,
     Entry,
     HealthReport,
     HealthStatus,
@@ -44,6 +46,7 @@ __all__ = [
     *_errors_all,
     "CleanupReport",
     "Clock",
+    "BackendMonitor",
     "Entry",
     "Event",
     "HealthReport",

@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from shmreg import _cli_migrate
+from shmreg._cli_ops import add_commands as add_ops_commands
+from shmreg._cli_ops import add_monitor_options, exporters
 from shmreg._cli_target import list_names, open_target, split_target
 from shmreg._errors import InvalidArgument, RegistryNotFound, ShmregError
 from shmreg._registry import Registry
@@ -243,7 +245,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         removed = reg.sweep()  # whatever died while nobody watched
         if removed and not args.json:
             print(f"initial sweep removed {removed}", flush=True)
-        monitor.run_forever()
+        with exporters(args, reg, monitor):
+            monitor.run_forever()
         if not args.json:
             print(
                 f"stopped: {monitor.stats.deaths} deaths, {monitor.stats.removed} removed",
@@ -345,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep-interval", type=float, default=1.0, metavar="S",
         help="seconds between full sweeps for owners no pidfd can watch (default 1.0)",
     )
+    add_monitor_options(p)
     p.set_defaults(fn=cmd_monitor)
+    add_ops_commands(command)
     p = command("demo", "worker pool, a crash, the sweep and a capability query", named=False)
     p.add_argument(
         "--workers", type=int, default=4, metavar="N", help="worker processes to start (default 4)"

@@ -62,6 +62,7 @@ class MonitorStats:
     sweeps: int = 0
     rescans: int = 0
     errors: list[str] = field(default_factory=list)
+    seen: int = 0  # the newest event followed: the metrics' monitor lag is measured from it
 
 
 class Monitor:
@@ -169,6 +170,7 @@ class Monitor:
                 latest = self._backend.last_event_seq()
                 if latest != seen:
                     seen = self._follow(seen, poller, by_fd, watched)
+                self.stats.seen = seen
                 now = self._clock.monotonic()
                 if beat is not None and now >= next_beat:
                     self.stats.removed += beat()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from shmreg import _identity
+from shmreg import _identity, _opmetrics
 from shmreg._clock import SYSTEM, Clock, check_timeout
 from shmreg._errors import (
     InvalidArgument,
@@ -158,6 +158,8 @@ class Registry:
         # Hot paths go straight to the backend (see the module docstring).
         self.lookup = self._backend.lookup  # type: ignore[method-assign]
         self.lookup_with_metadata = self._backend.lookup_with_metadata  # type: ignore[method-assign]
+        if _opmetrics.enabled():
+            _opmetrics.instrument(self)  # calls, errors and latency per operation
 
     @classmethod
     def create(

@@ -27,7 +27,7 @@ import weakref
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-from shmreg import _identity
+from shmreg import _identity, _log
 from shmreg import _layout as L
 from shmreg._crashpoints import ARMED, crash_point
 from shmreg._errors import (
@@ -350,6 +350,7 @@ class Store:
 
     def _recover_locked(self) -> None:
         rq = self.rq
+        dead_writer = int(rq[L.R_OWNER_PID])
         notes: list[str] = []
         building = rq[L.R_BUILDING]
         if building:
@@ -363,6 +364,12 @@ class Store:
         notes.extend(self.table.recover())
         rq[L.R_RECOVERIES] = (rq[L.R_RECOVERIES] + 1) & L.MASK64  # a statistic: wraps
         self.last_recovery = notes
+        _log.store.warning(
+            "registry %r: recovered after writer pid %d died holding the lock: %s",
+            self.name,
+            dead_writer,
+            "; ".join(notes) or "nothing to repair",
+        )
 
     def _unlink_stale_generations(self) -> None:
         prefix = f"shmreg-{self.name}.{self.incarnation:016x}.g"
@@ -433,6 +440,14 @@ class Store:
             if ARMED:
                 crash_point("rebuild.old_unlinked")
         _retire(old)
+        _log.store.info(
+            "registry %r: grew to generation %d: %d slots, %d arena bytes, %d live entries",
+            self.name,
+            gen,
+            nslots,
+            arena,
+            live,
+        )
         return new
 
     # -------------------------------------------------------------------- lifecycle

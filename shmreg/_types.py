@@ -72,6 +72,7 @@ class HealthReport:
     dead: int
     unknown: int
     detail: str = ""
+    damaged: int = 0  # entries whose record is damaged (scans skip them; fsck --repair)
 
     @classmethod
     def summarise(

@@ -57,6 +57,10 @@ class ShmBase(BackendBase):
         self._name = name
         self._max_meta = self._store.max_metadata_bytes
         self._keys: dict[tuple[str, Any], KeyInfo] = {}
+        # Entries scans left out as damaged (this process's count), and what was last
+        # logged per namespace so a repeated scan does not log the same damage again.
+        self.damaged_skipped = 0
+        self._damage_logged: dict[str | None, int] = {}
         # Pids mean something only in the pid namespace that stored them. A process in
         # another one (a container sharing /dev/shm) can read, but cannot judge liveness,
         # register or remove: it would store or kill the wrong process.

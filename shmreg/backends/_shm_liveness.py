@@ -9,11 +9,11 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from shmreg import _events as _ev
-from shmreg import _identity
+from shmreg import _identity, _log
 from shmreg import _layout as L
 from shmreg._table import Table
 from shmreg._types import Liveness, ProcessIdentity
-from shmreg.backends._base import event_window
+from shmreg.backends._base import dead_reasons, event_window
 from shmreg.backends._shm_base import LO32, ShmBase, tombstone
 
 
@@ -74,8 +74,11 @@ class ShmLiveness(ShmBase):
             return 0
         dead_pids = np.fromiter({ident.pid for ident in dead}, dtype=np.uint64)
 
+        per_owner: dict[ProcessIdentity, int] = {}
+
         def write(table: Table) -> int:
             removed = 0
+            per_owner.clear()
             if dead:
                 # One pass over the owner column finds the candidates (a monitor usually
                 # buries one pid: a plain comparison); states are checked per hit below.
@@ -87,10 +90,12 @@ class ShmLiveness(ShmBase):
                 del owners
                 for index in hits:
                     words = table.read_slot(index)
-                    reason = dead.get(ProcessIdentity(words[4] & LO32, words[5]))
+                    ident = ProcessIdentity(words[4] & LO32, words[5])
+                    reason = dead.get(ident)
                     if reason is not None and (words[2] >> 48) & 0xFF == L.USED:
                         tombstone(table, index, words, _ev.DIED, reason)
                         removed += 1
+                        per_owner[ident] = per_owner.get(ident, 0) + 1
             if sweeping or removed:
                 # Under the lock: concurrent sweepers must not lose counts. A monitor's or
                 # cleanup's removal counts like a sweep's, so stats() sees every dead entry.
@@ -100,7 +105,10 @@ class ShmLiveness(ShmBase):
                 rq[L.R_DEAD_FOUND] = (rq[L.R_DEAD_FOUND] + removed) & L.MASK64
             return removed
 
-        return self._write(write)
+        removed = self._write(write)
+        if removed:  # logged after the lock is released
+            _log.removed_dead(self._name, per_owner, dead_reasons(verdicts))
+        return removed
 
     def _verdicts(self, identities: Iterable[ProcessIdentity]) -> dict[ProcessIdentity, Liveness]:
         if self._foreign_pidns:  # pids of another namespace cannot be judged from here

@@ -7,8 +7,10 @@ keys and metadata in one msgpack call each.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -18,10 +20,19 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from shmreg import _codec
+from shmreg import _codec, _log
 from shmreg import _layout as L
+from shmreg._errors import CorruptRegistry
 from shmreg._table import SlotWords, Table
-from shmreg._types import Entry, Metadata, ProcessIdentity, RegistryStats, Service
+from shmreg._types import (
+    Entry,
+    HealthReport,
+    HealthStatus,
+    Metadata,
+    ProcessIdentity,
+    RegistryStats,
+    Service,
+)
 from shmreg.backends._shm_base import LO32, ShmBase
 
 _crc32 = zlib.crc32
@@ -36,6 +47,7 @@ class _Rows(NamedTuple):
     pids: list[int]
     starts: list[int]
     generations: list[int]
+    damaged: int = 0  # entries skipped: record out of bounds or failing its checksum
 
 
 # Entry(...) runs NamedTuple's Python-level __new__; tuple.__new__ builds the same object in C.
@@ -114,8 +126,13 @@ class ShmScans(ShmBase):
             offsets = table.arena_off + (rows[:, L.S_REC] & np.uint64(LO32)) * np.uint64(8)
             key_lens = (rows[:, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)
             ends = offsets + key_lens + (rows[:, L.S_META] & np.uint64(LO32))
+            damaged = 0
             if ends.size and int(ends.max()) > table.arena_off + table.arena_size:
-                raise self._corrupt("a record runs past the arena")
+                # Degrade, don't die: skip (and count) the damaged entries, keep the rest.
+                inside = ends <= np.uint64(table.arena_off + table.arena_size)
+                damaged = int(inside.size - np.count_nonzero(inside))
+                rows, offsets = rows[inside], offsets[inside]
+                key_lens, ends = key_lens[inside], ends[inside]
             buf = table.buf
             if not with_records:  # counting: only the namespace check needs the key bytes
                 kept = rows
@@ -123,7 +140,7 @@ class ShmScans(ShmBase):
                     heads = [buf[a : a + len(prefix)] == prefix for a in offsets.tolist()]
                     kept = rows[np.array(heads, dtype=bool)]
                 pids = (kept[:, L.S_OWNER] & np.uint64(LO32)).tolist()
-                return _Rows([], [], pids, [], [])
+                return _Rows([], [], pids, [], [], damaged)
             # Written as maps and comprehensions over plain lists: this runs once per entry.
             spans = zip(offsets.tolist(), ends.tolist(), strict=True)
             records = [bytes(buf[a:b]) for a, b in spans]
@@ -131,10 +148,15 @@ class ShmScans(ShmBase):
             owners = rows[:, L.S_OWNER] & np.uint64(LO32)
             starts = rows[:, L.S_START]
             seeds = ((owners ^ starts ^ (starts >> np.uint64(32))) & np.uint64(LO32)).tolist()
-            if list(map(_crc32, records, seeds)) != crcs:  # see L.record_seed
-                raise self._corrupt("a record fails its checksum")
-            kept = rows
             lens = key_lens.tolist()
+            sums = list(map(_crc32, records, seeds))  # see L.record_seed
+            if sums != crcs:
+                intact = [a == b for a, b in zip(sums, crcs, strict=True)]
+                damaged += len(intact) - sum(intact)
+                records = list(compress(records, intact))
+                lens = list(compress(lens, intact))
+                rows = rows[np.array(intact, dtype=bool)]
+            kept = rows
             if prefix and sum(map(bytes.startswith, records, repeat(prefix))) != len(records):
                 mine = [r.startswith(prefix) for r in records]  # namespaces sharing a hash
                 records = list(compress(records, mine))
@@ -146,9 +168,31 @@ class ShmScans(ShmBase):
                 (kept[:, L.S_OWNER] & np.uint64(LO32)).tolist(),
                 kept[:, L.S_START].tolist(),
                 kept[:, L.S_NAMEGEN].tolist(),
+                damaged,
             )
 
-        return self._read(scan)
+        rows = self._read(scan)
+        if rows.damaged:
+            self._skipped(namespace, rows.damaged)
+        return rows
+
+    def _skipped(self, namespace: str | None, count: int) -> None:
+        """Count and log entries a scan left out as damaged (their point reads still raise)."""
+        self.damaged_skipped += count
+        if self._damage_logged.get(namespace) != count:  # once per change, not per scan
+            self._damage_logged[namespace] = count
+            _log.scan.warning(
+                "registry %r: skipped %d damaged entr%s%s; run: shmreg fsck --repair %s",
+                self._name,
+                count,
+                "y" if count == 1 else "ies",
+                "" if namespace is None else f" in namespace {namespace!r}",
+                self._name,
+            )
+
+    def damaged_entries(self) -> int:
+        """Entries of live owners whose record is out of bounds or fails its checksum."""
+        return self._scan(None).damaged
 
     def _services(self, rows: _Rows, ns_len: int) -> list[Service]:
         """Every entry's service, decoded in one msgpack call."""
@@ -159,9 +203,32 @@ class ShmScans(ShmBase):
             services: list[Service] = list(
                 _unpackb(_array_header(len(rows.records)) + payload, use_list=False, raw=False)
             )
-        except Exception as exc:  # bytes that passed their checksum but do not decode
-            raise self._corrupt(f"a key does not decode: {exc!r}") from exc
+        except Exception:  # bytes that passed their checksum but do not decode
+            return self._decode_each(rows, ns_len)[0]
         return services
+
+    def _decode_each(self, rows: _Rows, ns_len: int) -> tuple[list[Service], list[Metadata]]:
+        """The slow path when a batch does not decode: record by record, undecodable ones
+        skipped and counted. ``rows`` keeps only the decoded entries (pids and all)."""
+        services: list[Service] = []
+        metas: list[Metadata] = []
+        intact: list[bool] = []
+        for record, key_len in zip(rows.records, rows.key_lens, strict=True):
+            try:
+                service = _unpackb(record[ns_len + 1 : key_len], use_list=False, raw=False)
+                meta = _unpackb(record[key_len:], raw=False, strict_map_key=True)
+                ok = type(meta) is dict
+            except Exception:
+                ok = False
+            intact.append(ok)
+            if ok:
+                services.append(service)
+                metas.append(meta)
+        columns: tuple[list[Any], ...] = rows[:-1]
+        for column in columns:
+            column[:] = compress(column, intact)
+        self._skipped(None, len(intact) - len(services))
+        return services, metas
 
     def _entries(self, rows: _Rows, ns_len: int) -> list[Entry]:
         """Entries with decoded services and metadata: two msgpack calls for the lot."""
@@ -172,8 +239,8 @@ class ShmScans(ShmBase):
                 metas: list[Metadata] = _unpackb(
                     _array_header(len(rows.records)) + payload, raw=False, strict_map_key=True
                 )
-            except Exception as exc:
-                raise self._corrupt(f"metadata does not decode: {exc!r}") from exc
+            except Exception:
+                services, metas = self._decode_each(rows, ns_len)
             return list(map(_new_entry, zip(services, rows.pids, metas, strict=True)))
 
     def list_entries(self, namespace: str) -> list[Entry]:
@@ -236,13 +303,40 @@ class ShmScans(ShmBase):
             return self._read(scan)
         return len(self._scan(namespace, with_records=False).pids)
 
+    def namespace_counts(self) -> dict[str, int]:
+        """Live entries per namespace, for metrics: one pass, no checksums, no decoding.
+
+        The rows are copied without the seqlock: an entry being written at that instant
+        may be counted under its old namespace, which a gauge scraped every few seconds
+        can live with.
+        """
+
+        def scan(table: Table) -> Counter[bytes]:
+            cols = table.columns()
+            rows = cols[(cols[:, L.S_REC] >> np.uint64(48)) == L.USED]
+            del cols
+            pids = rows[:, L.S_OWNER] & np.uint64(LO32)
+            rows = rows[np.isin(pids, [p for p in np.unique(pids).tolist() if self._alive(p)])]
+            offsets = (table.arena_off + (rows[:, L.S_REC] & np.uint64(LO32)) * np.uint64(8))
+            key_lens = (rows[:, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)
+            end = table.arena_off + table.arena_size
+            buf = table.buf
+            spans = zip(offsets.tolist(), key_lens.tolist(), strict=True)
+            return Counter(bytes(buf[a : min(a + k, end)]).partition(b"\x00")[0] for a, k in spans)
+
+        counts = self._read(scan)
+        return {ns.decode("utf-8", "replace"): n for ns, n in counts.items()}
+
     def dump(self) -> list[dict[str, Any]]:
         """Every used slot, dead owners included (flagged): for ``shmreg ls`` and debugging."""
 
         def scan(table: Table) -> list[tuple[SlotWords, bytes, bytes]]:
             rows = []
             for _, words in table.iter_used():
-                key, meta = table.record_bytes(words)
+                try:
+                    key, meta = table.record_bytes(words)
+                except CorruptRegistry:
+                    key, meta = b"", b""  # counted and skipped below
                 rows.append((words, key, meta))
             return rows
 
@@ -250,8 +344,10 @@ class ShmScans(ShmBase):
         for words, key, meta in self._read(scan):
             try:
                 namespace, service = _codec.decode_key(key)
-            except Exception as exc:
-                raise self._corrupt(f"a key does not decode: {exc!r}") from exc
+                metadata = _codec.unpack_metadata(meta)
+            except Exception:
+                self._skipped(None, 1)
+                continue
             pid = words[4] & LO32
             out.append(
                 {
@@ -260,7 +356,7 @@ class ShmScans(ShmBase):
                     "pid": pid,
                     "alive": self._alive(pid),
                     "generation": words[6],
-                    "metadata": _codec.unpack_metadata(meta),
+                    "metadata": metadata,
                 }
             )
         return out
@@ -288,5 +384,19 @@ class ShmScans(ShmBase):
             last_sweep_time=last / 1e9 if last else None,
             dead_found=int(rq[L.R_DEAD_FOUND]),
             extra={**info, **self._store.root_info()},
-            unknown_owners=self.health_check().unknown,
+            unknown_owners=super().health_check().unknown,
+        )
+
+    def health_check(self) -> HealthReport:
+        """The dead-entry thresholds, and unhealthy whenever a record is damaged."""
+        report = super().health_check()
+        damaged = self.damaged_entries()
+        if not damaged:
+            return report
+        detail = (
+            f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}: "
+            f"run shmreg fsck --repair {self._name}"
+        )
+        return dataclasses.replace(
+            report, status=HealthStatus.UNHEALTHY, damaged=damaged, detail=detail
         )
