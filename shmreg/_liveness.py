@@ -344,8 +344,9 @@ def terminate_owners(
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """SIGTERM every owner but the caller, SIGKILL those alive after ``grace`` seconds."""
     me = _identity.self_identity()
-    skipped = tuple(sorted(i.pid for i in owners if i.pid == me.pid))
-    targets = {i for i in owners if i.pid != me.pid}
+    # pid 1 is never signalled: it owns records meant to outlive every process (shmreg.agents).
+    skipped = tuple(sorted(i.pid for i in owners if i.pid in (me.pid, 1)))
+    targets = {i for i in owners if i.pid not in (me.pid, 1)}
     terminated = tuple(sorted(i.pid for i in targets if signal_identity(i, signal.SIGTERM)))
     deadline = clock.monotonic() + grace
     alive = {i for i in targets if i.pid in terminated}
