@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=0.01)
     p.add_argument("--sweep-interval", type=float, default=1.0)
     p.set_defaults(fn=cmd_monitor)
+    from shmreg import _cli_agents
+
+    _cli_agents.add_parser(command)
     p = command("demo", "worker pool, a crash, the sweep and a capability query", named=False)
     p.add_argument("--workers", type=int, default=4)
     p.set_defaults(fn=cmd_demo)

@@ -22,6 +22,15 @@ import pytest
 from shmreg._errors import RegistryNotFound
 from shmreg._registry import Registry
 
+# Agent fixtures live in a module of their own; importing them here registers them.
+from shmreg.testing._agent_fixtures import (  # noqa: F401
+    agent_load_set,
+    agent_supervisor,
+    coordination_agent_config,
+    ml_agent_config,
+    worker_agent_config,
+)
+
 
 @pytest.fixture
 def shmreg_registry() -> Iterator[Registry]:
