@@ -60,7 +60,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
         print(f"{agent['id']}: {agent['status']} (pid {agent['pid']})")
     else:
         err = outcome["error"]
-        print(f"shmreg: {err.get('type', 'error')} [{err.get('code')}]: {err.get('message')}")
+        print(f"shmreg: {err.get('name', 'error')} [{err.get('code')}]: {err.get('message')}")
     return 0 if outcome["ok"] else 2
 
 

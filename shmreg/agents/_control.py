@@ -16,7 +16,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
-from shmreg._errors import AgentNotRunning, InvalidArgument, NotRegistered, RegistryTimeout
+from shmreg._errors import (
+    AgentNotRunning,
+    InvalidArgument,
+    NotRegistered,
+    RegistryClosed,
+    RegistryDestroyed,
+    RegistryTimeout,
+)
 from shmreg._registry import Registry
 from shmreg.agents._records import control_ns, supervisor_pid
 
@@ -93,10 +100,13 @@ class ControlServer:
         last_seq = getattr(self._reg.backend, "last_event_seq", None)
         seen = -2
         while not self._stop.is_set():
-            seq = last_seq() if last_seq is not None else -1
-            if seq != seen or seq == -1:
-                seen = seq
-                self.serve_pending()
+            try:
+                seq = last_seq() if last_seq is not None else -1
+                if seq != seen or seq == -1:
+                    seen = seq
+                    self.serve_pending()
+            except (RegistryClosed, RegistryDestroyed):
+                return
             self._stop.wait(_SERVE_POLL_S)
 
     def serve_pending(self) -> None:

@@ -16,6 +16,7 @@ import signal
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
@@ -29,6 +30,8 @@ from shmreg._errors import (
     AlreadyRegistered,
     InvalidArgument,
     NotRegistered,
+    RegistryClosed,
+    RegistryDestroyed,
     ShmregError,
 )
 from shmreg._registry import Registry
@@ -96,16 +99,7 @@ class Supervisor:
         self._log_dir = log_dir or os.path.join(
             tempfile.gettempdir(), f"shmreg-agents-{os.getuid()}", registry.name, namespace
         )
-        try:
-            registry.register(
-                supervisor_ns(namespace), SUPERVISOR_KEY, metadata={"started_at": time.time()}
-            )
-        except AlreadyRegistered as exc:
-            raise AgentAlreadyRunning(
-                f"another supervisor (pid {exc.pid}) already runs namespace {namespace!r} "
-                f"of registry {registry.name!r}",
-                pid=exc.pid,
-            ) from None
+        self._claim(registry, namespace)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._agents: dict[str, _Agent] = {}
@@ -121,6 +115,24 @@ class Supervisor:
         self._control.start()
         if recover:
             self._recover()
+
+    @staticmethod
+    def _claim(registry: Registry, namespace: str) -> None:
+        # ``register`` refuses a name held by another live process; the lookup first also
+        # refuses a second supervisor in this same process (re-registering would succeed).
+        holder = registry.lookup(supervisor_ns(namespace), SUPERVISOR_KEY)
+        try:
+            if holder is not None:
+                raise AlreadyRegistered(pid=holder)
+            registry.register(
+                supervisor_ns(namespace), SUPERVISOR_KEY, metadata={"started_at": time.time()}
+            )
+        except AlreadyRegistered as exc:
+            raise AgentAlreadyRunning(
+                f"another supervisor (pid {exc.pid}) already runs namespace {namespace!r} "
+                f"of registry {registry.name!r}",
+                pid=exc.pid,
+            ) from None
 
     # ------------------------------------------------------------------ public API
 
@@ -399,16 +411,22 @@ class Supervisor:
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                if self._closed:
-                    return
-                timeout = self._tick()
-            for fd, _ in self._epoll.poll(timeout):
+            try:
                 with self._lock:
-                    if fd == self._wake_r:
-                        os.read(self._wake_r, 4096)
-                    elif fd in self._by_fd:
-                        self._on_exit(self._by_fd[fd])
+                    if self._closed:
+                        return
+                    timeout = self._tick()
+                for fd, _ in self._epoll.poll(timeout):
+                    with self._lock:
+                        if fd == self._wake_r:
+                            os.read(self._wake_r, 4096)
+                        elif fd in self._by_fd:
+                            self._on_exit(self._by_fd[fd])
+            except (RegistryClosed, RegistryDestroyed):
+                return  # the registry went away under us: nothing left to record into
+            except Exception:  # one bad event must not end supervision of every agent
+                traceback.print_exc()
+                time.sleep(0.1)
 
     def _tick(self) -> float:
         """Due timers; returns seconds until the next one."""

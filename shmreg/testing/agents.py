@@ -99,23 +99,32 @@ class FailingAgent:
         raise RuntimeError(f"FailingAgent {ctx.id} failed ({mode})")
 
 
-def _config(agent_id: str, kind: str, target: str, **extra: Any) -> dict[str, Any]:
-    return {"id": agent_id, "type": kind, "module": f"shmreg.testing.agents:{target}", **extra}
+def _config(
+    agent_id: str, kind: str, target: str, capabilities: list[str], extra: dict[str, Any]
+) -> dict[str, Any]:
+    # ``extra`` may override anything, the capabilities included.
+    return {
+        "id": agent_id,
+        "type": kind,
+        "module": f"shmreg.testing.agents:{target}",
+        "capabilities": capabilities,
+        **extra,
+    }
 
 
 def worker_config(agent_id: str = "worker", **extra: Any) -> dict[str, Any]:
     """A ``TestWorker`` with capability ``work``."""
-    return _config(agent_id, "worker", "TestWorker.main", capabilities=["work"], **extra)
+    return _config(agent_id, "worker", "TestWorker.main", ["work"], extra)
 
 
 def ml_config(agent_id: str = "ml", **extra: Any) -> dict[str, Any]:
     """An ``MLWorker`` with capabilities ``inference`` and ``training``."""
-    return _config(agent_id, "ml", "MLWorker.main", capabilities=["inference", "training"], **extra)
+    return _config(agent_id, "ml", "MLWorker.main", ["inference", "training"], extra)
 
 
 def coordination_config(agent_id: str = "coordinator", **extra: Any) -> dict[str, Any]:
     """A ``CoordinationAgent`` looking for ``inference`` agents."""
-    return _config(agent_id, "coordinator", "CoordinationAgent.main", **extra)
+    return _config(agent_id, "coordinator", "CoordinationAgent.main", [], extra)
 
 
 def failing_config(
@@ -127,7 +136,7 @@ def failing_config(
 ) -> dict[str, Any]:
     """A ``FailingAgent``; ``extra`` may set its ``restart_policy``."""
     kwargs = {"mode": mode, "delay": delay, "exit_code": exit_code}
-    return _config(agent_id, "failing", "FailingAgent.main", kwargs=kwargs, **extra)
+    return _config(agent_id, "failing", "FailingAgent.main", [], {"kwargs": kwargs, **extra})
 
 
 def load_set(count: int, prefix: str = "load", **extra: Any) -> list[dict[str, Any]]:
