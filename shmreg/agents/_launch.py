@@ -162,7 +162,7 @@ def _start_module(
     parent = None if method == "forkserver" else os.getpid()
     process = ctx.Process(
         target=_runner.run_module,
-        args=(registry_name, namespace, config, sender, log_path, parent),
+        args=(registry_name, namespace, config, sender, log_path, parent, os.getpid()),
         name=f"shmreg-agent-{config['id']}",
         daemon=False,
     )

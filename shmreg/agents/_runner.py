@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -49,6 +50,41 @@ def set_parent_death_signal(expected_parent: int | None = None) -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
+
+
+def _die_with(supervisor: int) -> None:
+    """SIGKILL this process when ``supervisor`` exits, whoever our parent is.
+
+    Under a forkserver the parent is the forkserver, not the supervisor; the forkserver only
+    exits when no process holds the write end of its "alive" pipe, and multiprocessing hands
+    that end to every child it starts. So the child closes it (the forkserver can then exit
+    with the supervisor) and watches the supervisor itself through a pidfd: a thread blocked
+    in ``poll`` costs nothing until the supervisor dies.
+    """
+    try:
+        from multiprocessing import forkserver
+
+        alive_fd = forkserver._forkserver._forkserver_alive_fd  # type: ignore[attr-defined]
+        if alive_fd is not None:
+            os.close(alive_fd)
+            forkserver._forkserver._forkserver_alive_fd = None  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError):
+        pass
+    try:
+        pidfd = os.pidfd_open(supervisor)
+    except ProcessLookupError:
+        os._exit(1)  # it died before we could watch it
+    except (AttributeError, OSError):
+        return  # no pidfds here: the parent-death signal is all there is
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll():
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="shmreg-agent-watch", daemon=True).start()
 
 
 def live_metadata(config: Mapping[str, Any], started_at: float) -> dict[str, Any]:
@@ -146,10 +182,12 @@ def run_module(
     conn: Any,
     log_path: str | None,
     parent: int | None,
+    supervisor: int,
 ) -> None:
     """The body of a ``module`` agent process (a multiprocessing target)."""
     global _current
     set_parent_death_signal(parent)
+    _die_with(supervisor)
     _redirect_output(log_path)
     os.environ.update(config.get("env", {}))
     os.environ.update({ENV_REGISTRY: registry_name, ENV_NAMESPACE: namespace, ENV_ID: config["id"]})
