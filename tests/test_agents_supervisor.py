@@ -279,3 +279,18 @@ def test_spawn_and_fork_start_methods(registry: shmreg.Registry) -> None:
             assert os.getppid() != pid and alive(pid)
             os.kill(pid, signal.SIGKILL)
             restarted(sup, "w", pid)
+
+
+def test_plugin_fixtures(
+    agent_supervisor: agents.Supervisor,
+    worker_agent_config: dict,
+    ml_agent_config: dict,
+    coordination_agent_config: dict,
+    agent_load_set,
+) -> None:
+    configs = [worker_agent_config, ml_agent_config, coordination_agent_config, *agent_load_set(3)]
+    for config in configs:
+        agent_supervisor.register_agent(config)
+        agent_supervisor.start_agent(config["id"])
+    assert {a.status for a in agent_supervisor.list_agents()} == {"running"}
+    assert len(agent_supervisor.list_agents()) == 6
