@@ -17,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
@@ -125,13 +125,16 @@ class Child:
         self._conn = None
 
 
-def _context(method: str) -> Any:
+def _context(method: str, preload: Sequence[str]) -> Any:
     global _forkserver_ready
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         with _forkserver_lock:
             if not _forkserver_ready:
-                ctx.set_forkserver_preload(["shmreg.agents._runner"])
+                # Imported once in the forkserver, not in every agent: the runner, the
+                # agents' own modules known so far, and the main script (which each child
+                # would otherwise run again as ``__mp_main__``; see docs/agents.md).
+                ctx.set_forkserver_preload(["__main__", "shmreg.agents._runner", *preload])
                 _forkserver_ready = True
     return ctx
 
@@ -142,20 +145,28 @@ def start_child(
     config: Mapping[str, Any],
     log_path: str | None,
     method: str,
+    preload: Sequence[str] = (),
 ) -> Child:
     """Start the agent's process; return once it runs (and, for a module, has registered).
+
+    ``preload``: modules the forkserver imports when this is the first start in the process.
 
     ``AgentStartFailed`` if it cannot be started or dies first, with its exception's text.
     """
     if "command" in config:
         return _start_command(registry_name, namespace, config, log_path)
-    return _start_module(registry_name, namespace, dict(config), log_path, method)
+    return _start_module(registry_name, namespace, dict(config), log_path, method, preload)
 
 
 def _start_module(
-    registry_name: str, namespace: str, config: dict[str, Any], log_path: str | None, method: str
+    registry_name: str,
+    namespace: str,
+    config: dict[str, Any],
+    log_path: str | None,
+    method: str,
+    preload: Sequence[str],
 ) -> Child:
-    ctx = _context(method)
+    ctx = _context(method, preload)
     receiver, sender = ctx.Pipe(duplex=False)
     # A forkserver's child has the forkserver as its parent: its death signal follows the
     # forkserver, which exits when this process dies. Otherwise the parent is us.

@@ -304,8 +304,10 @@ class Supervisor:
         cfg = agent.config
         self._set(agent, "starting")
         try:
+            modules = [a.config["module"].partition(":")[0] for a in self._agents.values()
+                       if "module" in a.config]  # fmt: skip
             child = _launch.start_child(
-                self.registry.name, self.namespace, cfg, agent.log, self._method
+                self.registry.name, self.namespace, cfg, agent.log, self._method, modules
             )
             if "command" in cfg:
                 self._register_command(child, cfg)
