@@ -220,8 +220,9 @@ def main() -> None:
     try:
         sup = agents.Supervisor(reg, namespace="bench", log_dir=str(work / "logs"))
         for i in range(5):
-            sup.register_agent({"id": f"c{i}", "type": "w", "restart_policy": policy,
-                                "command": [str(work / "agent.sh"), str(work / f"c{i}.pid")]})  # fmt: skip
+            argv = [str(work / "agent.sh"), str(work / f"c{i}.pid")]
+            command = {"id": f"c{i}", "type": "w", "restart_policy": policy, "command": argv}
+            sup.register_agent(command)
             sup.register_agent(worker_config(f"m{i}", restart_policy=policy))
             sup.start_agent(f"c{i}")
             sup.start_agent(f"m{i}")
