@@ -144,3 +144,14 @@ def test_a_supervisor_in_another_process_blocks_a_second(
     wait_until(lambda: registry.sweep() >= 0 and agents.list_agents(registry, ns), "records")
     with supervisor(registry, namespace=ns) as sup:  # the claim of the dead one is free
         settled(sup, "p1", "running")
+
+
+def test_demo_shows_supervision() -> None:
+    out = _cli("demo", "--workers", "2")
+    assert out.returncode == 0, out.stderr
+    assert "supervisor started 4 agents" in out.stdout
+    assert "agent ml-1 (pid" in out.stdout and "last exit 'killed by SIGKILL'" in out.stdout
+    assert "agent flaky: failed, restart intensity exceeded" in out.stdout
+    assert "agents with capability 'inference': ml-1" in out.stdout
+    assert "supervisor closed: every agent stopped" in out.stdout
+    assert "Traceback" not in out.stderr  # agent output goes to their log files
