@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from shmreg._errors import AgentNotFound, NotRegistered
@@ -109,7 +109,6 @@ class AgentInfo:
     started_at: float | None = None
     reason: str | None = None  # why it is failed or stopped, when it is
     log: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def uptime(self) -> float | None:
