@@ -88,10 +88,10 @@ def _pct(values: list[float], q: float) -> float:
 class Peer:
     """A supervisord or circus daemon running ``count`` copies of the pid-writing agent."""
 
-    def __init__(self, kind: str, workdir: Path, count: int) -> None:
+    def __init__(self, kind: str, workdir: Path, count: int, script: Path) -> None:
         self.kind, self.dir, self.count = kind, workdir / kind, count
-        self.dir.mkdir()
-        self.script = workdir / "agent.sh"
+        self.dir.mkdir(parents=True)
+        self.script = script
         self.proc: subprocess.Popen[bytes] | None = None
 
     def pidfile(self, i: int) -> Path:
@@ -143,13 +143,16 @@ class Peer:
         return time.perf_counter() - t0
 
     def stop(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        proc, self.proc = self.proc, None
+        if proc is not None:
             try:
-                self.proc.wait(30)
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                proc.wait()
         for i in range(self.count):  # agents the daemon left behind
             pid = _pid_in(self.pidfile(i))
             if pid and _alive(pid):
@@ -186,10 +189,11 @@ def _shmreg_kill(reg: shmreg.Registry, sup: agents.Supervisor, agent_id: str) ->
 
 
 def _shmreg_starts(reg: shmreg.Registry, kind: str) -> float:
-    with agents.Supervisor(reg, namespace=f"starts-{kind}") as sup:
+    logs = tempfile.mkdtemp(prefix="shmreg-bench-logs-")
+    with agents.Supervisor(reg, namespace=f"starts-{kind}", log_dir=logs) as sup:
         for i in range(100):
             if kind == "module":
-                sup.register_agent(worker_config(f"s{i}", output="inherit"))
+                sup.register_agent(worker_config(f"s{i}"))
             else:
                 sup.register_agent(
                     {"id": f"s{i}", "type": "w", "command": ["sleep", "3600"], "output": "inherit"}
@@ -198,7 +202,9 @@ def _shmreg_starts(reg: shmreg.Registry, kind: str) -> float:
         t0 = time.perf_counter()
         for i in range(1, 100):
             sup.start_agent(f"s{i}")
-        return 99 / (time.perf_counter() - t0)
+        rate = 99 / (time.perf_counter() - t0)
+    shutil.rmtree(logs, ignore_errors=True)
+    return rate
 
 
 def main() -> None:
@@ -206,6 +212,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--peer-kills", type=int, default=30)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--start-method", default="forkserver", help="for module agents")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shmreg-bench-sup-"))
     (work / "agent.sh").write_text(AGENT_SH)
@@ -213,12 +220,16 @@ def main() -> None:
     name = f"bench-sup-{os.getpid()}"
     reg = shmreg.Registry.create(name, capacity=4096)
     results: dict[str, Any] = {}
-    peers = [] if args.no_peers else [Peer("supervisord", work, 5), Peer("circus", work, 5)]
+    script = work / "agent.sh"
+    kinds = [] if args.no_peers else ["supervisord", "circus"]
+    peers = [Peer(kind, work, 5, script) for kind in kinds]
     # Restarts as after a stable run (the first restart is immediate; backoff is for crash
     # loops, and a kill every ~100 ms per agent would otherwise count as one).
     policy = {"type": "permanent", "max_restarts": 10**6, "max_seconds": 1.0, "stable_after": 0.01}
     try:
-        sup = agents.Supervisor(reg, namespace="bench", log_dir=str(work / "logs"))
+        sup = agents.Supervisor(
+            reg, namespace="bench", log_dir=str(work / "logs"), start_method=args.start_method
+        )
         for i in range(5):
             argv = [str(work / "agent.sh"), str(work / f"c{i}.pid")]
             command = {"id": f"c{i}", "type": "w", "restart_policy": policy, "command": argv}
@@ -251,19 +262,17 @@ def main() -> None:
         sup.close()
         for peer in peers:
             peer.stop()
+        peers = []
+        print(json.dumps(results), file=sys.stderr, flush=True)  # in case a later part fails
         # agents started per second, 100 agents
         results["starts/s shmreg command"] = round(_shmreg_starts(reg, "command"), 1)
         results["starts/s shmreg module"] = round(_shmreg_starts(reg, "module"), 1)
-        for kind in [p.kind for p in peers]:
-            peer = Peer(kind, work / "starts", 100) if (work / "starts").mkdir(
-                exist_ok=True
-            ) is None else None  # fmt: skip
-            assert peer is not None
-            try:
-                results[f"starts/s {kind}"] = round(100 / peer.start(), 1)
-                results[f"idle cpu % {kind}"] = round(_idle_cpu(peer.proc.pid), 3)  # type: ignore[union-attr]
-            finally:
-                peer.stop()
+        for kind in kinds:
+            peer = Peer(kind, work / "starts", 100, script)
+            peers.append(peer)
+            results[f"starts/s {kind}"] = round(100 / peer.start(), 1)
+            results[f"idle cpu % {kind}"] = round(_idle_cpu(peer.proc.pid), 3)  # type: ignore[union-attr]
+            peer.stop()
         # idle CPU of a shmreg supervisor with 100 agents, in a process of its own
         child = subprocess.Popen(
             [sys.executable, "-c", SUPERVISOR_CHILD, name],
@@ -276,6 +285,8 @@ def main() -> None:
         child.stdin.close()
         child.wait(120)
     finally:
+        for peer in peers:
+            peer.stop()
         reg.destroy()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=2))

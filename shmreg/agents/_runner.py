@@ -187,7 +187,8 @@ def run_module(
     """The body of a ``module`` agent process (a multiprocessing target)."""
     global _current
     set_parent_death_signal(parent)
-    _die_with(supervisor)
+    if parent is None:  # a forkserver's child: its parent is not the supervisor
+        _die_with(supervisor)
     _redirect_output(log_path)
     os.environ.update(config.get("env", {}))
     os.environ.update({ENV_REGISTRY: registry_name, ENV_NAMESPACE: namespace, ENV_ID: config["id"]})
