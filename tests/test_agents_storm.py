@@ -61,11 +61,14 @@ def _storm(reg: shmreg.Registry, count: int, kills: int, seed: int) -> None:
                 for agent_id, pids in history.items():
                     live = [p for p in pids if alive(p)]
                     assert len(live) <= 1, f"{agent_id} has two live processes: {live}"
-        wait_until(
-            lambda: all(i.status == "running" for i in sup.list_agents()), "every agent running"
-        )
+        # A killed agent reads "running" until it is reaped: wait for every restart too.
+        def recovered() -> bool:
+            infos = sup.list_agents()
+            running = all(i.status == "running" for i in infos)
+            return running and sum(i.restarts for i in infos) >= kills
+
+        wait_until(recovered, "every agent restarted and running")
         infos = sup.list_agents()
-        assert sum(i.restarts for i in infos) >= kills
         for info in infos:
             live = [p for p in history[info.id] | {info.pid} if alive(p)]  # type: ignore[operator]
             assert live == [info.pid]
