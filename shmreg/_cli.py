@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_monitor_options(p)
     p.set_defaults(fn=cmd_monitor)
     add_ops_commands(command)
+    from shmreg import _cli_agents
+
+    _cli_agents.add_parser(command)
     p = command("demo", "worker pool, a crash, the sweep and a capability query", named=False)
     p.add_argument(
         "--workers", type=int, default=4, metavar="N", help="worker processes to start (default 4)"

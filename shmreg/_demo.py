@@ -2,7 +2,8 @@
 
 A pool of worker processes attaches to one registry by name, each registers itself with
 its capabilities, one worker is killed with SIGKILL, the registry stops returning it at
-once and a sweep removes its entry, and a capability query finds the survivors.
+once and a sweep removes its entry, and a capability query finds the survivors. Then a
+supervisor runs agents: one is killed and restarted, a failing one ends ``failed``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def run(workers: int = 4, out: TextIO | None = None, name: str | None = None) ->
             "capability query ['gpu', 'train']: "
             + (", ".join(f"{svc} (pid {pid})" for svc, pid, _ in sorted(both)) or "none")
         )
+        from shmreg.agents._demo import show_supervision
+
+        show_supervision(reg, say, out)
         stats = reg.stats()
         say(
             f"stats: {stats.used} entries, {stats.tombstones} tombstones, "

@@ -70,7 +70,8 @@ class Monitor:
 
     ``backend`` needs ``owners()``, ``remove_dead(verdicts)``, ``last_event_seq()``,
     ``read_events(after)`` and ``sweep()``. ``on_death`` (optional) is called with each
-    dead identity, its verdict and the number of entries removed.
+    dead identity, its verdict and the number of entries removed; ``subscribe`` adds more such
+    callbacks, so several users of one process (a supervisor, an application) share a monitor.
     """
 
     def __init__(
@@ -89,7 +90,11 @@ class Monitor:
         self._sweep_interval = sweep_interval
         self._rescan_interval = rescan_interval
         self._clock = clock
-        self._on_death = on_death
+        # Copied on write: the monitor thread iterates a snapshot without a lock.
+        self._subscribers: tuple[Callable[[ProcessIdentity, Liveness, int], None], ...] = (
+            () if on_death is None else (on_death,)
+        )
+        self._subscribers_lock = threading.Lock()
         self._use_pidfd = use_pidfd and _HAS_PIDFD
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,6 +102,23 @@ class Monitor:
         self.stats = MonitorStats()
 
     # ------------------------------------------------------------------ control
+
+    def subscribe(
+        self, on_death: Callable[[ProcessIdentity, Liveness, int], None]
+    ) -> Callable[[], None]:
+        """Also call ``on_death(identity, verdict, removed)`` for each death; returns a
+        function that removes this subscription (idempotent)."""
+        with self._subscribers_lock:
+            self._subscribers = (*self._subscribers, on_death)
+
+        def unsubscribe() -> None:
+            with self._subscribers_lock:
+                subs = list(self._subscribers)
+                if on_death in subs:
+                    subs.remove(on_death)
+                    self._subscribers = tuple(subs)
+
+        return unsubscribe
 
     @property
     def running(self) -> bool:
@@ -295,8 +317,11 @@ class Monitor:
         removed = int(self._backend.remove_dead({ident: verdict}))
         self.stats.deaths += 1
         self.stats.removed += removed
-        if self._on_death is not None:
-            self._on_death(ident, verdict, removed)
+        for notify in self._subscribers:
+            try:
+                notify(ident, verdict, removed)
+            except Exception as exc:  # one failing subscriber must not starve the others
+                self.stats.errors.append(f"on_death {notify!r}: {exc!r}"[:500])
 
 
 # ---------------------------------------------------------------------- cleanup
@@ -343,8 +368,9 @@ def terminate_owners(
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """SIGTERM every owner but the caller, SIGKILL those alive after ``grace`` seconds."""
     me = _identity.self_identity()
-    skipped = tuple(sorted(i.pid for i in owners if i.pid == me.pid))
-    targets = {i for i in owners if i.pid != me.pid}
+    # pid 1 is never signalled: it owns records meant to outlive every process (shmreg.agents).
+    skipped = tuple(sorted(i.pid for i in owners if i.pid in (me.pid, 1)))
+    targets = {i for i in owners if i.pid not in (me.pid, 1)}
     terminated = tuple(sorted(i.pid for i in targets if signal_identity(i, signal.SIGTERM)))
     deadline = clock.monotonic() + grace
     alive = {i for i in targets if i.pid in terminated}

@@ -414,7 +414,8 @@ class Registry:
 
         It removes an entry within milliseconds of its owner dying, whoever registered it.
         Several monitors, in one process or many, do not fight: each removal is re-checked
-        under the writer lock and reported once.
+        under the writer lock and reported once. A second caller's ``on_death`` is added to
+        the running monitor's subscribers (``Monitor.subscribe``), not ignored.
         """
         if self._monitor is None or not self._monitor.running:
             self._monitor = Monitor(
@@ -423,6 +424,8 @@ class Registry:
                 sweep_interval=sweep_interval,
                 on_death=on_death,
             ).start()
+        elif on_death is not None:
+            self._monitor.subscribe(on_death)
         return self._monitor
 
     def stop_monitor(self) -> None:

@@ -311,6 +311,36 @@ def test_on_death_is_called_once_per_dead_owner(registry: shmreg.Registry, reg_n
     assert {verdict for _, verdict, _ in calls} <= {Liveness.ZOMBIE, Liveness.GONE}
 
 
+def test_death_notices_reach_every_subscriber(registry: shmreg.Registry, reg_name: str) -> None:
+    """A second ``start_monitor(on_death=...)`` and ``Monitor.subscribe`` add subscribers to
+    the running monitor; a failing one is recorded and starves no other; an unsubscribed one
+    hears nothing more."""
+    first: list[int] = []
+    second: list[int] = []
+    third: list[int] = []
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("subscriber bug")
+
+    with children() as kids, registry.monitor(on_death=lambda i, v, r: first.append(i.pid)) as m:
+        assert registry.start_monitor(on_death=lambda i, v, r: second.append(i.pid)) is m
+        m.subscribe(broken)
+        stop_third = m.subscribe(lambda i, v, r: third.append(i.pid))
+        procs = registrants(kids, reg_name, "ns", 1, per_process=1)
+        wait_until(lambda: m.stats.watched >= 1, "owner watched")
+        kill_all(procs)
+        wait_until(lambda: len(first) >= 1 and len(second) >= 1 and len(third) >= 1, "notices")
+        assert first == second == third == list(procs)
+        assert any("subscriber bug" in e for e in m.stats.errors)
+        stop_third()
+        stop_third()  # idempotent
+        more = registrants(kids, reg_name, "ns2", 1, per_process=1)
+        wait_until(lambda: m.stats.watched >= 1, "second owner watched")
+        kill_all(more)
+        wait_until(lambda: len(first) >= 2 and len(second) >= 2, "second notices")
+    assert third == list(procs)
+
+
 def test_monitor_follows_owners_after_the_ring_was_lapped(registry: shmreg.Registry) -> None:
     """A burst of more events than the ring holds between two looks: the newcomer at its
     end is still found (the monitor rescans the owners when it was lapped)."""

@@ -38,6 +38,15 @@ if TYPE_CHECKING:  # imported by the fixtures when a test uses them, not at plug
 
 # ------------------------------------------------------------------------------ registries
 
+# Agent fixtures live in a module of their own; importing them here registers them.
+from shmreg.testing._agent_fixtures import (  # noqa: F401
+    agent_load_set,
+    agent_supervisor,
+    coordination_agent_config,
+    ml_agent_config,
+    worker_agent_config,
+)
+
 
 @pytest.fixture
 def shmreg_registry() -> Iterator[Registry]:

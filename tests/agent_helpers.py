@@ -1,0 +1,57 @@
+"""Shared pieces of the agent tests: waiting on a condition, and a supervisor that is closed
+(every agent stopped) however the test ends."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from helpers import DEADLINE_S, proc_state
+
+import shmreg
+from shmreg import agents
+
+
+def wait_until(cond: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
+    """Poll ``cond`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def alive(pid: int) -> bool:
+    """A running (not exited, not zombie) process has ``pid``."""
+    return proc_state(pid) not in (None, "Z", "X")
+
+
+@contextmanager
+def supervisor(reg: shmreg.Registry, **options: Any) -> Iterator[agents.Supervisor]:
+    options.setdefault("namespace", f"agents-{uuid.uuid4().hex[:8]}")
+    sup = agents.Supervisor(reg, **options)
+    try:
+        yield sup
+    finally:
+        sup.close(timeout=5.0)
+
+
+def restarted(sup: agents.Supervisor, agent_id: str, old_pid: int) -> agents.AgentInfo:
+    """Wait until ``agent_id`` runs again under a pid other than ``old_pid``."""
+    return wait_until(  # type: ignore[no-any-return]
+        lambda: (i := sup.get_agent_info(agent_id)).status == "running" and i.pid != old_pid and i,
+        f"{agent_id} restarted",
+    )
+
+
+def settled(sup: agents.Supervisor, agent_id: str, status: str) -> agents.AgentInfo:
+    return wait_until(  # type: ignore[no-any-return]
+        lambda: (i := sup.get_agent_info(agent_id)).status == status and i,
+        f"{agent_id} {status}",
+    )
