@@ -30,10 +30,10 @@ def test_migrate_validate_and_rollback_to_redis(
     target = f"{redis_server.url}#t-{os.getpid()}-cli-{registry.name[-8:]}"
     try:
         dry = _shmreg("migrate", registry.name, target, "--dry-run", "--json", cwd=tmp_path)
-        assert dry.returncode == 0, dry.stderr
+        assert dry.returncode == 0, dry.stdout + dry.stderr
         assert json.loads(dry.stdout)["copied"] == 1500
         done = _shmreg("migrate", registry.name, target, "--validate", "--json", cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0, done.stdout + done.stderr
         out = json.loads(done.stdout)
         assert out["copied"] == 1500 and out["validation"]["ok"]
         assert "1500/1500 entries" in done.stderr  # progress on a long copy

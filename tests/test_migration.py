@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -344,3 +345,26 @@ def test_migration_under_live_load_misses_nothing(
             proc.wait()
         old.destroy()
         shmreg.migration.open_location(new).destroy()
+
+
+def test_an_entry_of_another_host_cannot_move_into_shared_memory(
+    redis_server: RedisServer, reg_name: str
+) -> None:
+    src = shmreg.Registry.create(_redis_name(), url=redis_server.url)
+    dst = shmreg.Registry.create(reg_name + "-dst")
+    try:
+        me = _identity.self_identity()
+        src.backend.heartbeat()  # type: ignore[attr-defined]
+        src.register("jobs", "here")
+        remote = type(me)(me.pid, me.start_ticks, "another-host")
+        backend: Any = src.backend
+        backend._lease_ms = 600_000  # keep the other host's lease alive for the test
+        backend.register("jobs", "there", remote, {"far": True})
+        assert {e.service for e in src.backend.export_entries("jobs")} == {"here", "there"}
+        report = migrate(src, dst)
+        assert report.copied == 1 and [f.entry.service for f in report.failed] == ["there"]
+        assert "another-host" in report.failed[0].reason and not report.ok
+        assert dst.lookup("jobs", "here") == os.getpid() and dst.lookup("jobs", "there") is None
+    finally:
+        src.destroy()
+        dst.destroy()

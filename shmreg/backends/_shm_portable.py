@@ -74,6 +74,11 @@ class ShmPortable(ShmScans):
             packed = _codec.pack_metadata(meta, self._max_meta)
             record = key + packed
         padded = L.align_record(len(record))
+        # A lock-free look first: a swap that will not match (and read_entry, which never
+        # does) answers without the writer lock. A match is judged again under it.
+        seen = self._read(lambda t: self._current(t, namespace, t.find(key, key_hash)[1]))
+        if not same_entry(seen, expect):
+            return False, seen
 
         def write(table: Table) -> tuple[bool, StoredEntry | None]:
             index, words, free, free_is_tomb = table.probe_for_write(key, key_hash)

@@ -125,7 +125,10 @@ class _Copier:
         try:
             results = many(entries) if many is not None else None
         except ShmregError:
-            results = None  # some may be in: one by one, they are found there unchanged
+            # Some of the batch may be in already: one by one, those are found there
+            # unchanged, and must count as this migration's (rollback removes them).
+            self.written.update(map(_journal_key, entries))
+            results = None
         if results is None:
             return all([self.copy(e, None) for e in entries])
         go_on = True
