@@ -102,7 +102,7 @@ def expected_fragments() -> list[str]:
         f"at least {lin.MIN_OVERLAPPING_PAIRS} overlapping operation pairs",
         f"up to {lin.MAX_ATTEMPTS} times",
         f"{model.max_examples} runs {TIMES} {model.stateful_step_count} steps by default",
-        f"{len(CHECKS)} checks, run on both backends",
+        f"{len(CHECKS)} checks, run on every backend",
         f"{_collected('test_hostile.py')} tests, including {len(garbage)} hypothesis garbage "
         f"generators ({others.pop()} examples each, {many} for `register_many`)",
         f"{fuzz.RANDOM_BATCHES * fuzz.BATCH} random patches and {sum(tables.values())} fixed",

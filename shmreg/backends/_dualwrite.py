@@ -66,6 +66,12 @@ class DualWriteBackend(BackendBase):
         return self.primary.name
 
     @property
+    def capacity(self) -> int | None:
+        """The primary's capacity (its figures are the ones ``stats()`` reports)."""
+        capacity: int | None = getattr(self.primary, "capacity", None)
+        return capacity
+
+    @property
     def max_metadata_bytes(self) -> int | None:
         """The primary's limit (it is the one that refuses)."""
         limit: int | None = getattr(self.primary, "max_metadata_bytes", None)
