@@ -3,8 +3,9 @@
 Two handles on one registry, one instrumented (the default) and one opened with operation
 metrics off, run the same batches of ``lookup`` and ``register`` (re-registering held names)
 interleaved, the order flipped every round so drift and cache warmth hit both alike. The
-overhead is the median over rounds of (instrumented / plain) - 1, per operation.
-Bar: under 5 % for both.
+overhead is (fastest instrumented batch / fastest plain batch) - 1, per operation: on a
+shared machine other load only adds time, so the fastest batch is the least disturbed.
+Times are this thread's CPU time. Bar: under 5 % for both.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ BAR = 0.05
 
 
 def batch(call: Callable[[str, str], object], keys: list[str]) -> float:
-    start = time.perf_counter()
+    # CPU time of this thread, not wall time: on a machine shared with other jobs the
+    # wall clock also counts the time this process waited for a core.
+    start = time.thread_time()
     for key in keys:
         call("bench", key)
-    return time.perf_counter() - start
+    return time.thread_time() - start
 
 
 def main() -> int:
@@ -67,12 +70,15 @@ def main() -> int:
                 ratios.append(a / b)
                 on_ns.append(a / len(work) * 1e9)
                 off_ns.append(b / len(work) * 1e9)
-            overhead = statistics.median(ratios) - 1
+            # Other load only ever adds time: the fastest batch of each side is the least
+            # disturbed estimate of its cost (the median of paired ratios is shown beside it).
+            overhead = min(on_ns) / min(off_ns) - 1
             ok = overhead < BAR
             failed |= not ok
             print(
-                f"{op:9} plain {statistics.median(off_ns):8.0f} ns/op   with metrics "
-                f"{statistics.median(on_ns):8.0f} ns/op   overhead {overhead * 100:+5.1f} %   "
+                f"{op:9} plain {min(off_ns):7.0f} ns/op   with metrics {min(on_ns):7.0f} ns/op"
+                f"   overhead {overhead * 100:+5.1f} % (median of paired ratios "
+                f"{(statistics.median(ratios) - 1) * 100:+5.1f} %)   "
                 f"{'ok' if ok else 'OVER'} (bar {BAR * 100:.0f} %)"
             )
         snap = _opmetrics.snapshot(on)

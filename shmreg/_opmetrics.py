@@ -115,41 +115,124 @@ def _wrap_read(fn: Callable[[Any, Any], Any], stats: OpStats) -> Callable[[Any, 
     return read
 
 
-def _method(op: str, base: Callable[..., Any], every: int) -> Callable[..., Any]:
-    """``base`` (a ``Registry`` method) counted on every call, timed on one in ``every``.
+def _timed(stats: OpStats, base: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The one call in ``stats.every`` that is timed (the rest take the method's fast path)."""
+    stats.left = stats.every
+    stats.calls += stats.every
+    start = _now()
+    try:
+        result = base(*args, **kwargs)
+    except BaseException as exc:
+        stats.failed(exc)
+        raise
+    ns = _now() - start
+    stats.sum_ns[0] += ns
+    i = (ns >> FIRST_SHIFT).bit_length()
+    stats.buckets[i if i < NBUCKETS - 1 else NBUCKETS - 1] += 1
+    return result
 
-    A method of a subclass, not a closure stored on the instance: a closure holding the
+
+def _method(op: str, base: Callable[..., Any]) -> Callable[..., Any]:
+    """``base`` (a scan: timed on every call) as a counted method of the subclass.
+
+    Methods of a subclass, not closures stored on the instance: a closure holding the
     registry would keep it alive in a cycle (freed late, by the collector), one holding it
     weakly would lose it in a chained ``Registry.attach(name).register(...)``.
     """
-    last = NBUCKETS - 1
 
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        stats: OpStats = self.__dict__[_ATTR][0][op]
-        stats.left -= 1
-        if stats.left:
-            try:
-                return base(self, *args, **kwargs)
-            except BaseException as exc:
-                stats.failed(exc)
-                raise
-        stats.left = every
-        stats.calls += every
-        start = _now()
-        try:
-            result = base(self, *args, **kwargs)
-        except BaseException as exc:
-            stats.failed(exc)
-            raise
-        ns = _now() - start
-        stats.sum_ns[0] += ns
-        i = (ns >> FIRST_SHIFT).bit_length()
-        stats.buckets[i if i < last else last] += 1
-        return result
+        return _timed(self.__dict__[_ATTR][0][op], base, self, *args, **kwargs)
 
     method.__name__ = op
     method.__doc__ = base.__doc__
     return method
+
+
+def _write_methods(cls: Any) -> dict[str, Callable[..., Any]]:
+    """The writes as counted methods, timed on one call in ``WRITE_SAMPLE``.
+
+    Written out with each write's own parameters: forwarding ``*args, **kwargs`` costs
+    ~0.5 µs a call, several per cent of a register.
+    """
+    register_, register_many_ = cls.register, cls.register_many
+    update_metadata_, unregister_ = cls.update_metadata, cls.unregister
+
+    def register(
+        self: Any, namespace: str, service: Any, pid: int | None = None, metadata: Any = None
+    ) -> Any:
+        stats: OpStats = self.__dict__[_ATTR][0]["register"]
+        stats.left -= 1
+        if stats.left:
+            try:
+                return register_(self, namespace, service, pid, metadata)
+            except BaseException as exc:
+                stats.failed(exc)
+                raise
+        return _timed(stats, register_, self, namespace, service, pid, metadata)
+
+    def register_many(self: Any, namespace: str, items: Any) -> Any:
+        stats: OpStats = self.__dict__[_ATTR][0]["register_many"]
+        stats.left -= 1
+        if stats.left:
+            try:
+                return register_many_(self, namespace, items)
+            except BaseException as exc:
+                stats.failed(exc)
+                raise
+        return _timed(stats, register_many_, self, namespace, items)
+
+    def update_metadata(
+        self: Any,
+        namespace: str,
+        service: Any,
+        metadata: Any,
+        *,
+        merge: bool = False,
+        generation: int | None = None,
+    ) -> Any:
+        stats: OpStats = self.__dict__[_ATTR][0]["update_metadata"]
+        stats.left -= 1
+        if stats.left:
+            try:
+                return update_metadata_(
+                    self, namespace, service, metadata, merge=merge, generation=generation
+                )
+            except BaseException as exc:
+                stats.failed(exc)
+                raise
+        return _timed(
+            stats,
+            update_metadata_,
+            self,
+            namespace,
+            service,
+            metadata,
+            merge=merge,
+            generation=generation,
+        )
+
+    def unregister(
+        self: Any, namespace: str, service: Any, *, generation: int | None = None
+    ) -> Any:
+        stats: OpStats = self.__dict__[_ATTR][0]["unregister"]
+        stats.left -= 1
+        if stats.left:
+            try:
+                return unregister_(self, namespace, service, generation=generation)
+            except BaseException as exc:
+                stats.failed(exc)
+                raise
+        return _timed(stats, unregister_, self, namespace, service, generation=generation)
+
+    methods: dict[str, Callable[..., Any]] = {
+        "register": register,
+        "register_many": register_many,
+        "update_metadata": update_metadata,
+        "unregister": unregister,
+    }
+    for name in methods:
+        methods[name].__doc__ = getattr(cls, name).__doc__
+    return methods
 
 
 _classes: dict[type, type] = {}
@@ -159,10 +242,8 @@ def _instrumented_class(cls: type) -> type:
     """``cls`` with its writes and scans counted (made once per class)."""
     made = _classes.get(cls)
     if made is None:
-        methods: dict[str, Any] = {
-            op: _method(op, getattr(cls, op), WRITE_SAMPLE if op in WRITES else 1)
-            for op in WRITES + SCANS
-        }
+        methods: dict[str, Any] = {op: _method(op, getattr(cls, op)) for op in SCANS}
+        methods.update(_write_methods(cls))
         methods["__module__"] = cls.__module__
         methods["__qualname__"] = cls.__qualname__
         made = _classes[cls] = type(cls.__name__, (cls,), methods)

@@ -227,7 +227,10 @@ def monitor_section(c: RegistryCollector) -> Iterator[Metric]:
     stats = monitor.stats
     yield c.counter("shmreg_monitor_deaths_total", "Owner deaths the monitor saw.", stats.deaths)
     yield c.counter("shmreg_monitor_removed_total", "Entries the monitor removed.", stats.removed)
-    yield c.gauge("shmreg_monitor_up", "1 while the monitor thread runs.", int(monitor.running))
+    # ``running`` covers a monitor thread; ``shmreg monitor`` runs the loop in the foreground
+    # (run_forever), which has opened its wake-up pipe and not been asked to stop.
+    up = monitor.running or (monitor._wake_r >= 0 and not monitor._stop.is_set())
+    yield c.gauge("shmreg_monitor_up", "1 while the monitor's loop runs.", int(up))
     backend = c.registry.backend
     behind = max(0, backend.last_event_seq() - stats.seen)
     lag = 0.0

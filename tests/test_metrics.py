@@ -102,6 +102,8 @@ def test_served_endpoint_follows_writers_in_other_processes(
         assert died[("shmreg_monitor_removed_total", ())] == 4
         assert died[("shmreg_monitor_deaths_total", ())] >= 1
         assert died[("shmreg_dead_entries", ())] == 0
+        assert died[("shmreg_monitor_up", ())] == 1
+        assert died[("shmreg_monitor_lag_seconds", ())] >= 0  # exported; its value is timing
 
         # node_exporter's file: rewritten atomically, always a whole scrape
         text = wait_until(
