@@ -24,8 +24,11 @@ __all__ = ["add_parser", "cmd_agents"]
 def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the ``agents`` command through ``_cli``'s own sub-command factory."""
     p = command("agents", "list agents, or start / stop / restart one, or show its log")
-    p.add_argument("action", nargs="?", choices=("start", "stop", "restart", "logs"))
-    p.add_argument("agent_id", nargs="?", metavar="ID")
+    p.add_argument(
+        "action", nargs="?", choices=("start", "stop", "restart", "logs"),
+        help="what to do with agent ID (without one: list the agents)",
+    )
+    p.add_argument("agent_id", nargs="?", metavar="ID", help="the agent's id")
     p.add_argument("--namespace", "-n", default="agents", help="the supervisor's namespace")
     p.add_argument("--lines", type=int, default=40, help="log lines to show (logs)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")

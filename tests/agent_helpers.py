@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,12 +36,16 @@ def alive(pid: int) -> bool:
 
 @contextmanager
 def supervisor(reg: shmreg.Registry, **options: Any) -> Iterator[agents.Supervisor]:
+    """A supervisor closed afterwards, its agents' logs in a directory removed afterwards."""
     options.setdefault("namespace", f"agents-{uuid.uuid4().hex[:8]}")
+    logs = tempfile.mkdtemp(prefix="shmreg-test-logs-")
+    options.setdefault("log_dir", logs)
     sup = agents.Supervisor(reg, **options)
     try:
         yield sup
     finally:
         sup.close(timeout=5.0)
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def restarted(sup: agents.Supervisor, agent_id: str, old_pid: int) -> agents.AgentInfo:

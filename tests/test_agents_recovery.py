@@ -24,7 +24,7 @@ import shmreg
 from shmreg import agents
 from shmreg.testing.agents import worker_config
 reg = shmreg.Registry.attach(sys.argv[1])
-sup = agents.Supervisor(reg, namespace=sys.argv[2])
+sup = agents.Supervisor(reg, namespace=sys.argv[2], log_dir=sys.argv[3])
 pids = {}
 for agent_id, policy in (("p1", "permanent"), ("p2", "permanent"), ("t1", "transient"),
                          ("tmp", "temporary")):
@@ -44,11 +44,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_supervisor_death_kills_its_agents_and_a_new_one_recovers(
-    registry: shmreg.Registry, reg_name: str
+    registry: shmreg.Registry, reg_name: str, tmp_path
 ) -> None:
     ns = f"agents-{uuid.uuid4().hex[:8]}"
     with children() as kids:
-        proc = kids.py(SUPERVISOR, reg_name, ns)
+        proc = kids.py(SUPERVISOR, reg_name, ns, str(tmp_path))
         pids = read_line(proc)
         assert all(alive(pid) for pid in pids.values())
         # While it lives, it is the only supervisor of the namespace; any process reads.

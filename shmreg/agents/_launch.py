@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -25,7 +26,7 @@ from shmreg._errors import AgentStartFailed
 from shmreg.agents import _runner
 from shmreg.agents._records import ExitInfo
 
-__all__ = ["START_METHODS", "Child", "exit_reason", "start_child"]
+__all__ = ["START_METHODS", "Child", "exit_reason", "rotate_log", "start_child"]
 
 START_METHODS: Final = ("forkserver", "fork", "spawn")
 #: How long a starting agent may take to import and register before it counts as failed.
@@ -123,6 +124,20 @@ class Child:
             os.close(self._pidfd)
             self._pidfd = None
         self._conn = None
+
+
+def rotate_log(path: str, max_bytes: int) -> None:
+    """Keep ``path`` under about ``max_bytes``: copy it to ``path.1`` and truncate it.
+
+    Copy-then-truncate because the agent holds its log open with ``O_APPEND``: after the
+    truncation its next write lands at the new, empty end. One old file is kept.
+    """
+    try:
+        if os.stat(path).st_size > max_bytes:
+            shutil.copyfile(path, path + ".1")
+            os.truncate(path, 0)
+    except OSError:
+        pass  # gone or unreadable: nothing to rotate
 
 
 def _context(method: str, preload: Sequence[str]) -> Any:

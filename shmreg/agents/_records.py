@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from shmreg._errors import AgentNotFound, NotRegistered
+from shmreg._errors import AgentAlreadyRunning, AgentNotFound, AlreadyRegistered, NotRegistered
 from shmreg._registry import Registry
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "RECORD_OWNER",
     "AgentInfo",
     "ExitInfo",
+    "claim_supervisor",
     "control_ns",
     "find_agents_by_capability",
     "find_agents_by_type",
@@ -155,6 +156,26 @@ def info_from_record(record: Mapping[str, Any], supervised: bool = True) -> Agen
         reason=reason,
         log=record.get("log"),
     )
+
+
+def claim_supervisor(registry: Registry, namespace: str) -> None:
+    """Register this process as the supervisor of ``namespace``; ``AgentAlreadyRunning`` if
+    another live process (or another supervisor in this one) holds it."""
+    # ``register`` refuses a name held by another live process; the lookup first also
+    # refuses a second supervisor in this same process (re-registering would succeed).
+    holder = registry.lookup(supervisor_ns(namespace), SUPERVISOR_KEY)
+    try:
+        if holder is not None:
+            raise AlreadyRegistered(pid=holder)
+        registry.register(
+            supervisor_ns(namespace), SUPERVISOR_KEY, metadata={"started_at": time.time()}
+        )
+    except AlreadyRegistered as exc:
+        raise AgentAlreadyRunning(
+            f"another supervisor (pid {exc.pid}) already runs namespace {namespace!r} "
+            f"of registry {registry.name!r}",
+            pid=exc.pid,
+        ) from None
 
 
 def supervisor_pid(reg: Registry, namespace: str) -> int | None:

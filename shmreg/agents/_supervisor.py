@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import tempfile
 import threading
@@ -27,7 +26,6 @@ from shmreg._errors import (
     AgentNotFound,
     AgentNotRunning,
     AgentStartFailed,
-    AlreadyRegistered,
     InvalidArgument,
     NotRegistered,
     RegistryClosed,
@@ -46,6 +44,7 @@ from shmreg.agents._records import (
     TRACEBACK_CHARS,
     AgentInfo,
     ExitInfo,
+    claim_supervisor,
     info_from_record,
     records_ns,
     supervisor_ns,
@@ -99,7 +98,7 @@ class Supervisor:
         self._log_dir = log_dir or os.path.join(
             tempfile.gettempdir(), f"shmreg-agents-{os.getuid()}", registry.name, namespace
         )
-        self._claim(registry, namespace)
+        claim_supervisor(registry, namespace)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._agents: dict[str, _Agent] = {}
@@ -115,24 +114,6 @@ class Supervisor:
         self._control.start()
         if recover:
             self._recover()
-
-    @staticmethod
-    def _claim(registry: Registry, namespace: str) -> None:
-        # ``register`` refuses a name held by another live process; the lookup first also
-        # refuses a second supervisor in this same process (re-registering would succeed).
-        holder = registry.lookup(supervisor_ns(namespace), SUPERVISOR_KEY)
-        try:
-            if holder is not None:
-                raise AlreadyRegistered(pid=holder)
-            registry.register(
-                supervisor_ns(namespace), SUPERVISOR_KEY, metadata={"started_at": time.time()}
-            )
-        except AlreadyRegistered as exc:
-            raise AgentAlreadyRunning(
-                f"another supervisor (pid {exc.pid}) already runs namespace {namespace!r} "
-                f"of registry {registry.name!r}",
-                pid=exc.pid,
-            ) from None
 
     # ------------------------------------------------------------------ public API
 
@@ -472,17 +453,9 @@ class Supervisor:
         return float(last + deadline - now)
 
     def _rotate_logs(self) -> None:
-        # Copy-then-truncate: the agent holds its log open with O_APPEND, so after the
-        # truncation its next write lands at the new, empty end. One old file is kept.
         for agent in self._agents.values():
-            if agent.log is None:
-                continue
-            try:
-                if os.stat(agent.log).st_size > agent.config["log_max_bytes"]:
-                    shutil.copyfile(agent.log, agent.log + ".1")
-                    os.truncate(agent.log, 0)
-            except OSError:
-                pass
+            if agent.log is not None:
+                _launch.rotate_log(agent.log, agent.config["log_max_bytes"])
 
     # ------------------------------------------------------------------ recovery, control
 

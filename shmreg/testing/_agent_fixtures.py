@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,9 +24,12 @@ from shmreg.testing import agents as programs
 
 
 @pytest.fixture
-def agent_supervisor(shmreg_registry: Registry) -> Iterator[Supervisor]:
-    """A supervisor of its own for one test; every agent is stopped afterwards."""
-    sup = Supervisor(shmreg_registry, namespace=f"agents-{uuid.uuid4().hex[:8]}")
+def agent_supervisor(shmreg_registry: Registry, tmp_path: Path) -> Iterator[Supervisor]:
+    """A supervisor of its own for one test (agent logs under ``tmp_path``); every agent is
+    stopped afterwards."""
+    sup = Supervisor(
+        shmreg_registry, namespace=f"agents-{uuid.uuid4().hex[:8]}", log_dir=str(tmp_path)
+    )
     try:
         yield sup
     finally:
