@@ -83,7 +83,7 @@ class RedisBackend(RedisLiveness):
         if self._closed:
             self._run("last")  # raises the right error for this handle
         try:
-            value = self._client.hget(hkey, key)
+            value = self._line.call("HGET", hkey, key)
         except self._redis_error as exc:
             raise translate(self._name, "lookup", exc) from exc
         if value is None:
@@ -112,7 +112,7 @@ class RedisBackend(RedisLiveness):
         if now - self._leases.get(host, -1e9) < self._lease_cache:
             return True
         with mapped(self._name, "lookup"):
-            alive = bool(self._client.exists(self._bprefix + b"lease:" + host))
+            alive = bool(self._line.call("EXISTS", self._bprefix + b"lease:" + host))
         if alive:
             self._leases[host] = now
         else:
