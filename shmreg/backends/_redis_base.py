@@ -212,7 +212,9 @@ class RedisBase(BackendBase):
             prefix = self._keys[0]
             with mapped(self._name, "destroy"):
                 self._client.delete(prefix + "meta")  # first: every script now refuses
-                batch = list(self._client.scan_iter(match=prefix + "*", count=1000))
+                # The name is not a pattern: "x*" must not match registry "xy"'s keys.
+                pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+                batch = list(self._client.scan_iter(match=pattern, count=1000))
                 for i in range(0, len(batch), 1000):
                     self._client.delete(*batch[i : i + 1000])
         self.close()

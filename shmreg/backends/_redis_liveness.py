@@ -62,7 +62,7 @@ class RedisLiveness(RedisBase):
             ident: (reason if _identity.is_local(ident) else HOST_LOST)
             for ident, reason in dead_reasons(verdicts).items()
         }
-        args: list[Any] = [time.time(), self.ring_events, self._here, int(sweeping)]
+        args: list[Any] = [time.time(), self.ring_events, self._here, int(sweeping), 0]
         if reasons:
             stored, _ = self._scan()
             for ns, key, value in stored:
@@ -70,7 +70,7 @@ class RedisLiveness(RedisBase):
                 reason = reasons.get(self._ident(head[0], head[1], head[4]))
                 if reason is not None:
                     args += [ns, key, value, reason]
-        if len(args) == 4 and not sweeping:
+        if len(args) == 5 and not sweeping:
             return 0
         return int(self._run("remove", *args, operation="remove_dead"))
 
@@ -90,11 +90,13 @@ class RedisLiveness(RedisBase):
         if not expired:
             return 0
         stored, _ = self._scan()
-        args: list[Any] = [time.time(), self.ring_events, self._here, 0]
+        # Every entry of an expired host is in this batch, so the hosts can be forgotten
+        # with it (the script keeps any whose lease came back meanwhile).
+        args: list[Any] = [time.time(), self.ring_events, self._here, 0, len(expired), *expired]
         for ns, key, value in stored:
             if self._head(value)[4] in expired:
                 args += [ns, key, value, HOST_LOST]
-        return int(self._run("remove", *args, operation="heartbeat")) if len(args) > 4 else 0
+        return int(self._run("remove", *args, operation="heartbeat"))
 
     # ------------------------------------------------------------------ events
 

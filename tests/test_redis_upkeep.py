@@ -1,0 +1,158 @@
+"""RedisBackend upkeep on a real redis-server: forgotten hosts, scoped destroys, the kept line.
+
+Each test opens its registries on the session's private server (``redis_server``) under
+names starting with ``t-<pid>-`` and destroys them after, on failure too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import shmreg
+from shmreg._types import ProcessIdentity
+from shmreg.backends import RedisBackend
+from shmreg.testing.redis import RedisServer
+
+
+def _name() -> str:
+    return f"t-{os.getpid()}-upkeep-{uuid.uuid4().hex[:10]}"
+
+
+def _until(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[Any]:
+    """A bare redis-py client on the same server, to look at the keys themselves."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_a_lost_host_is_forgotten_once_its_entries_are_buried(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    name = _name()
+    reg = shmreg.Registry.create(name, url=redis_server.url.replace("/0", "/0?lease=1"))
+    try:
+        backend = reg.backend
+        hosts = f"shmreg:{{{name}}}:hosts"
+        gone = b"host-gone".hex().encode()
+        # A registration for a host that then never renews its lease (one second long).
+        backend.register("ns", "orphan", ProcessIdentity(4_000_000, 1, "host-gone"), None)
+        assert gone in raw.smembers(hosts)
+        _until(lambda: reg.lookup("ns", "orphan") is None, "the lease to expire")
+        assert backend.heartbeat() == 1  # buried, with a died event (test_redis.py checks it)
+        # ...and forgotten: heartbeats no longer check a host that holds nothing.
+        assert gone not in raw.smembers(hosts)
+        here = backend._here
+        assert here in raw.smembers(hosts)  # this host's lease lives: it stays
+        assert backend.heartbeat() == 0
+    finally:
+        reg.destroy()
+
+
+def test_a_host_whose_lease_came_back_is_not_forgotten(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    name = _name()
+    reg = shmreg.Registry.create(name, url=redis_server.url.replace("/0", "/0?lease=1"))
+    try:
+        backend = reg.backend
+        back = b"host-back".hex().encode()
+        backend.register("ns", "a", ProcessIdentity(4_000_001, 1, "host-back"), None)
+        _until(lambda: reg.lookup("ns", "a") is None, "the lease to expire")
+        # The host returns between a heartbeat's look and its removal: the script is given
+        # the host to forget, but sees its lease and keeps it (and its new entry).
+        backend.register("ns", "b", ProcessIdentity(4_000_001, 1, "host-back"), None)
+        now = time.time()
+        backend._run("remove", now, backend.ring_events, backend._here, 0, 1, back)
+        assert back in raw.smembers(f"shmreg:{{{name}}}:hosts")
+        assert reg.lookup("ns", "b") == 4_000_001
+    finally:
+        reg.destroy()
+
+
+def test_destroy_takes_only_its_own_keys_whatever_the_name(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    # Names are glob patterns to SCAN MATCH unless escaped: "x*" would match "xy"'s keys.
+    base = _name()
+    other = RedisBackend(base + "-xy", redis_server.url)
+    try:
+        other.register("ns", "kept", ProcessIdentity(os.getpid(), 0), {"type": "w"})
+        for pattern in ("-x*", "-x?", "-[x]y"):
+            doomed = RedisBackend(base + pattern, redis_server.url)
+            doomed.register("ns", "gone", ProcessIdentity(os.getpid(), 0), {"type": "w"})
+            doomed.destroy()
+            prefix = f"shmreg:{{{base + pattern}}}:".encode()
+            assert [k for k in raw.keys(f"shmreg:{{{base}*") if k.startswith(prefix)] == []
+            assert other.last_event_seq() == 1, pattern  # its meta survived
+            assert other.lookup("ns", "kept") == os.getpid()
+    finally:
+        other.destroy()
+
+
+def test_threads_share_a_handle(redis_server: RedisServer) -> None:
+    # Calls made while another is in flight go through the pool: every answer is its own.
+    reg = shmreg.Registry.create(_name(), url=redis_server.url)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(200):
+                reg.register("ns", f"{t}-{i}", metadata={"t": t, "i": i})
+                assert reg.backend.lookup_entry("ns", f"{t}-{i}")[2] == {"t": t, "i": i}
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors[0]
+        assert reg.count("ns") == 800
+    finally:
+        reg.destroy()
+
+
+def test_a_forked_child_leaves_the_parents_connection_alone(redis_server: RedisServer) -> None:
+    reg = shmreg.Registry.create(_name(), url=redis_server.url)
+    try:
+        reg.register("ns", "parent")
+        pid = os.fork()
+        if pid == 0:  # the child: use the inherited handle, then leave at once
+            code = 1
+            try:
+                reg.backend.register("ns", "child", ProcessIdentity(os.getpid(), 0), None)
+                code = 0 if reg.lookup("ns", "parent") == os.getppid() else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # Had the child written on the parent's socket, replies would now be out of step.
+        for i in range(20):
+            assert reg.register("ns", f"after-{i}") > 0
+            assert reg.lookup("ns", f"after-{i}") == os.getpid()
+        assert reg.lookup("ns", "parent") == os.getpid()
+    finally:
+        reg.destroy()
