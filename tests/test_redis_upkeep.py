@@ -69,9 +69,7 @@ def test_a_lost_host_is_forgotten_once_its_entries_are_buried(
         reg.destroy()
 
 
-def test_a_host_whose_lease_came_back_is_not_forgotten(
-    redis_server: RedisServer, raw: Any
-) -> None:
+def test_a_host_whose_lease_came_back_is_not_forgotten(redis_server: RedisServer, raw: Any) -> None:
     name = _name()
     reg = shmreg.Registry.create(name, url=redis_server.url.replace("/0", "/0?lease=1"))
     try:
