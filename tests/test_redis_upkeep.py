@@ -154,3 +154,29 @@ def test_a_forked_child_leaves_the_parents_connection_alone(redis_server: RedisS
         assert reg.lookup("ns", "parent") == os.getpid()
     finally:
         reg.destroy()
+
+
+def test_a_wait_ends_when_the_registry_is_destroyed(redis_server: RedisServer, raw: Any) -> None:
+    reg = shmreg.Registry.create(_name(), url=redis_server.url)
+    other = shmreg.Registry.attach(reg.name, url=redis_server.url)
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(other.backend.wait_events(seq, 30.0))
+        except shmreg.ShmregError as exc:
+            outcome.append(exc)
+
+    seq = other.backend.last_event_seq()
+    waiter = threading.Thread(target=wait)
+    try:
+        waiter.start()
+        _until(lambda: any(c["cmd"] == "xread" for c in raw.client_list()), "the blocked read")
+        reg.destroy()
+        waiter.join(60)
+        # Without the check between slices the wait returns False after its full timeout.
+        assert len(outcome) == 1 and isinstance(outcome[0], shmreg.RegistryDestroyed)
+    finally:
+        waiter.join(60)
+        other.close()
+        reg.destroy()

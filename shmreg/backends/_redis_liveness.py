@@ -120,7 +120,9 @@ class RedisLiveness(RedisBase):
         """Block until an event numbered after ``after`` exists (``XREAD BLOCK``), or timeout.
 
         Blocks in slices shorter than the socket timeout, so a slow wait is never mistaken
-        for an unreachable server.
+        for an unreachable server; between slices it asks whether the registry still exists
+        (a destroyed one has no stream to wake the reader: it raises ``RegistryDestroyed``
+        then, not when the whole timeout has passed).
         """
         deadline = time.monotonic() + timeout
         stream = self._keys[0] + "ev"
@@ -132,6 +134,7 @@ class RedisLiveness(RedisBase):
             with mapped(self._name, "wait"):
                 if self._client.xread({stream: f"{after}-1"}, count=1, block=block):
                     return True
+            self._run("last", operation="wait")
 
     def _event(self, seq: int, fields: list[bytes]) -> Event:
         f = dict(zip(fields[::2], fields[1::2], strict=True))
