@@ -180,3 +180,20 @@ def test_a_wait_ends_when_the_registry_is_destroyed(redis_server: RedisServer, r
         waiter.join(60)
         other.close()
         reg.destroy()
+
+
+def test_a_remembered_key_never_lets_an_invalid_one_through(redis_server: RedisServer) -> None:
+    # ("job", 1), ("job", True) and ("job", 1.0) are one dict key; only the first is a name.
+    reg = shmreg.Registry.create(_name(), url=redis_server.url)
+    try:
+        reg.register("ns", ("job", 1))
+        assert reg.lookup("ns", ("job", 1)) == os.getpid()
+        for bad in (("job", True), ("job", 1.0), True, 1.0):
+            with pytest.raises(shmreg.InvalidKey):
+                reg.lookup("ns", bad)
+        reg.register("ns", 7)
+        assert reg.lookup("ns", 7) == os.getpid()
+        with pytest.raises(shmreg.InvalidKey):
+            reg.lookup("ns", True)
+    finally:
+        reg.destroy()
