@@ -197,3 +197,51 @@ def test_a_remembered_key_never_lets_an_invalid_one_through(redis_server: RedisS
             reg.lookup("ns", True)
     finally:
         reg.destroy()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A port whose listen queue is full: the kernel drops new connections' SYNs, so a
+    connect hangs (as to a host gone from the network) instead of being refused."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port: int = server.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        yield port
+    finally:
+        for sock in [*fillers, server]:
+            sock.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+sentinel"])
+def test_a_server_that_never_answers_the_connect_is_unavailable_soon(
+    black_hole: int, scheme: str
+) -> None:
+    url = f"redis://127.0.0.1:{black_hole}/0"
+    if scheme == "redis+sentinel":
+        url = f"redis+sentinel://127.0.0.1:{black_hole}/mymaster/0"
+    outcome: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            shmreg.Registry.create(_name(), url=url).destroy()
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    # Daemon: without a connect timeout the thread would sit in connect() for minutes.
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(60)  # many times the 1 s budget (two attempts of half each, per sentinel)
+    assert outcome and isinstance(outcome[0], shmreg.BackendUnavailable), outcome

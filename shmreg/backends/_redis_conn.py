@@ -118,7 +118,14 @@ def connect(target: Target) -> Any:
         hosts,
         socket_timeout=attempt,
         socket_connect_timeout=attempt,
-        sentinel_kwargs={"socket_timeout": attempt},
+        # Given explicitly, these replace redis-py's defaults for talking to the sentinels:
+        # without a connect timeout a sentinel that drops connections hangs the caller for
+        # minutes (the kernel's SYN retries).
+        sentinel_kwargs={
+            "socket_timeout": attempt,
+            "socket_connect_timeout": attempt,
+            "retry": Retry(NoBackoff(), 0),  # the master's connection retries the lookup
+        },
     )
     return sentinel.master_for(  # type: ignore[no-untyped-call]
         path[0], db=db, password=password, **common
@@ -186,10 +193,15 @@ class Line:
         if not self._lock.acquire(blocking=False):
             return self._client.execute_command(*args)
         try:
+            # A connection just taken has tried to connect twice already (its own retry):
+            # only one that broke in use is worth another go, on a fresh connection.
+            fresh = self._conn is None or self._pid != os.getpid()
             try:
                 return self._send(args)
             except self._broken:
                 self._drop()  # the next attempt connects afresh (asking Sentinel again)
+                if fresh:
+                    raise
             return self._send(args)
         except self._refused:
             raise
