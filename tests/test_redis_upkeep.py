@@ -245,3 +245,26 @@ def test_a_server_that_never_answers_the_connect_is_unavailable_soon(
     opener.start()
     opener.join(60)  # many times the 1 s budget (two attempts of half each, per sentinel)
     assert outcome and isinstance(outcome[0], shmreg.BackendUnavailable), outcome
+
+
+def test_close_does_not_wait_for_a_call_in_flight(redis_server: RedisServer) -> None:
+    # A signal handler that closes the handle runs in the thread whose call it interrupted:
+    # if close() waited for that call to finish it would wait forever. Here the call in
+    # flight is held open by hand, and close() runs in a thread so a wait cannot hang us.
+    reg = shmreg.Registry.create(_name(), url=redis_server.url)
+    other = shmreg.Registry.attach(reg.name, url=redis_server.url)
+    line = other.backend._line
+    try:
+        assert line._lock.acquire(timeout=30)  # a call in flight
+        try:
+            closer = threading.Thread(target=other.close, daemon=True)
+            closer.start()
+            closer.join(30)
+            assert not closer.is_alive()
+        finally:
+            line._lock.release()
+        with pytest.raises(shmreg.RegistryClosed):
+            other.lookup("ns", "x")
+    finally:
+        other.close()
+        reg.destroy()

@@ -230,12 +230,15 @@ class Line:
             self._pool.release(conn)
 
     def close(self) -> None:
-        """Hand the kept connection back and close every connection of the client."""
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._pool.release(self._conn)
-            self._conn = None
-            self._client.close()
+        """Hand the kept connection back and close every connection of the client.
+
+        Takes no lock: a ``close()`` from a signal handler that interrupted a call of the
+        same thread must not wait for that call (a call in flight elsewhere then fails).
+        """
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            self._pool.release(conn)
+        self._client.close()
 
 
 class Scripts:
