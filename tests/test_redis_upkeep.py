@@ -268,3 +268,25 @@ def test_close_does_not_wait_for_a_call_in_flight(redis_server: RedisServer) -> 
     finally:
         other.close()
         reg.destroy()
+
+
+def test_a_lost_hosts_name_is_taken_over_by_a_register_without_a_sweep(
+    redis_server: RedisServer,
+) -> None:
+    reg = shmreg.Registry.create(_name(), url=redis_server.url.replace("/0", "/0?lease=1"))
+    try:
+        backend = reg.backend
+        gone = ProcessIdentity(4_000_002, 1, "host-c")
+        old = backend.register("ns", "svc", gone, None)
+        with pytest.raises(shmreg.AlreadyRegistered):
+            reg.register("ns", "svc")  # host-c's lease lives: its entry is not ours
+        _until(lambda: reg.lookup("ns", "svc") is None, "host-c's lease to expire")
+        seq = backend.last_event_seq()
+        assert reg.register("ns", "svc") > old  # the script itself saw the lease gone
+        events, _ = backend.read_events(seq)
+        assert [(e.kind, e.reason, e.pid) for e in events] == [
+            ("registered", "takeover", os.getpid())
+        ]
+        assert reg.lookup("ns", "svc") == os.getpid()
+    finally:
+        reg.destroy()
