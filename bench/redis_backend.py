@@ -6,7 +6,7 @@
 register: shmreg's ``Registry.register`` (one Lua script: claim-if-absent, generation,
 index sets, the event, the host lease) against bare redis-py sending ``SET key value NX``
 in a pipeline with the ``INCR`` of a generation counter. lookup: ``Registry.lookup`` (one
-script: the entry and its host's lease) against a bare ``GET``. Rounds alternate the two
+``HGET`` and a local pid probe) against a bare ``GET``. Rounds alternate the two
 clients operation by operation (so drift in the machine hits both alike); each round's
 figure is its median operation, and the result the median round.
 ``ratio`` is shmreg's throughput over the bare client's: 1.0 is "costs nothing extra".

@@ -34,6 +34,7 @@ from shmreg.backends._redis_conn import mapped, translate
 from shmreg.backends._redis_liveness import RedisLiveness
 
 _INDEXED = (("type", b"t"), ("capabilities", b"c"))  # field, tag prefix
+_CACHED = (str, int)  # service types whose encoded key a handle remembers (not bool: exact)
 
 
 def _field_tags(prefix: bytes, value: object) -> list[bytes]:
@@ -75,17 +76,19 @@ class RedisBackend(RedisLiveness):
         A miss asks once more whether the registry still exists (a destroyed one must say
         so); a remote owner's host lease is checked at most every ``_LEASE_CACHE`` seconds.
         """
-        try:
+        if type(service) in _CACHED and type(namespace) is str:
             cached = self._keycache.get((namespace, service))
-        except TypeError:  # unhashable: encode_key raises the proper InvalidKey
-            cached = None
-        if cached is None or cached[3] is not type(service):
-            cached = self._cache_key(namespace, service)
+            if cached is None or cached[3] is not type(service):
+                cached = self._cache_key(namespace, service)
+        else:
+            # Tuples are encoded every time: ("a", 1) and ("a", True) are one dict key, and
+            # the second is no valid name; only encode_key's own checks can say so.
+            cached = self._cache_key(namespace, service, keep=False)
         hkey, ns, key, _ = cached
         if self._closed:
             self._run("last")  # raises the right error for this handle
         try:
-            value = self._client.hget(hkey, key)
+            value = self._line.call("HGET", hkey, key)
         except self._redis_error as exc:
             raise translate(self._name, "lookup", exc) from exc
         if value is None:
@@ -99,11 +102,15 @@ class RedisBackend(RedisLiveness):
             return None
         return ns, key, value
 
-    def _cache_key(self, namespace: str, service: Service) -> tuple[bytes, bytes, bytes, type]:
+    def _cache_key(
+        self, namespace: str, service: Service, keep: bool = True
+    ) -> tuple[bytes, bytes, bytes, type]:
         # The type is kept because 1, 1.0 and True are one dict key but different names.
         key = _codec.encode_key(namespace, service)
         ns = key[: key.index(b"\x00")]
         cached = (self._bprefix + b"ns:" + ns, ns, key, type(service))
+        if not keep:
+            return cached
         if len(self._keycache) >= 65_536:
             self._keycache.clear()  # a bound, not an LRU: hot keys come back at once
         self._keycache[(namespace, service)] = cached
@@ -114,7 +121,7 @@ class RedisBackend(RedisLiveness):
         if now - self._leases.get(host, -1e9) < self._lease_cache:
             return True
         with mapped(self._name, "lookup"):
-            alive = bool(self._client.exists(self._bprefix + b"lease:" + host))
+            alive = bool(self._line.call("EXISTS", self._bprefix + b"lease:" + host))
         if alive:
             self._leases[host] = now
         else:

@@ -35,7 +35,7 @@ from shmreg.backends._base import (
     check_settings,
     setting,
 )
-from shmreg.backends._redis_conn import Scripts, connect, mapped, parse
+from shmreg.backends._redis_conn import Line, Scripts, connect, mapped, parse, translate
 
 HOST_LOST = "host-lost"  # the ``died`` reason for entries of a host whose lease expired
 _SCRIPTS = {
@@ -97,7 +97,8 @@ class RedisBase(BackendBase):
         self._target = parse(url)
         self._closed = self._destroyed = False
         self._client = connect(self._target)
-        self._scripts = Scripts(self._client, _SCRIPTS)
+        self._line = Line(self._client)
+        self._scripts = Scripts(self._line, _SCRIPTS)
         self._keys = [f"shmreg:{{{name}}}:"]
         self._bprefix = self._keys[0].encode()
         # A remote host seen alive is believed for a tenth of the lease: a lookup then costs
@@ -122,7 +123,7 @@ class RedisBase(BackendBase):
         }
         got = self._run("open", int(create), *asked.values(), time.time(), operation="open")
         if got is None:
-            self._client.close()
+            self._line.close()
             raise RegistryNotFound(f"no Redis registry named {name!r} at {url}", name=name)
         actual = dict(zip(asked, (int(v) for v in got), strict=True))
         try:
@@ -136,7 +137,7 @@ class RedisBase(BackendBase):
                 actual,
             )
         except IncompatibleRegistry:
-            self._client.close()
+            self._line.close()
             raise
         self.capacity: int = actual["capacity"]
         self.max_metadata_bytes: int = actual["max_metadata_bytes"]
@@ -160,8 +161,13 @@ class RedisBase(BackendBase):
             raise RegistryClosed(
                 f"registry {self._name!r} is closed in this handle", name=self._name
             )
-        with mapped(self._name, operation or op):
+        try:
             return self._scripts.run(op, self._keys, list(args))
+        except self._redis_error as exc:  # as ``mapped`` does, without its cost per call
+            error = translate(self._name, operation or op, exc)
+            if isinstance(error, RegistryDestroyed):
+                raise error from None
+            raise error from exc
 
     def _ident(self, pid: bytes, start: bytes, host: bytes) -> ProcessIdentity:
         if host == self._here:
@@ -200,7 +206,7 @@ class RedisBase(BackendBase):
         """Detach this handle and its connections; the registry stays. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._client.close()
+            self._line.close()
 
     def destroy(self) -> None:
         """Delete every key of the registry (other handles' next call: RegistryDestroyed)."""
@@ -208,7 +214,9 @@ class RedisBase(BackendBase):
             prefix = self._keys[0]
             with mapped(self._name, "destroy"):
                 self._client.delete(prefix + "meta")  # first: every script now refuses
-                batch = list(self._client.scan_iter(match=prefix + "*", count=1000))
+                # The name is not a pattern: "x*" must not match registry "xy"'s keys.
+                pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+                batch = list(self._client.scan_iter(match=pattern, count=1000))
                 for i in range(0, len(batch), 1000):
                     self._client.delete(*batch[i : i + 1000])
         self.close()

@@ -18,6 +18,8 @@ a command the server refused is ``BackendOperationFailed``, and a script's own r
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +118,14 @@ def connect(target: Target) -> Any:
         hosts,
         socket_timeout=attempt,
         socket_connect_timeout=attempt,
-        sentinel_kwargs={"socket_timeout": attempt},
+        # Given explicitly, these replace redis-py's defaults for talking to the sentinels:
+        # without a connect timeout a sentinel that drops connections hangs the caller for
+        # minutes (the kernel's SYN retries).
+        sentinel_kwargs={
+            "socket_timeout": attempt,
+            "socket_connect_timeout": attempt,
+            "retry": Retry(NoBackoff(), 0),  # the master's connection retries the lookup
+        },
     )
     return sentinel.master_for(  # type: ignore[no-untyped-call]
         path[0], db=db, password=password, **common
@@ -158,13 +167,87 @@ def mapped(name: str, operation: str) -> Iterator[None]:
         raise error from exc
 
 
+class Line:
+    """Commands on one connection this handle keeps out of the pool, falling back to the pool.
+
+    redis-py's ``execute_command`` takes a pooled connection and returns it on every call,
+    which costs as much client time as the round trip's own work. A handle's calls come one
+    at a time from one thread nearly always, so they share one connection; a call made while
+    another is in flight (another thread, a blocking read) goes through the pool as before.
+    Failures are handled as the pool does: a broken or timed-out connection is dropped and
+    the call tried once more on a fresh one, so a server restart is invisible to callers.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._pool = client.connection_pool
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._pid = os.getpid()
+        exceptions = _redis().exceptions
+        self._broken = (exceptions.ConnectionError, exceptions.TimeoutError)
+        self._refused = exceptions.ResponseError  # a reply: the connection is fine
+
+    def call(self, *args: Any) -> Any:
+        """Send one command and return its raw reply (errors as redis-py raises them)."""
+        if not self._lock.acquire(blocking=False):
+            return self._client.execute_command(*args)
+        try:
+            # A connection just taken has tried to connect twice already (its own retry):
+            # only one that broke in use is worth another go, on a fresh connection.
+            fresh = self._conn is None or self._pid != os.getpid()
+            try:
+                return self._send(args)
+            except self._broken:
+                self._drop()  # the next attempt connects afresh (asking Sentinel again)
+                if fresh:
+                    raise
+            return self._send(args)
+        except self._refused:
+            raise
+        except BaseException:
+            # An interrupted call may leave a reply unread on the socket: never reuse it.
+            self._drop()
+            raise
+        finally:
+            self._lock.release()
+
+    def _send(self, args: tuple[Any, ...]) -> Any:
+        if self._conn is None or self._pid != os.getpid():
+            # After a fork the parent's socket is not ours to use (or to shut down). The pool
+            # connects what it hands out the way each connection class must (a Sentinel one
+            # looks up the master first).
+            self._conn, self._pid = None, os.getpid()
+            self._conn = self._pool.get_connection()
+        conn = self._conn
+        conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        return conn.read_response(disconnect_on_error=True)
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.disconnect()
+            self._pool.release(conn)
+
+    def close(self) -> None:
+        """Hand the kept connection back and close every connection of the client.
+
+        Takes no lock: a ``close()`` from a signal handler that interrupted a call of the
+        same thread must not wait for that call (a call in flight elsewhere then fails).
+        """
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            self._pool.release(conn)
+        self._client.close()
+
+
 class Scripts:
     """The backend's Lua scripts, run by their SHA1 and loaded again when a server lacks them."""
 
-    def __init__(self, client: Any, sources: dict[str, str]) -> None:
+    def __init__(self, line: Line, sources: dict[str, str]) -> None:
         import hashlib
 
-        self._client = client
+        self._line = line
         self._sources = sources
         self._sha = {op: hashlib.sha1(src.encode()).hexdigest() for op, src in sources.items()}
         self._noscript = _redis().exceptions.NoScriptError
@@ -179,7 +262,7 @@ class Scripts:
 
     def run(self, op: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return self._client.evalsha(self._sha[op], len(keys), *keys, *args)
+            return self._line.call("EVALSHA", self._sha[op], len(keys), *keys, *args)
         except self._noscript:
             # A server restarted, failed over or flushed its script cache: load and retry.
-            return self._client.eval(self._sources[op], len(keys), *keys, *args)
+            return self._line.call("EVAL", self._sources[op], len(keys), *keys, *args)

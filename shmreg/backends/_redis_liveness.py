@@ -62,7 +62,7 @@ class RedisLiveness(RedisBase):
             ident: (reason if _identity.is_local(ident) else HOST_LOST)
             for ident, reason in dead_reasons(verdicts).items()
         }
-        args: list[Any] = [time.time(), self.ring_events, self._here, int(sweeping)]
+        args: list[Any] = [time.time(), self.ring_events, self._here, int(sweeping), 0]
         if reasons:
             stored, _ = self._scan()
             for ns, key, value in stored:
@@ -70,7 +70,7 @@ class RedisLiveness(RedisBase):
                 reason = reasons.get(self._ident(head[0], head[1], head[4]))
                 if reason is not None:
                     args += [ns, key, value, reason]
-        if len(args) == 4 and not sweeping:
+        if len(args) == 5 and not sweeping:
             return 0
         return int(self._run("remove", *args, operation="remove_dead"))
 
@@ -90,11 +90,13 @@ class RedisLiveness(RedisBase):
         if not expired:
             return 0
         stored, _ = self._scan()
-        args: list[Any] = [time.time(), self.ring_events, self._here, 0]
+        # Every entry of an expired host is in this batch, so the hosts can be forgotten
+        # with it (the script keeps any whose lease came back meanwhile).
+        args: list[Any] = [time.time(), self.ring_events, self._here, 0, len(expired), *expired]
         for ns, key, value in stored:
             if self._head(value)[4] in expired:
                 args += [ns, key, value, HOST_LOST]
-        return int(self._run("remove", *args, operation="heartbeat")) if len(args) > 4 else 0
+        return int(self._run("remove", *args, operation="heartbeat"))
 
     # ------------------------------------------------------------------ events
 
@@ -118,7 +120,9 @@ class RedisLiveness(RedisBase):
         """Block until an event numbered after ``after`` exists (``XREAD BLOCK``), or timeout.
 
         Blocks in slices shorter than the socket timeout, so a slow wait is never mistaken
-        for an unreachable server.
+        for an unreachable server; between slices it asks whether the registry still exists
+        (a destroyed one has no stream to wake the reader: it raises ``RegistryDestroyed``
+        then, not when the whole timeout has passed).
         """
         deadline = time.monotonic() + timeout
         stream = self._keys[0] + "ev"
@@ -130,6 +134,7 @@ class RedisLiveness(RedisBase):
             with mapped(self._name, "wait"):
                 if self._client.xread({stream: f"{after}-1"}, count=1, block=block):
                     return True
+            self._run("last", operation="wait")
 
     def _event(self, seq: int, fields: list[bytes]) -> Event:
         f = dict(zip(fields[::2], fields[1::2], strict=True))

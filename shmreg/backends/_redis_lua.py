@@ -178,16 +178,20 @@ return {v, 1}
 """
 )
 
-# ARGV: now, ring, here, sweeping (0/1), then (ns, key, value, reason) per entry. Removes
-# each entry still holding exactly that value, with a 'died' event; an entry of another host
-# is removed only while that host's lease is expired (a live host's entries are never ours
-# to judge). Returns how many were removed.
+# ARGV: now, ring, here, sweeping (0/1), n, then n hosts to forget, then (ns, key, value,
+# reason) per entry. Removes each entry still holding exactly that value, with a 'died' event;
+# an entry of another host is removed only while that host's lease is expired (a live host's
+# entries are never ours to judge). Then forgets each listed host whose lease is still
+# expired: the caller saw no entry of it left, and without this ``hosts`` would keep every
+# host that ever wrote (each restarted container is a new host) and every heartbeat would
+# check them all. Returns how many entries were removed.
 REMOVE = (
     PRELUDE
     + r"""
 local now, ring, here = ARGV[1], ARGV[2], ARGV[3]
+local first = 6 + tonumber(ARGV[5])
 local removed = 0
-for i = 5, #ARGV, 4 do
+for i = first, #ARGV, 4 do
   local ns, key, old, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local hkey = P .. 'ns:' .. ns
   if redis.call('HGET', hkey, key) == old then
@@ -199,6 +203,11 @@ for i = 5, #ARGV, 4 do
       index('SREM', ns, key, tags)
       removed = removed + 1
     end
+  end
+end
+for i = 6, first - 1 do
+  if redis.call('EXISTS', P .. 'lease:' .. ARGV[i]) == 0 then
+    redis.call('SREM', P .. 'hosts', ARGV[i])
   end
 end
 if ARGV[4] == '1' or removed > 0 then
