@@ -27,13 +27,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmreg import _identity
+from shmreg import _identity, _log
 from shmreg._clock import SYSTEM, Clock
+from shmreg._errors import BackendUnavailable
 from shmreg._types import Liveness, ProcessIdentity
 
 # How often a monitor renews its host's lease on a many-host backend that does not say
 # (``heartbeat_interval``); leases last ~5x this.
 HEARTBEAT_INTERVAL = 2.0
+# A monitor whose backend is unreachable retries after these waits (doubling), keeping the
+# last few errors in its stats.
+RETRY_FIRST, RETRY_MAX = 0.05, 2.0
+MAX_ERRORS_KEPT = 50
 _HAS_PIDFD = hasattr(os, "pidfd_open") and hasattr(select, "epoll")
 
 
@@ -180,53 +185,28 @@ class Monitor:
         try:
             if poller is not None:
                 poller.register(self._wake_r, select.EPOLLIN)
-            seen = self._backend.last_event_seq()
-            # A many-host backend keeps this host's lease alive and buries hosts that lost
-            # theirs (RedisBackend.heartbeat); one-host backends have no such method.
-            beat = getattr(self._backend, "heartbeat", None)
-            next_beat = self._clock.monotonic()
-            self._reconcile(self._backend.owners(), poller, by_fd, watched)
-            next_rescan = self._clock.monotonic() + self._rescan_interval
-            next_sweep = self._clock.monotonic() + self._sweep_interval
+            backoff = RETRY_FIRST
             while not self._stop.is_set():
-                latest = self._backend.last_event_seq()
-                if latest != seen:
-                    seen = self._follow(seen, poller, by_fd, watched)
-                self.stats.seen = seen
-                now = self._clock.monotonic()
-                if beat is not None and now >= next_beat:
-                    self.stats.removed += beat()
-                    next_beat = now + getattr(
-                        self._backend, "heartbeat_interval", HEARTBEAT_INTERVAL
+                began = self._clock.monotonic()
+                try:
+                    self._session(poller, by_fd, watched)
+                    return
+                except BackendUnavailable as exc:
+                    # A server restarting or a network blip. Dying here would stop the
+                    # lease renewals of a many-host backend, and other hosts would then bury
+                    # this host's live entries: wait, then start a fresh session (a full
+                    # rescan covers whatever happened meanwhile).
+                    self._note_error(exc)
+                    _log.liveness.warning(
+                        "monitor of %r: backend unavailable, retrying in %.2f s: %s",
+                        self._backend.name, backoff, exc,
                     )
-                if now >= next_rescan:
-                    self._reconcile(self._backend.owners(), poller, by_fd, watched)
-                    self.stats.rescans += 1
-                    next_rescan = now + self._rescan_interval
-                if now >= next_sweep:
-                    # Owners without a pidfd (none available, or the fd limit reached) are
-                    # covered by sweeps; with every owner watched there is nothing to do.
-                    if poller is None or any(fd < 0 for fd in watched.values()):
-                        self.stats.removed += self._backend.sweep()
-                        self.stats.sweeps += 1
-                    if getattr(self._backend, "pending", 0):  # dual-write: failed mirrors
-                        self._backend.reconcile()
-                    next_sweep = now + self._sweep_interval
-                if poller is None:
-                    self._stop.wait(self._poll)
-                    continue
-                for fd, _mask in poller.poll(self._poll):
-                    if fd == self._wake_r:
-                        continue
-                    ident = by_fd.pop(fd, None)
-                    if ident is None:
-                        continue
-                    poller.unregister(fd)
-                    os.close(fd)
-                    watched.pop(ident, None)
-                    self._bury(ident)
+                    if self._clock.monotonic() - began > RETRY_MAX:
+                        backoff = RETRY_FIRST  # it had been healthy: start small again
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, RETRY_MAX)
         except Exception as exc:  # keep the reason: a monitor that died silently is worse
-            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+            self._note_error(exc)
             raise
         finally:
             for fd in by_fd:
@@ -236,6 +216,63 @@ class Monitor:
                     pass
             if poller is not None:
                 poller.close()
+
+    def _note_error(self, exc: BaseException) -> None:
+        self.stats.errors.append(f"{type(exc).__name__}: {exc}"[:500])
+        del self.stats.errors[:-MAX_ERRORS_KEPT]
+
+    def _session(
+        self,
+        poller: Any,
+        by_fd: dict[int, ProcessIdentity],
+        watched: dict[ProcessIdentity, int],
+    ) -> None:
+        """Follow the backend until stopped; a ``BackendUnavailable`` ends the session."""
+        seen = self._backend.last_event_seq()
+        # A many-host backend keeps this host's lease alive and buries hosts that lost
+        # theirs (RedisBackend.heartbeat); one-host backends have no such method.
+        beat = getattr(self._backend, "heartbeat", None)
+        next_beat = self._clock.monotonic()
+        self._reconcile(self._backend.owners(), poller, by_fd, watched)
+        next_rescan = self._clock.monotonic() + self._rescan_interval
+        next_sweep = self._clock.monotonic() + self._sweep_interval
+        while not self._stop.is_set():
+            latest = self._backend.last_event_seq()
+            if latest != seen:
+                seen = self._follow(seen, poller, by_fd, watched)
+            self.stats.seen = seen
+            now = self._clock.monotonic()
+            if beat is not None and now >= next_beat:
+                self.stats.removed += beat()
+                next_beat = now + getattr(
+                    self._backend, "heartbeat_interval", HEARTBEAT_INTERVAL
+                )
+            if now >= next_rescan:
+                self._reconcile(self._backend.owners(), poller, by_fd, watched)
+                self.stats.rescans += 1
+                next_rescan = now + self._rescan_interval
+            if now >= next_sweep:
+                # Owners without a pidfd (none available, or the fd limit reached) are
+                # covered by sweeps; with every owner watched there is nothing to do.
+                if poller is None or any(fd < 0 for fd in watched.values()):
+                    self.stats.removed += self._backend.sweep()
+                    self.stats.sweeps += 1
+                if getattr(self._backend, "pending", 0):  # dual-write: failed mirrors
+                    self._backend.reconcile()
+                next_sweep = now + self._sweep_interval
+            if poller is None:
+                self._stop.wait(self._poll)
+                continue
+            for fd, _mask in poller.poll(self._poll):
+                if fd == self._wake_r:
+                    continue
+                ident = by_fd.pop(fd, None)
+                if ident is None:
+                    continue
+                poller.unregister(fd)
+                os.close(fd)
+                watched.pop(ident, None)
+                self._bury(ident)
 
     def _follow(
         self,

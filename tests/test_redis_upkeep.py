@@ -290,3 +290,34 @@ def test_a_lost_hosts_name_is_taken_over_by_a_register_without_a_sweep(
         assert reg.lookup("ns", "svc") == os.getpid()
     finally:
         reg.destroy()
+
+
+def test_the_monitor_outlives_a_server_restart() -> None:
+    """An unreachable server pauses the monitor, it does not end it: the lease keeps being
+    renewed afterwards and deaths are still handled."""
+    import subprocess
+    import sys
+
+    server = RedisServer(appendonly=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1e9)"])
+    reg = shmreg.Registry.create(_name(), url=server.url)
+    try:
+        reg.register("ns", "doomed", pid=child.pid)
+        with reg.monitor() as monitor:
+            _until(lambda: monitor.stats.watched >= 1, "the owner watched")
+            server.kill()
+            _until(lambda: monitor.stats.errors, "the monitor noticing the outage")
+            server.start()
+            child.kill()
+            child.wait()
+            _until(lambda: reg.lookup("ns", "doomed") is None and reg.count("ns") == 0,
+                   "the dead owner's entry removed after the restart")
+            _until(lambda: monitor.stats.removed >= 1, "the monitor's removal")
+            assert monitor.running
+        assert all("BackendUnavailable" in error for error in monitor.stats.errors)
+        reg.destroy()
+    finally:
+        child.kill()
+        child.wait()
+        reg.close()
+        server.stop()
