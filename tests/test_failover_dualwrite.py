@@ -157,3 +157,38 @@ def test_a_monitor_on_a_dual_write_registry_takes_no_other_standby(
     finally:
         standby.destroy()
         other.destroy()
+
+
+def test_failback_waits_until_the_primary_can_be_resynced(
+    server: RedisServer, reg_name: str
+) -> None:
+    from shmreg.backends._redis import RedisBackend
+
+    primary = RedisBackend(f"fb-{uuid.uuid4().hex[:8]}", f"{server.url}?timeout=0.5", create=True)
+    standby = SharedMemoryBackend(reg_name, capacity=64)
+    dual = DualWriteBackend(primary, standby)
+    reg = shmreg.Registry(primary.name, backend=dual)
+    try:
+        reg.register("web", "before")
+        server.kill()
+        dual.fail_over()
+        reg.register("web", "during")  # the standby acknowledges it
+        assert reg.lookup("web", "during") == os.getpid()
+        assert set(reg.list_services("web")) == {"before", "during"}
+        with pytest.raises(shmreg.ShmregError):
+            dual.fail_back()  # the primary is still down: nothing switches
+        assert dual.serving == "secondary" and reg.lookup("web", "during") == os.getpid()
+        reg.unregister("web", "before")  # removals reach the primary by the resync too
+        server.start()
+        assert primary.lookup("web", "during") is None
+        assert dual.fail_back() >= 2
+        assert dual.serving == "primary" and dual.pending == 0
+        assert primary.lookup("web", "during") == os.getpid()
+        assert primary.lookup("web", "before") is None
+        assert dual.stats().extra["dual"]["serving"] == "primary"
+    finally:
+        standby.destroy()
+        try:
+            primary.destroy()
+        except shmreg.ShmregError:
+            pass
