@@ -13,22 +13,38 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import shmreg
+from shmreg.backends import Backend
 from shmreg.backends._dualwrite import DualWriteBackend
 from shmreg.backends._shm import SharedMemoryBackend
 from shmreg.testing.redis import RedisServer, redis_server_binary
+from tests import test_backend_monitor
+
+Sides = tuple[shmreg.Registry, DualWriteBackend, Backend, SharedMemoryBackend]
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
 
 WAIT = 120.0  # seconds: the machine is slow and shared; these are bounds, not expectations
 
 
+server = test_backend_monitor.server  # a private server with an AOF, stopped and started
+
+
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer(appendonly=True)  # private: stopped and started; the AOF keeps the data
+def sides(server: RedisServer, reg_name: str) -> Iterator[Sides]:
+    """A registry on a dual-write backend: Redis the primary, shared memory the standby."""
+    from shmreg.backends._redis import RedisBackend
+
+    primary = RedisBackend(f"fo-{uuid.uuid4().hex[:8]}", f"{server.url}?timeout=0.5", create=True)
+    standby = SharedMemoryBackend(reg_name, capacity=8192)
+    dual = DualWriteBackend(primary, standby)
     try:
-        yield s
+        yield shmreg.Registry(primary.name, backend=dual), dual, primary, standby
     finally:
-        s.stop()
+        standby.destroy()
+        try:
+            primary.destroy()
+        except shmreg.ShmregError:
+            pass
 
 
 def wait_until(what: str, condition: Callable[[], bool], status: Callable[[], object]) -> None:
@@ -86,14 +102,9 @@ class Writers:
 
 
 def test_no_acknowledged_registration_is_lost_across_two_outages(
-    server: RedisServer, reg_name: str
+    server: RedisServer, sides: Sides
 ) -> None:
-    from shmreg.backends._redis import RedisBackend
-
-    primary = RedisBackend(f"fo-{uuid.uuid4().hex[:8]}", f"{server.url}?timeout=0.5", create=True)
-    standby = SharedMemoryBackend(reg_name, capacity=8192)
-    dual = DualWriteBackend(primary, standby)
-    reg = shmreg.Registry(primary.name, backend=dual)
+    reg, dual, primary, standby = sides
     switches: list[tuple[str, str]] = []
     mon = shmreg.BackendMonitor(
         reg,
@@ -135,16 +146,9 @@ def test_no_acknowledged_registration_is_lost_across_two_outages(
         assert mon.figures.failovers == 2 and mon.figures.failbacks == 2
     finally:
         mon.stop()
-        standby.destroy()
-        try:
-            primary.destroy()
-        except shmreg.ShmregError:
-            pass
 
 
-def test_a_monitor_on_a_dual_write_registry_takes_no_other_standby(
-    server: RedisServer, reg_name: str
-) -> None:
+def test_a_monitor_on_a_dual_write_registry_takes_no_other_standby(reg_name: str) -> None:
     standby = SharedMemoryBackend(reg_name, capacity=64)
     other = SharedMemoryBackend(f"{reg_name}-x", capacity=64)
     try:
@@ -160,35 +164,23 @@ def test_a_monitor_on_a_dual_write_registry_takes_no_other_standby(
 
 
 def test_failback_waits_until_the_primary_can_be_resynced(
-    server: RedisServer, reg_name: str
+    server: RedisServer, sides: Sides
 ) -> None:
-    from shmreg.backends._redis import RedisBackend
-
-    primary = RedisBackend(f"fb-{uuid.uuid4().hex[:8]}", f"{server.url}?timeout=0.5", create=True)
-    standby = SharedMemoryBackend(reg_name, capacity=64)
-    dual = DualWriteBackend(primary, standby)
-    reg = shmreg.Registry(primary.name, backend=dual)
-    try:
-        reg.register("web", "before")
-        server.kill()
-        dual.fail_over()
-        reg.register("web", "during")  # the standby acknowledges it
-        assert reg.lookup("web", "during") == os.getpid()
-        assert set(reg.list_services("web")) == {"before", "during"}
-        with pytest.raises(shmreg.ShmregError):
-            dual.fail_back()  # the primary is still down: nothing switches
-        assert dual.serving == "secondary" and reg.lookup("web", "during") == os.getpid()
-        reg.unregister("web", "before")  # removals reach the primary by the resync too
-        server.start()
-        assert primary.lookup("web", "during") is None
-        assert dual.fail_back() >= 2
-        assert dual.serving == "primary" and dual.pending == 0
-        assert primary.lookup("web", "during") == os.getpid()
-        assert primary.lookup("web", "before") is None
-        assert dual.stats().extra["dual"]["serving"] == "primary"
-    finally:
-        standby.destroy()
-        try:
-            primary.destroy()
-        except shmreg.ShmregError:
-            pass
+    reg, dual, primary, _ = sides
+    reg.register("web", "before")
+    server.kill()
+    dual.fail_over()
+    reg.register("web", "during")  # the standby acknowledges it
+    assert reg.lookup("web", "during") == os.getpid()
+    assert set(reg.list_services("web")) == {"before", "during"}
+    with pytest.raises(shmreg.ShmregError):
+        dual.fail_back()  # the primary is still down: nothing switches
+    assert dual.serving == "secondary" and reg.lookup("web", "during") == os.getpid()
+    reg.unregister("web", "before")  # removals reach the primary by the resync too
+    server.start()
+    assert primary.lookup("web", "during") is None
+    assert dual.fail_back() >= 2
+    assert dual.serving == "primary" and dual.pending == 0
+    assert primary.lookup("web", "during") == os.getpid()
+    assert primary.lookup("web", "before") is None
+    assert dual.stats().extra["dual"]["serving"] == "primary"
