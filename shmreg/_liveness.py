@@ -238,6 +238,9 @@ class Monitor:
         next_sweep = self._clock.monotonic() + self._sweep_interval
         while not self._stop.is_set():
             latest = self._backend.last_event_seq()
+            if latest < seen:  # another event ring (a dual-write backend switched sides)
+                self._reconcile(self._backend.owners(), poller, by_fd, watched)
+                seen = latest
             if latest != seen:
                 seen = self._follow(seen, poller, by_fd, watched)
             self.stats.seen = seen

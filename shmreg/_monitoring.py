@@ -11,9 +11,15 @@ A check fails when ``health_check()`` raises (server unreachable, registry destr
 takes longer than ``timeout``. A report that says "unhealthy" because of dead or damaged
 entries is an answer, not a failure: the backend is up, its data needs a sweep or fsck.
 
-The switch itself only changes which backend the registry's calls go to. Registrations
-made on one backend are not copied to the other: a switch that loses no acknowledged
-registration needs a backend writing to both (a dual-write backend) as the primary.
+On a registry whose backend is a ``DualWriteBackend`` (``BackendMonitor(registry)``, no
+standby argument) the two sides are its primary and its secondary, and the switch goes
+through it: failover makes the secondary serve (``fail_over``), failback first copies the
+secondary's state to the primary (``fail_back``) and stays on the secondary if that fails,
+so no acknowledged registration is lost. The registry keeps the same backend object, so its
+death monitor follows the side that serves.
+
+Given a separate ``standby`` instead, a switch only repoints the registry's calls: nothing
+is copied either way, and the registry's death monitor keeps watching the primary.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from shmreg import _log, _opmetrics
 from shmreg._errors import InvalidArgument
+from shmreg.backends._dualwrite import DualWriteBackend
 from shmreg.backends._protocol import Backend
 
 if TYPE_CHECKING:
@@ -67,16 +74,17 @@ def switch_backend(registry: Registry, backend: Backend) -> None:
 
 
 class BackendMonitor:
-    """Health checks of ``registry``'s backend and a ``standby``; failover and failback.
+    """Health checks of ``registry``'s backends; failover and failback (see the module).
 
-    ``on_switch(role, reason)`` is called after each switch. ``check_once()`` runs one round
-    (what the background thread of ``start()`` does every ``interval`` seconds).
+    ``standby`` is omitted for a registry on a ``DualWriteBackend`` (its secondary is the
+    standby). ``on_switch(role, reason)`` is called after each switch. ``check_once()`` runs
+    one round (what the background thread of ``start()`` does every ``interval`` seconds).
     """
 
     def __init__(
         self,
         registry: Registry,
-        standby: Backend,
+        standby: Backend | None = None,
         *,
         interval: float = 5.0,
         fail_after: int = 3,
@@ -98,18 +106,23 @@ class BackendMonitor:
                     argument=argument,
                     value=repr(seconds),
                 )
-        if not isinstance(standby, Backend):
+        dual = registry.backend if isinstance(registry.backend, DualWriteBackend) else None
+        if dual is not None and standby in (None, dual.secondary):
+            standby = dual.secondary
+        elif dual is not None or not isinstance(standby, Backend):
             raise InvalidArgument(
-                f"standby must implement shmreg.backends.Backend, got {standby!r}",
+                "standby must implement shmreg.backends.Backend (and be omitted for a "
+                f"registry on a DualWriteBackend), got {standby!r}",
                 argument="standby",
                 value=repr(standby),
             )
         self.registry = registry
+        self._dual = dual
         self.backends = {
-            PRIMARY: BackendHealth(PRIMARY, registry.backend),
+            PRIMARY: BackendHealth(PRIMARY, registry.backend if dual is None else dual.primary),
             STANDBY: BackendHealth(STANDBY, standby),
         }
-        self.active = PRIMARY
+        self.active = STANDBY if dual is not None and dual.serving != "primary" else PRIMARY
         self.figures = MonitorFigures()
         self._interval = float(interval)
         self._fail_after = fail_after
@@ -179,7 +192,21 @@ class BackendMonitor:
             return self.active
 
     def _switch(self, role: str, reason: str) -> None:
-        switch_backend(self.registry, self.backends[role].backend)
+        if self._dual is None:
+            switch_backend(self.registry, self.backends[role].backend)
+        elif role == STANDBY:
+            self._dual.fail_over()
+        else:
+            try:
+                copied = self._dual.fail_back()
+            except Exception as exc:  # the primary is not up to date: stay, try next round
+                _log.monitoring.warning(
+                    "registry %r: failback postponed, the primary could not be resynced: %s",
+                    self.registry.name,
+                    exc,
+                )
+                return
+            reason = f"{reason}; {copied} names resynced to the primary"
         previous, self.active = self.active, role
         self.backends[role].consecutive_ok = 0
         if role == STANDBY:
@@ -225,6 +252,7 @@ class BackendMonitor:
             self._stop.wait(self._interval)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """End the background checks, waiting up to ``timeout`` s for a round under way."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:

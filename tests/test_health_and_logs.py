@@ -59,11 +59,19 @@ def test_health_of_a_missing_registry_is_unhealthy(reg_name: str) -> None:
     assert missing.returncode == 2 and "RegistryNotFound" in missing.stderr
 
 
-@pytest.mark.parametrize("backend", ["shm", "memory"])
+@pytest.mark.parametrize("backend", ["shm", "memory", "redis"])
 def test_dead_removals_are_logged_with_their_reason(
-    reg_name: str, backend: str, caplog: pytest.LogCaptureFixture
+    reg_name: str, backend: str, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
-    reg = shmreg.Registry.create(reg_name, backend=backend, capacity=64)
+    if backend == "redis":
+        from shmreg.testing.redis import redis_server_binary
+
+        if redis_server_binary() is None:
+            pytest.skip("no redis-server")
+        url = request.getfixturevalue("redis_server").url  # type: ignore[attr-defined]
+        reg = shmreg.Registry.create(reg_name, url=url, capacity=64)
+    else:
+        reg = shmreg.Registry.create(reg_name, backend=backend, capacity=64)
     try:
         _with_dead(reg, 1, 3)
         with caplog.at_level(logging.INFO, logger="shmreg"):

@@ -12,6 +12,13 @@ Two processes mirroring the same name can interleave; each mirror re-reads the p
 copying and copies again if the name moved meanwhile, so the secondary ends where the primary
 is.
 
+Failover (``BackendMonitor`` does it, or a caller): ``fail_over()`` makes the secondary
+serve reads and acknowledged writes while the primary is down; the primary is then not
+written, the names written meanwhile are remembered. ``fail_back()`` resyncs the primary
+from the secondary (a full ``reconcile``, then the names written during it, with writes held
+for that last step only) and makes it serve again, so no acknowledged registration is lost.
+Writes in flight finish before a switch; the side that serves is the "front" below.
+
 Reads ask the primary and fall back to the secondary on a miss or a failing primary; lists
 are the union, the primary winning a name both hold. Events and ``wait_events`` are the
 primary's. Open one as ``Registry("jobs", backend=DualWriteBackend(a, b))`` or by URL,
@@ -20,13 +27,15 @@ primary's. Open one as ``Registry("jobs", backend=DualWriteBackend(a, b))`` or b
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from shmreg import _codec
 from shmreg._error_base import ShmregError
+from shmreg._errors import BackendUnavailable
 from shmreg._events import Event
 from shmreg._types import (
     Entry,
@@ -40,10 +49,26 @@ from shmreg._types import (
 from shmreg.backends._base import BackendBase
 from shmreg.backends._portable import StoredEntry, read_entry, same_entry
 from shmreg.backends._protocol import Backend
+from shmreg.backends._switchgate import SwitchGate
 
 log = logging.getLogger("shmreg.migration")
 T = TypeVar("T")
+P = ParamSpec("P")
 _ROUNDS = 5  # mirror attempts while the name keeps moving under us
+PRIMARY, SECONDARY = "primary", "secondary"
+
+
+def _gated(
+    method: Callable[Concatenate[DualWriteBackend, P], T],
+) -> Callable[Concatenate[DualWriteBackend, P], T]:
+    """Run a write with the gate shared, so no switch happens in its middle."""
+
+    def call(self: DualWriteBackend, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        with self._gate.shared():
+            return method(self, *args, **kwargs)
+
+    functools.update_wrapper(call, method)
+    return call
 
 
 class DualWriteBackend(BackendBase):
@@ -60,6 +85,53 @@ class DualWriteBackend(BackendBase):
         # them (it may still hold what the primary has since removed or changed).
         self._pending: dict[bytes, tuple[str, Service]] = {}
         self._lock = threading.Lock()
+        self._front, self._back = primary, secondary  # the side that serves, the mirrored one
+        self._deferred = False  # failed over: the back (primary) is not written until resynced
+        self._gate = SwitchGate()
+
+    @property
+    def serving(self) -> str:
+        """``"primary"``, or ``"secondary"`` after ``fail_over()`` until ``fail_back()``."""
+        return PRIMARY if self._front is self.primary else SECONDARY
+
+    def fail_over(self) -> None:
+        """Serve reads and writes from the secondary; the primary is resynced by ``fail_back``.
+
+        Waits for writes in flight. While failed over the primary is neither written nor read.
+        """
+        with self._gate.exclusive():
+            if self._front is self.primary:
+                self._front, self._back = self.secondary, self.primary
+                self._deferred = True
+
+    def fail_back(self) -> int:
+        """Copy the secondary's state to the primary, then serve from the primary again.
+
+        Writes go on during the full copy (mirrored to the primary from then on); they are held
+        only while the names written meanwhile are copied and the sides swap. Returns the names
+        written to the primary. Raises ``BackendUnavailable`` (still serving from the
+        secondary) if the primary cannot be brought up to date.
+        """
+        if self._front is self.primary:
+            return 0
+        with self._gate.shared():
+            self._deferred = False
+            try:
+                copied = self._reconcile(full=True)
+            except Exception:
+                self._deferred = True
+                raise
+        with self._gate.exclusive():
+            copied += self._reconcile()
+            if self._pending:
+                self._deferred = True
+                raise BackendUnavailable(
+                    f"primary {self.primary.name!r} still misses {len(self._pending)} names; "
+                    "serving from the secondary",
+                    backend=getattr(self.primary, "kind", None),
+                )
+            self._front, self._back = self.primary, self.secondary
+        return copied
 
     @property
     def name(self) -> str:
@@ -105,6 +177,10 @@ class DualWriteBackend(BackendBase):
     def _mirror(self, namespace: str, service: Service, known: StoredEntry | None = None) -> None:
         """Copy the name's primary state to the secondary; a failure is counted, never raised."""
         key = _codec.encode_key(namespace, service)
+        if self._deferred:  # failed over: fail_back() copies it
+            with self._lock:
+                self._pending[key] = (namespace, service)
+            return
         try:
             self._copy(namespace, service, known)
         except Exception as exc:
@@ -113,7 +189,7 @@ class DualWriteBackend(BackendBase):
                 self._pending[key] = (namespace, service)
             log.warning(
                 "dual-write: secondary %r failed for %s/%r (%s); kept for reconcile()",
-                self.secondary.name,
+                self._back.name,
                 namespace,
                 service,
                 exc,
@@ -126,18 +202,18 @@ class DualWriteBackend(BackendBase):
     def _copy(self, namespace: str, service: Service, known: StoredEntry | None = None) -> bool:
         """Make the secondary hold what the primary holds; True if it had to write."""
         wrote = False
-        want = known if known is not None else read_entry(self.primary, namespace, service)
+        want = known if known is not None else read_entry(self._front, namespace, service)
         # What the secondary holds: a fresh name is the common case, so an entry to copy is
         # first tried over "absent"; a refused swap answers with what is really there.
-        held = None if want is not None else read_entry(self.secondary, namespace, service)
+        held = None if want is not None else read_entry(self._back, namespace, service)
         for _ in range(_ROUNDS):
             if not same_entry(held, want):
-                ok, found = self.secondary.swap_entry(namespace, service, held, want)
+                ok, found = self._back.swap_entry(namespace, service, held, want)
                 held = found
                 if not ok:
                     continue
                 wrote = True
-            now = read_entry(self.primary, namespace, service)
+            now = read_entry(self._front, namespace, service)
             if same_entry(now, want):
                 return wrote
             want = now
@@ -146,16 +222,23 @@ class DualWriteBackend(BackendBase):
     def reconcile(self, *, full: bool = False) -> int:
         """Copy again every name whose mirror failed (``full``: compare every namespace).
 
-        Returns how many names were written to the secondary. A name that fails again stays
-        pending; nothing is raised unless the primary itself fails.
+        Returns how many names were written to the secondary (to the primary after a
+        failover: then it does nothing until ``fail_back``). A name that fails again stays
+        pending; nothing is raised unless the serving side itself fails.
         """
+        if self._deferred:
+            return 0
+        with self._gate.shared():
+            return self._reconcile(full=full)
+
+    def _reconcile(self, *, full: bool = False) -> int:
         with self._lock:
             names = dict(self._pending)
         if full:
-            for ns in sorted(set(self.primary.namespaces()) | set(self.secondary.namespaces())):
-                exported = self.primary.export_entries(ns)
+            for ns in sorted(set(self._front.namespaces()) | set(self._back.namespaces())):
+                exported = self._front.export_entries(ns)
                 ours = {_codec.encode_key(ns, e.service): e for e in exported}
-                for e in self.secondary.export_entries(ns):
+                for e in self._back.export_entries(ns):
                     mine = ours.get(_codec.encode_key(ns, e.service))
                     if not same_entry(mine, e):
                         names[_codec.encode_key(ns, e.service)] = (ns, e.service)
@@ -177,19 +260,22 @@ class DualWriteBackend(BackendBase):
         self, namespace: str, service: Service, call: Callable[[Backend], T | None]
     ) -> T | None:
         """The primary's answer, or the secondary's on a miss or a failing primary."""
+        if self._deferred:
+            return call(self._front)
         try:
-            found = call(self.primary)
+            found = call(self._front)
         except ShmregError:
-            return call(self.secondary)
+            return call(self._back)
         if found is not None or _codec.encode_key(namespace, service) in self._pending:
             return found
         try:
-            return call(self.secondary)
+            return call(self._back)
         except ShmregError:
             return None
 
     # ------------------------------------------------------------------ writes
 
+    @_gated
     def register(
         self,
         namespace: str,
@@ -197,18 +283,19 @@ class DualWriteBackend(BackendBase):
         owner: ProcessIdentity,
         metadata: Mapping[str, Any] | None,
     ) -> int:
-        generation = self.primary.register(namespace, service, owner, metadata)
+        generation = self._front.register(namespace, service, owner, metadata)
         known = StoredEntry(namespace, service, owner, generation, _codec.as_metadata(metadata))
         self._mirror(namespace, service, known)
         return generation
 
+    @_gated
     def register_many(
         self,
         namespace: str,
         items: list[tuple[Service, ProcessIdentity, Mapping[str, Any] | None]],
     ) -> list[int]:
         try:
-            generations = self.primary.register_many(namespace, items)
+            generations = self._front.register_many(namespace, items)
         except ShmregError:
             # The items before the refused one stay registered: mirror those that did.
             for service, _, _ in items:
@@ -220,6 +307,7 @@ class DualWriteBackend(BackendBase):
             self._mirror(namespace, service, known)
         return generations
 
+    @_gated
     def update_metadata(
         self,
         namespace: str,
@@ -229,18 +317,20 @@ class DualWriteBackend(BackendBase):
         merge: bool = False,
         generation: int | None = None,
     ) -> None:
-        self.primary.update_metadata(
+        self._front.update_metadata(
             namespace, service, metadata, merge=merge, generation=generation
         )
         self._mirror(namespace, service)
 
+    @_gated
     def unregister(
         self, namespace: str, service: Service, *, generation: int | None = None
     ) -> bool:
-        removed = self.primary.unregister(namespace, service, generation=generation)
+        removed = self._front.unregister(namespace, service, generation=generation)
         self._mirror(namespace, service)
         return removed
 
+    @_gated
     def swap_entry(
         self,
         namespace: str,
@@ -248,7 +338,7 @@ class DualWriteBackend(BackendBase):
         expect: StoredEntry | None,
         new: StoredEntry | None,
     ) -> tuple[bool, StoredEntry | None]:
-        done = self.primary.swap_entry(namespace, service, expect, new)
+        done = self._front.swap_entry(namespace, service, expect, new)
         if done[0] and not same_entry(expect, new):
             self._mirror(namespace, service, done[1])
         return done
@@ -265,12 +355,14 @@ class DualWriteBackend(BackendBase):
         return self._read(namespace, service, lambda b: b.lookup_entry(namespace, service))
 
     def _union(self, call: Callable[[Backend], list[T]], key: Callable[[T], bytes]) -> list[T]:
+        if self._deferred:
+            return call(self._front)
         try:
-            ours = call(self.primary)
+            ours = call(self._front)
         except ShmregError:
-            return call(self.secondary)
+            return call(self._back)
         try:
-            theirs = call(self.secondary)
+            theirs = call(self._back)
         except ShmregError:
             return ours
         seen = {key(item) for item in ours}
@@ -306,48 +398,55 @@ class DualWriteBackend(BackendBase):
     # ------------------------------------------------------------------ liveness and events
 
     def owner_counts(self) -> dict[ProcessIdentity, int]:
-        return self.primary.owner_counts()
+        return self._front.owner_counts()
 
+    @_gated
     def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
-        removed = self.primary.remove_dead(verdicts)
+        removed = self._front.remove_dead(verdicts)
+        if self._deferred:
+            return removed
         try:
-            self.secondary.remove_dead(verdicts)
+            self._back.remove_dead(verdicts)
         except Exception as exc:
-            log.warning("dual-write: secondary %r remove_dead failed (%s)", self.secondary, exc)
+            log.warning("dual-write: secondary %r remove_dead failed (%s)", self._back, exc)
         return removed
 
+    @_gated
     def sweep(self) -> int:
-        removed = self.primary.sweep()
+        removed = self._front.sweep()
+        if self._deferred:
+            return removed
         try:
-            self.secondary.sweep()
+            self._back.sweep()
         except Exception as exc:
-            log.warning("dual-write: secondary %r sweep failed (%s)", self.secondary, exc)
+            log.warning("dual-write: secondary %r sweep failed (%s)", self._back, exc)
         return removed
 
     def health_check(self) -> HealthReport:
-        return self.primary.health_check()
+        return self._front.health_check()
 
     def last_event_seq(self) -> int:
-        return self.primary.last_event_seq()
+        return self._front.last_event_seq()
 
     def read_events(self, after: int, limit: int = 1024) -> tuple[list[Event], int]:
-        return self.primary.read_events(after, limit)
+        return self._front.read_events(after, limit)
 
     def wait_events(self, after: int, timeout: float) -> bool:
         """The primary's blocking wait when it has one (Redis), else one check."""
-        wait: Callable[[int, float], bool] | None = getattr(self.primary, "wait_events", None)
+        wait: Callable[[int, float], bool] | None = getattr(self._front, "wait_events", None)
         if wait is not None:
             return wait(after, timeout)
-        return self.primary.last_event_seq() > after
+        return self._front.last_event_seq() > after
 
     def stats(self) -> RegistryStats:
-        stats = self.primary.stats()
+        stats = self._front.stats()
         extra = dict(stats.extra)
         extra["dual"] = {
             "secondary": self.secondary.name,
             "secondary_failures": self.failures,
             "pending": self.pending,
             "reconciled": self.reconciled,
+            "serving": self.serving,
         }
         return RegistryStats(**{**stats.__dict__, "backend": self.kind, "extra": extra})
 

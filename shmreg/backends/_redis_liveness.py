@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from shmreg import _codec, _identity
+from shmreg import _codec, _identity, _log
 from shmreg._events import Event
 from shmreg._types import (
     Liveness,
@@ -72,7 +72,12 @@ class RedisLiveness(RedisBase):
                     args += [ns, key, value, reason]
         if len(args) == 5 and not sweeping:
             return 0
-        return int(self._run("remove", *args, operation="remove_dead"))
+        removed = int(self._run("remove", *args, operation="remove_dead"))
+        if removed:  # counted per owner as the scan found them (the script drops only those)
+            heads = [self._head(value) for value in args[6::4]]
+            per_owner = Counter(self._ident(h[0], h[1], h[4]) for h in heads)
+            _log.removed_dead(self.name, per_owner, reasons)
+        return removed
 
     @property
     def heartbeat_interval(self) -> float:
