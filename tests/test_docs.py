@@ -31,12 +31,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
+import shmreg
 from shmreg._segment import list_segments, unlink_segment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,15 +107,26 @@ def plan(path: Path) -> list[dict[str, object]]:
 
 
 #: Runs one file's plan (JSON on stdin) as ``__main__``; line numbers are the Markdown's.
+#: Each registry name it opens or passes to the CLI is written to $SHMREG_DOCS_TOUCHED
+#: (one a line, as it happens): what the clean-up on a shared /dev/shm may remove.
 DRIVER = r"""
-import __main__, json, shlex, subprocess, sys
+import __main__, json, os, shlex, subprocess, sys
+from shmreg._store import Store
 path, steps = sys.argv[1], json.load(sys.stdin)
+# Underscored names: the pages' blocks share this namespace and must not clobber them.
+_docs_touched = open(os.environ["SHMREG_DOCS_TOUCHED"], "a", buffering=1)
+_docs_open = Store.open.__func__
+def _docs_noting_open(cls, name, **kwargs):
+    _docs_touched.write(name + "\n")
+    return _docs_open(cls, name, **kwargs)
+Store.open = classmethod(_docs_noting_open)
 for step in steps:
     if "python" in step:
         source = "\n" * (step["line"] - 1) + step["python"]
         exec(compile(source, path, "exec"), __main__.__dict__)
         continue
     argv = [sys.executable, "-m", "shmreg", *shlex.split(step["cli"])]
+    _docs_touched.writelines(arg + "\n" for arg in argv[3:])  # any of them may name a registry
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         sys.exit(f"{path}:{step['line']}: shmreg {step['cli']} exited {done.returncode}:\n"
@@ -136,20 +150,37 @@ def run_markdown(path: Path) -> subprocess.CompletedProcess[str]:
     steps = json.dumps(plan(path))
     label = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
     with tempfile.TemporaryDirectory(prefix="shmreg-docs-") as cwd:
+        touched = os.path.join(cwd, ".touched-registries")
+        env = {**os.environ, "SHMREG_DOCS_TOUCHED": touched}
         if _isolated():
             argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
                     _ISOLATED, DRIVER, label]
             return subprocess.run(argv, input=steps, capture_output=True, text=True,
-                                  timeout=FILE_TIMEOUT_S, cwd=cwd)
+                                  timeout=FILE_TIMEOUT_S, cwd=cwd, env=env)
         with FileLock(os.path.join(tempfile.gettempdir(), "shmreg-docs.lock")):
             before = set(list_segments())
             try:
                 return subprocess.run([sys.executable, "-c", DRIVER, label], input=steps,
                                       capture_output=True, text=True,
-                                      timeout=FILE_TIMEOUT_S, cwd=cwd)
+                                      timeout=FILE_TIMEOUT_S, cwd=cwd, env=env)
             finally:
-                for segment in set(list_segments()) - before:
-                    unlink_segment(segment)
+                _remove_new_segments(before, touched)
+
+
+def _remove_new_segments(before: set[str], touched_file: str) -> None:
+    """Remove the segments a page's run added, and only those: other processes (other
+    xdist workers, other checkouts) create registries on the same /dev/shm meanwhile, and
+    removing theirs would pull a live registry from under them. A new segment is the page's
+    if its registry is one the page opened or named on a CLI line."""
+    try:
+        with open(touched_file) as f:
+            touched = set(f.read().split())
+    except FileNotFoundError:
+        touched = set()
+    for segment in set(list_segments()) - before:
+        # Registry names hold no '.': the root is shmreg-NAME, the rest shmreg-NAME.<...>.
+        if segment[len("shmreg-") :].split(".", 1)[0] in touched:
+            unlink_segment(segment)
 
 
 def markdown_files() -> list[Path]:
@@ -214,3 +245,48 @@ def test_without_a_private_dev_shm_what_a_page_leaves_is_removed(
     done = run_markdown(page)
     assert done.returncode == 0, done.stderr
     assert list_segments(f"shmreg-{reg_name}") == []  # left behind, then removed
+
+
+def test_without_a_private_dev_shm_registries_made_elsewhere_meanwhile_survive(
+    tmp_path: Path, reg_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other tests (other xdist workers, other checkouts) create registries while a page
+    runs on the shared /dev/shm: the clean-up after the page must leave those alone."""
+    monkeypatch.setattr(sys.modules[__name__], "_isolated", lambda: False)
+    started, go = tmp_path / "started", tmp_path / "go"
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nimport os, pathlib, time\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        f"deadline = time.monotonic() + {FILE_TIMEOUT_S / 2}\n"
+        f"while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n```\n"
+    )
+    result: list[subprocess.CompletedProcess[str]] = []
+    bystander: shmreg.Registry | None = None
+    runner = threading.Thread(target=lambda: result.append(run_markdown(page)))
+    runner.start()
+    try:
+        deadline = time.monotonic() + FILE_TIMEOUT_S / 2
+        while not started.exists() and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert started.exists(), "the page never started"
+        bystander = shmreg.Registry.create(reg_name)  # made by "someone else" meanwhile
+    finally:
+        go.touch()
+        runner.join()
+    try:
+        assert result and result[0].returncode == 0, result and result[0].stderr
+        assert f"shmreg-{reg_name}" in list_segments(f"shmreg-{reg_name}")
+        assert bystander is not None
+        assert bystander.lookup("ns", "missing") is None  # still attached and usable
+        shmreg.Registry.attach(reg_name).close()  # and still there for a new attacher
+    finally:
+        try:
+            shmreg.Registry.attach(reg_name).destroy()
+        except shmreg.RegistryNotFound:
+            from shmreg._store import destroy_by_name
+
+            destroy_by_name(reg_name)
+        if bystander is not None:
+            bystander.close()
