@@ -50,6 +50,20 @@ class _Progress:
             print(f"migrate: {done}/{total} entries ({rate:,.0f}/s)", file=sys.stderr, flush=True)
 
 
+def _new_report_path() -> Path:
+    """A default report name no earlier run holds: names carry the time to the second, and
+    overwriting the report of a run moments ago would leave its rollback nothing to undo."""
+    stem = f"shmreg-migration-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    for n in range(1, 10_000):
+        path = Path(f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
+        try:
+            path.open("x").close()  # claimed atomically: a concurrent run picks the next one
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{stem}*.json: too many reports in this directory this second")
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     journal = None if args.dry_run else journal_path(args.source, args.target)
     report = migrate(
@@ -64,9 +78,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {k: v for k, v in report.as_json().items() if k != "added"}
     ok = report.ok
     if not args.dry_run:
-        path = Path(
-            args.report or f"shmreg-migration-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-        )
+        path = Path(args.report) if args.report else _new_report_path()
         report.save(path)
         out["report"] = str(path)
         if journal is not None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import shmreg
@@ -71,3 +72,28 @@ def test_flags_set_and_show(registry: shmreg.Registry, tmp_path: Path) -> None:
     assert json.loads(shown.stdout) == {"unified": {"percent": 25, "cutover": False}}
     bad = _shmreg("flags", registry.name, "set", "unified", "120", cwd=tmp_path)
     assert bad.returncode == 2 and "InvalidArgument" in bad.stderr
+
+
+def test_a_second_migration_in_the_same_second_keeps_the_first_report(
+    registry: shmreg.Registry, tmp_path: Path
+) -> None:
+    """Default report names carry the time to the second: a later run must not overwrite an
+    earlier report (its rollback would then find nothing to remove)."""
+    registry.register("jobs", "a", metadata={"v": 1})
+    now = int(time.time())
+    earlier = {  # stand-ins for reports saved by runs moments ago, in this second or later
+        tmp_path / f"shmreg-migration-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(t))}.json"
+        for t in range(now - 1, now + 120)
+    }
+    for path in earlier:
+        path.write_text("earlier\n")
+    other = shmreg.Registry.create(registry.name + "-b", backend="shm")
+    try:
+        done = _shmreg("migrate", registry.name, other.name, "--json", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        saved = tmp_path / json.loads(done.stdout)["report"]
+        assert saved not in earlier
+        assert [p for p in earlier if p.read_text() != "earlier\n"] == []
+        assert shmreg.migration.rollback(saved).removed == 1
+    finally:
+        other.destroy()
