@@ -62,7 +62,9 @@ class RedisLiveness(RedisBase):
             ident: (reason if _identity.is_local(ident) else HOST_LOST)
             for ident, reason in dead_reasons(verdicts).items()
         }
+        # now, ring, here, sweeping, no hosts to forget; then (ns, key, value, reason) each
         args: list[Any] = [time.time(), self.ring_events, self._here, int(sweeping), 0]
+        first = len(args)
         if reasons:
             stored, _ = self._scan()
             for ns, key, value in stored:
@@ -70,11 +72,11 @@ class RedisLiveness(RedisBase):
                 reason = reasons.get(self._ident(head[0], head[1], head[4]))
                 if reason is not None:
                     args += [ns, key, value, reason]
-        if len(args) == 5 and not sweeping:
+        if len(args) == first and not sweeping:
             return 0
         removed = int(self._run("remove", *args, operation="remove_dead"))
         if removed:  # counted per owner as the scan found them (the script drops only those)
-            heads = [self._head(value) for value in args[6::4]]
+            heads = [self._head(value) for value in args[first + 2 :: 4]]
             per_owner = Counter(self._ident(h[0], h[1], h[4]) for h in heads)
             _log.removed_dead(self.name, per_owner, reasons)
         return removed
