@@ -285,12 +285,52 @@ def operations_section(c: RegistryCollector) -> Iterator[Metric]:
     yield from _opmetrics.families(c.registry, c.labels)
 
 
+def agents_section(c: RegistryCollector) -> Iterator[Metric]:
+    """Supervised agents by status and their restarts, read from their records (which
+    outlive the agents and the supervisor), one label set per supervisor namespace."""
+    from shmreg.agents import list_agents
+    from shmreg.agents._records import records_ns
+
+    suffix = records_ns("")
+    agent_namespaces = sorted(
+        ns[: -len(suffix)] for ns in c.registry.backend.namespaces() if ns.endswith(suffix)
+    )
+    if not agent_namespaces:
+        return
+    names, values = list(c.labels), list(c.labels.values())
+    agents = GaugeMetricFamily(
+        "shmreg_agents", "Supervised agents by status.", labels=[*names, "agents", "status"]
+    )
+    restarts = CounterMetricFamily(
+        "shmreg_agent_restarts_total",
+        "Restarts of the agents a supervisor namespace holds (from their records).",
+        labels=[*names, "agents"],
+    )
+    for namespace in agent_namespaces:
+        infos = list_agents(c.registry, namespace)
+        by_status: dict[str, int] = dict.fromkeys(AGENT_STATUSES, 0)
+        for info in infos:
+            by_status[info.status] = by_status.get(info.status, 0) + 1
+        for status, count in by_status.items():
+            agents.add_metric([*values, namespace, status], count)
+        restarts.add_metric([*values, namespace], sum(info.restarts for info in infos))
+    yield agents
+    yield restarts
+
+
+#: Every status an agent can have: each is exported, zeros included, so alerts on a status
+#: see a series before the first agent enters it.
+AGENT_STATUSES = (
+    "registered", "starting", "running", "stopping", "stopped", "restarting", "failed",
+)
+
 SECTIONS: list[Section] = [
     registry_section,
     events_section,
     monitor_section,
     backend_monitor_section,
     operations_section,
+    agents_section,
 ]
 
 

@@ -214,3 +214,31 @@ def test_instrumented_handles_chain_and_free_promptly(reg_name: str) -> None:
             gc.enable()
     finally:
         reg.destroy()
+
+
+def test_agents_by_status_and_their_restarts(registry: shmreg.Registry) -> None:
+    """Supervised agents are exported from their records: a count per status (zeros too) and
+    the restarts, per supervisor namespace."""
+    import signal
+
+    from agent_helpers import restarted, settled, supervisor
+
+    from shmreg.testing.agents import failing_config, worker_config
+
+    quick = {"type": "permanent", "max_restarts": 1000, "max_seconds": 60.0, "backoff_max": 0.05}
+    with supervisor(registry) as sup:
+        sup.register_agent(worker_config("w1", restart_policy=quick))
+        sup.register_agent(failing_config("f1", exit_code=3, restart_policy="temporary"))
+        pid = sup.start_agent("w1")
+        sup.start_agent("f1")
+        settled(sup, "f1", "failed")
+        os.kill(pid, signal.SIGKILL)
+        restarted(sup, "w1", pid)
+        samples = parse(exposition(registry))
+        ns = sup.namespace
+
+        def agents_with(status: str) -> float:
+            return samples[("shmreg_agents", (("agents", ns), ("status", status)))]
+
+        assert (agents_with("running"), agents_with("failed"), agents_with("stopped")) == (1, 1, 0)
+        assert samples[("shmreg_agent_restarts_total", (("agents", ns),))] == 1
