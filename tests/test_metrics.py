@@ -95,11 +95,15 @@ def test_served_endpoint_follows_writers_in_other_processes(
 
         writer.kill()
         writer.wait(timeout=DEADLINE_S)
+        # The died events are visible the moment the removal commits, a moment before the
+        # monitor's thread adds the removal to its own figures: wait for both.
         died = wait_until(
-            lambda: (s := scrape(url))[("shmreg_deaths_total", ())] == 4 and s, "deaths"
+            lambda: (s := scrape(url))[("shmreg_deaths_total", ())] == 4
+            and s[("shmreg_monitor_removed_total", ())] == 4
+            and s,
+            "deaths, and the monitor's count of them",
         )
         assert ("shmreg_entries", (("namespace", "web"),)) not in died
-        assert died[("shmreg_monitor_removed_total", ())] == 4
         assert died[("shmreg_monitor_deaths_total", ())] >= 1
         assert died[("shmreg_dead_entries", ())] == 0
         assert died[("shmreg_monitor_up", ())] == 1
