@@ -190,6 +190,8 @@ def test_monitor_removes_owners_sigkilled_after_it_started(
         deaths = died_once_each(drain(registry, seq), expected)
         assert {e.reason for e in deaths} <= {"zombie", "gone"}
         assert {e.pid for e in deaths} == set(procs)
+        # A removal is visible when it commits, a moment before the monitor's thread counts it.
+        wait_until(lambda: monitor.stats.removed >= len(expected), "the monitor's count")
         assert monitor.stats.removed == len(expected)
         assert monitor.stats.errors == []
         report_latency(record_property, "in_process_monitor", deaths, killed_at)
@@ -413,6 +415,8 @@ def test_monitor_without_pidfds_sweeps_on_its_injected_clock(
             assert ("ns", "svc") in used_keys(registry)
             clock.advance(61)
             wait_until(lambda: ("ns", "svc") not in used_keys(registry), "the sweep's removal")
+            wait_until(lambda: monitor.stats.removed >= 1 and monitor.stats.sweeps >= 1,
+                       "the monitor's count of it")
             assert monitor.stats.sweeps >= 1
             assert monitor.stats.removed == 1
         finally:
@@ -493,6 +497,7 @@ def test_monitor_watches_hundreds_of_processes(registry: shmreg.Registry) -> Non
                 proc.kill()
             wait_until(lambda: not used_keys(registry), "all removed", timeout=DEADLINE)
             died_once_each(drain(registry, seq), {("many", f"s{n}") for n in range(count)})
+            wait_until(lambda: monitor.stats.removed >= count, "the monitor's count")
             assert monitor.stats.removed == count
             assert monitor.stats.errors == []
             assert monitor.stats.sweeps == 0  # all were followed by pidfd
