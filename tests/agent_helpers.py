@@ -5,28 +5,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from helpers import DEADLINE_S, proc_state
+from helpers import proc_state, wait_until
 
 import shmreg
 from shmreg import agents
-
-
-def wait_until(cond: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
-    """Poll ``cond`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 def alive(pid: int) -> bool:

@@ -204,6 +204,18 @@ def proc_threads(pid: int) -> int | None:
     return int(data[data.rfind(b")") + 2 :].split()[17])
 
 
+def wait_until(
+    cond: Callable[[], Any], what: str, timeout: float = DEADLINE_S, poll: float = 0.01
+) -> Any:
+    """Poll ``cond`` until it returns something true and return it; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+    return value
+
+
 def wait_zombie(pid: int, timeout: float = DEADLINE_S) -> None:
     """Wait until ``pid`` has exited completely but is not yet reaped.
 

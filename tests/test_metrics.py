@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import shmreg
 from shmreg import _opmetrics
 from shmreg.metrics import exposition
-from tests.helpers import DEADLINE_S, children, read_line
+from tests.helpers import DEADLINE_S, children, read_line, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -37,17 +34,6 @@ def scrape(url: str) -> Samples:
     with urllib.request.urlopen(url, timeout=30) as response:
         assert response.status == 200
         return parse(response.read().decode())
-
-
-def wait_until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 WRITER = """

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,19 +19,11 @@ import shmreg
 from shmreg._types import ProcessIdentity
 from shmreg.backends import RedisBackend
 from shmreg.testing.redis import RedisServer
+from tests.helpers import wait_until
 
 
 def _name() -> str:
     return f"t-{os.getpid()}-upkeep-{uuid.uuid4().hex[:10]}"
-
-
-def _until(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture
@@ -58,7 +50,7 @@ def test_a_lost_host_is_forgotten_once_its_entries_are_buried(
         # A registration for a host that then never renews its lease (one second long).
         backend.register("ns", "orphan", ProcessIdentity(4_000_000, 1, "host-gone"), None)
         assert gone in raw.smembers(hosts)
-        _until(lambda: reg.lookup("ns", "orphan") is None, "the lease to expire")
+        wait_until(lambda: reg.lookup("ns", "orphan") is None, "the lease to expire")
         assert backend.heartbeat() == 1  # buried, with a died event (test_redis.py checks it)
         # ...and forgotten: heartbeats no longer check a host that holds nothing.
         assert gone not in raw.smembers(hosts)
@@ -76,7 +68,7 @@ def test_a_host_whose_lease_came_back_is_not_forgotten(redis_server: RedisServer
         backend = reg.backend
         back = b"host-back".hex().encode()
         backend.register("ns", "a", ProcessIdentity(4_000_001, 1, "host-back"), None)
-        _until(lambda: reg.lookup("ns", "a") is None, "the lease to expire")
+        wait_until(lambda: reg.lookup("ns", "a") is None, "the lease to expire")
         # The host returns between a heartbeat's look and its removal: the script is given
         # the host to forget, but sees its lease and keeps it (and its new entry).
         backend.register("ns", "b", ProcessIdentity(4_000_001, 1, "host-back"), None)
@@ -171,7 +163,7 @@ def test_a_wait_ends_when_the_registry_is_destroyed(redis_server: RedisServer, r
     waiter = threading.Thread(target=wait)
     try:
         waiter.start()
-        _until(lambda: any(c["cmd"] == "xread" for c in raw.client_list()), "the blocked read")
+        wait_until(lambda: any(c["cmd"] == "xread" for c in raw.client_list()), "the blocked read")
         reg.destroy()
         waiter.join(60)
         # Without the check between slices the wait returns False after its full timeout.
@@ -280,7 +272,7 @@ def test_a_lost_hosts_name_is_taken_over_by_a_register_without_a_sweep(
         old = backend.register("ns", "svc", gone, None)
         with pytest.raises(shmreg.AlreadyRegistered):
             reg.register("ns", "svc")  # host-c's lease lives: its entry is not ours
-        _until(lambda: reg.lookup("ns", "svc") is None, "host-c's lease to expire")
+        wait_until(lambda: reg.lookup("ns", "svc") is None, "host-c's lease to expire")
         seq = backend.last_event_seq()
         assert reg.register("ns", "svc") > old  # the script itself saw the lease gone
         events, _ = backend.read_events(seq)
@@ -304,15 +296,15 @@ def test_the_monitor_outlives_a_server_restart() -> None:
     try:
         reg.register("ns", "doomed", pid=child.pid)
         with reg.monitor() as monitor:
-            _until(lambda: monitor.stats.watched >= 1, "the owner watched")
+            wait_until(lambda: monitor.stats.watched >= 1, "the owner watched")
             server.kill()
-            _until(lambda: monitor.stats.errors, "the monitor noticing the outage")
+            wait_until(lambda: monitor.stats.errors, "the monitor noticing the outage")
             server.start()
             child.kill()
             child.wait()
-            _until(lambda: reg.lookup("ns", "doomed") is None and reg.count("ns") == 0,
+            wait_until(lambda: reg.lookup("ns", "doomed") is None and reg.count("ns") == 0,
                    "the dead owner's entry removed after the restart")
-            _until(lambda: monitor.stats.removed >= 1, "the monitor's removal")
+            wait_until(lambda: monitor.stats.removed >= 1, "the monitor's removal")
             assert monitor.running
         assert all("BackendUnavailable" in error for error in monitor.stats.errors)
         reg.destroy()
