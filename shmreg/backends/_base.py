@@ -128,7 +128,14 @@ class BackendBase:
     def owner_counts(self) -> dict[ProcessIdentity, int]:
         raise NotImplementedError
 
-    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
+    def _remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness], sweeping: bool) -> int:
+        """Remove the entries of every identity whose verdict is dead, each with a died event.
+
+        Matched by the whole identity under the backend's lock (or in one script): an entry
+        taken over since the verdict is not touched, and of two callers with the same
+        verdicts only the first removes (and reports) each entry. Counts a sweep in
+        ``stats()`` when ``sweeping``, or when anything was removed.
+        """
         raise NotImplementedError
 
     def stats(self) -> RegistryStats:
@@ -169,9 +176,6 @@ class BackendBase:
         """
         return [self.swap_entry(e.namespace, e.service, None, e) for e in entries]
 
-    def _note_sweep(self, removed: int) -> None:
-        """Count one finished sweep that removed ``removed`` entries (``stats()`` shows it)."""
-
     # ------------------------------------------------------------------ policy
 
     def lookup(self, namespace: str, service: Service) -> int | None:
@@ -199,12 +203,18 @@ class BackendBase:
     def sweep(self) -> int:
         """Remove every entry whose owner is provably dead; return how many.
 
-        Owners are judged once each, outside any lock, and removed through ``remove_dead``,
-        which re-checks each entry is still held by that identity.
+        Each distinct owner is judged once, outside any lock; the removal re-checks that each
+        entry is still held by that identity.
         """
-        removed = self.remove_dead(self._verdicts(self.owners()))
-        self._note_sweep(removed)
-        return removed
+        return self._remove_dead(self._verdicts(self.owners()), sweeping=True)
+
+    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
+        """Remove the entries of the identities judged dead in ``verdicts``; how many.
+
+        Whoever removes them (the monitor, ``cleanup_namespace``), a removal counts as a
+        sweep in ``stats()``, so ``dead_found`` tells the whole story.
+        """
+        return self._remove_dead(verdicts, sweeping=False)
 
     def health_check(self) -> HealthReport:
         """Healthy below 10 % dead entries, degraded below 30 %, else unhealthy."""

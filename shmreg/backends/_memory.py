@@ -521,29 +521,11 @@ class MemoryBackend(BackendBase):
 
     # ------------------------------------------------------------------ liveness
 
-    def sweep(self) -> int:
-        """Remove every entry whose owner is provably dead; return how many.
-
-        Owners are judged outside the lock (a ``/proc`` read each) and the entries removed
-        through ``remove_dead``, which re-checks them under it and appends the died events.
-        """
-        return self._remove_dead(self._verdicts(self.owners()), sweeping=True)
-
     def owner_counts(self) -> dict[ProcessIdentity, int]:
         """Entries per distinct owner identity, dead owners not yet removed included."""
         state = self._open()
         with state.lock:
             return dict(Counter(r.owner for space in state.spaces.values() for r in space.values()))
-
-    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
-        """Remove the entries of every identity whose verdict is dead, one died event each.
-
-        Matched by the whole identity under the lock: an entry taken over since the verdict,
-        or held by a newcomer with the same pid, is not touched, and of two callers with the
-        same verdicts only the first finds (and reports) each entry. A call that removed
-        something counts as a sweep in ``stats()``.
-        """
-        return self._remove_dead(verdicts, sweeping=False)
 
     def _remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness], sweeping: bool) -> int:
         reasons = dead_reasons(verdicts)

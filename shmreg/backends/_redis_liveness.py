@@ -51,13 +51,7 @@ class RedisLiveness(RedisBase):
                 verdicts[ident] = Liveness.GONE if lost else Liveness.SAME
         return verdicts
 
-    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
-        return self._remove(verdicts, sweeping=False)
-
-    def sweep(self) -> int:
-        return self._remove(self._verdicts(self.owners()), sweeping=True)
-
-    def _remove(self, verdicts: Mapping[ProcessIdentity, Liveness], sweeping: bool) -> int:
+    def _remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness], sweeping: bool) -> int:
         reasons = {
             ident: (reason if _identity.is_local(ident) else HOST_LOST)
             for ident, reason in dead_reasons(verdicts).items()

@@ -20,14 +20,6 @@ from shmreg.backends._shm_base import LO32, ShmBase, tombstone
 class ShmLiveness(ShmBase):
     # ------------------------------------------------------------------ liveness
 
-    def sweep(self) -> int:
-        """Remove every entry whose owner is provably dead; return how many.
-
-        Each distinct owner is checked once (``/proc`` read), so the cost grows with live
-        processes and slots, not with entries per process.
-        """
-        return self._remove(self._verdicts(self.owners()), sweeping=True)
-
     def owner_counts(self) -> dict[ProcessIdentity, int]:
         """Entries per distinct owner identity, over all used slots."""
 
@@ -54,15 +46,8 @@ class ShmLiveness(ShmBase):
 
         return self._read(scan)
 
-    def remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness]) -> int:
-        """Tombstone the entries of every identity whose verdict is dead, with a died event.
-
-        Safe from many processes at once: each slot is re-read under the lock, and only an
-        entry still held by that very identity is removed (and reported) once.
-        """
-        return self._remove(verdicts, sweeping=False)
-
-    def _remove(self, verdicts: Mapping[ProcessIdentity, Liveness], sweeping: bool) -> int:
+    def _remove_dead(self, verdicts: Mapping[ProcessIdentity, Liveness], sweeping: bool) -> int:
+        # One pass over the owner column finds the candidates; see BackendBase._remove_dead.
         if self._foreign_pidns:
             return 0  # verdicts from another pid namespace prove nothing here
         dead = {
