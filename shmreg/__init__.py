@@ -5,9 +5,9 @@ process sees them at memory speed, and entries of dead processes go away on thei
 """
 
 from shmreg._clock import Clock
+from shmreg._engine.events import Event
 from shmreg._errors import *  # noqa: F403
 from shmreg._errors import __all__ as _errors_all
-from shmreg._events import Event
 from shmreg._liveness import CleanupReport, Monitor, MonitorStats
 from shmreg._monitoring import BackendMonitor
 from shmreg._registry import Registry

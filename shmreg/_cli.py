@@ -30,9 +30,9 @@ from shmreg import _cli_migrate
 from shmreg._cli_ops import add_commands as add_ops_commands
 from shmreg._cli_ops import add_monitor_options, exporters
 from shmreg._cli_target import list_names, open_target, split_target
+from shmreg._engine.segment import list_segments
 from shmreg._errors import InvalidArgument, RegistryNotFound, ShmregError
 from shmreg._registry import Registry
-from shmreg._segment import list_segments
 
 
 def _print_json(data: Any) -> None:
@@ -162,7 +162,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from shmreg._store import destroy_by_name
+    from shmreg._engine.store import destroy_by_name
 
     if not destroy_by_name(args.name):
         raise RegistryNotFound(name=args.name)
@@ -263,7 +263,7 @@ def _exit_on_sigterm() -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from shmreg._fsck import check
+    from shmreg._engine.fsck import check
 
     if not _exists(args.name):
         raise RegistryNotFound(name=args.name)  # nothing to check: an error, not a problem

@@ -151,7 +151,7 @@ def cmd_flags(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from shmreg._upgrade import upgrade
+    from shmreg._engine.upgrade import upgrade
 
     done = upgrade(args.name)
     if args.json:

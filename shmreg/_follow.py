@@ -10,8 +10,8 @@ from typing import Any
 
 from shmreg._clock import check_timeout
 from shmreg._codec import check_namespace
+from shmreg._engine.events import Event
 from shmreg._errors import InvalidArgument
-from shmreg._events import Event
 
 
 def watch_start(

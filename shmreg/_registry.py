@@ -17,6 +17,7 @@ from typing import Any
 
 from shmreg import _identity, _opmetrics
 from shmreg._clock import SYSTEM, Clock, check_timeout
+from shmreg._engine.events import Event
 from shmreg._errors import (
     InvalidArgument,
     InvalidBackendConfig,
@@ -25,7 +26,6 @@ from shmreg._errors import (
     RegistryTimeout,
     StaleGeneration,
 )
-from shmreg._events import Event
 from shmreg._follow import next_events, watch_start
 from shmreg._limits import MAX_CAPACITY, MAX_METADATA_LIMIT
 from shmreg._liveness import CleanupReport, Monitor, terminate_owners

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shmreg._clock import check_timeout
+from shmreg._engine.events import Event
 from shmreg._errors import RegistryTimeout
-from shmreg._events import Event
 from shmreg._follow import next_events, watch_start
 from shmreg._liveness import Monitor
 from shmreg._types import Liveness, ProcessIdentity, Service

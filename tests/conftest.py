@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 import shmreg
-from shmreg._segment import list_segments, unlink_segment
+from shmreg._engine.segment import list_segments, unlink_segment
 
 TEST_PREFIX = "t-"
 

@@ -343,7 +343,7 @@ def destroying(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        from shmreg._store import destroy_by_name
+        from shmreg._engine.store import destroy_by_name
 
         destroy_by_name(name)
         for seg in segments_of(name):

@@ -11,7 +11,7 @@ import pytest
 
 import shmreg
 from shmreg._cli import build_parser
-from shmreg._segment import list_segments
+from shmreg._engine.segment import list_segments
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import pytest
 
 import shmreg
+from shmreg._engine.segment import list_segments
 from shmreg._identity import self_identity
-from shmreg._segment import list_segments
 from shmreg.backends import Backend, MemoryBackend, SharedMemoryBackend
 from shmreg.testing import CHECKS, ConformanceFailure, check_backend
 

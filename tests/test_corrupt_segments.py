@@ -23,9 +23,9 @@ from helpers import children, destroying, segments_of
 
 import shmreg
 from shmreg import _codec
-from shmreg import _layout as L
-from shmreg._fsck import check
-from shmreg._store import destroy_by_name
+from shmreg._engine import layout as L
+from shmreg._engine.fsck import check
+from shmreg._engine.store import destroy_by_name
 
 CHILD_TIMEOUT_S = 60.0
 

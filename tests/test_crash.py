@@ -1,7 +1,7 @@
 """Crash-point enumeration: a real writer SIGKILLed at every named point on every write path.
 
 For each (path, point) a real interpreter runs the path's operation with ``SHMREG_CRASH_AT``
-set so that it sends itself SIGKILL at that point (``shmreg._crashpoints``). Before the
+set so that it sends itself SIGKILL at that point (``shmreg._engine.crashpoints``). Before the
 operation under test it runs a few ordinary registrations, printing one flushed
 acknowledgement line per completed call. Then this process attaches and checks the promise:
 
@@ -41,10 +41,10 @@ import pytest
 from helpers import CHILD_PRELUDE, DEADLINE_S, REPO, Children, child_env, children, destroying
 
 import shmreg
-from shmreg import _fsck
-from shmreg import _layout as L
-from shmreg._crashpoints import POINTS
-from shmreg._segment import close_segment, create_segment, list_segments
+from shmreg._engine import fsck as _fsck
+from shmreg._engine import layout as L
+from shmreg._engine.crashpoints import POINTS
+from shmreg._engine.segment import close_segment, create_segment, list_segments
 
 # ------------------------------------------------------------------ points and paths
 
@@ -123,7 +123,7 @@ spec = json.loads(sys.argv[1])
 name = spec["name"]
 if spec.get("raw_create"):
     # A creator that lost the race: the root exists, yet this process builds its own.
-    from shmreg._store import Store
+    from shmreg._engine.store import Store
     store = Store._try_create(name, spec["capacity"], 4096, 0o600)
     report({"raw_create": store is not None})
     sys.exit(0)
@@ -140,7 +140,7 @@ for i, op in enumerate(spec["ops"]):
     elif kind == "sweep":
         result = reg.sweep()
     elif kind == "fsck_repair":
-        from shmreg import _fsck
+        from shmreg._engine import fsck as _fsck
         result = _fsck.check(name, repair=True).repaired
     else:
         raise ValueError(kind)
@@ -561,7 +561,7 @@ def test_crash_point(path: str, point: str, reg_name: str) -> None:
 
 def _check_crashed_creation(name: str, point: str, run: Run, model: Model) -> None:
     """A creator killed mid-build: no registry exists; the next creator builds a clean one and
-    removes the dead creator's segments (shmreg._store.Store._try_create)."""
+    removes the dead creator's segments (shmreg._engine.store.Store._try_create)."""
     assert run.lines == []
     assert not os.path.exists(f"/dev/shm/shmreg-{name}"), "a half-built root was published"
     leftovers = list_segments(f"shmreg-{name}.")

@@ -9,7 +9,7 @@ import pytest
 
 import shmreg
 from shmreg import _codec
-from shmreg import _layout as L
+from shmreg._engine import layout as L
 
 
 def _flip(reg: shmreg.Registry, count: int, seed: int) -> set[str]:
@@ -57,7 +57,7 @@ def test_scans_return_the_intact_entries(
 
 
 def test_repair_makes_it_healthy_again(registry: shmreg.Registry) -> None:
-    from shmreg._fsck import check
+    from shmreg._engine.fsck import check
 
     registry.register_many("ns", [(f"s{i}", None, {"i": i}) for i in range(50)])
     _flip(registry, 2, seed=3)

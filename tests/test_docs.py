@@ -40,7 +40,7 @@ import pytest
 from filelock import FileLock
 
 import shmreg
-from shmreg._segment import list_segments, unlink_segment
+from shmreg._engine.segment import list_segments, unlink_segment
 
 REPO = Path(__file__).resolve().parents[1]
 SHELLS = {"bash", "sh", "console", "shell"}
@@ -111,7 +111,7 @@ def plan(path: Path) -> list[dict[str, object]]:
 #: (one a line, as it happens): what the clean-up on a shared /dev/shm may remove.
 DRIVER = r"""
 import __main__, json, os, shlex, subprocess, sys
-from shmreg._store import Store
+from shmreg._engine.store import Store
 path, steps = sys.argv[1], json.load(sys.stdin)
 # Underscored names: the pages' blocks share this namespace and must not clobber them.
 _docs_touched = open(os.environ["SHMREG_DOCS_TOUCHED"], "a", buffering=1)
@@ -285,7 +285,7 @@ def test_without_a_private_dev_shm_registries_made_elsewhere_meanwhile_survive(
         try:
             shmreg.Registry.attach(reg_name).destroy()
         except shmreg.RegistryNotFound:
-            from shmreg._store import destroy_by_name
+            from shmreg._engine.store import destroy_by_name
 
             destroy_by_name(reg_name)
         if bystander is not None:

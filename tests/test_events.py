@@ -26,9 +26,9 @@ import pytest
 from helpers import children, read_line, touch
 
 import shmreg
-from shmreg._events import KEY_ROOM, Event
+from shmreg._engine.events import KEY_ROOM, Event
+from shmreg._engine.layout import RING_EVENTS
 from shmreg._identity import identity_of, self_identity
-from shmreg._layout import RING_EVENTS
 from shmreg._types import ProcessIdentity
 from shmreg.backends import MemoryBackend
 from shmreg.testing import FakeClock

@@ -31,9 +31,9 @@ from helpers import children, test_seed
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from shmreg import _layout as L
-from shmreg._segment import list_segments, unlink_segment
-from shmreg._store import destroy_by_name
+from shmreg._engine import layout as L
+from shmreg._engine.segment import list_segments, unlink_segment
+from shmreg._engine.store import destroy_by_name
 
 CHILD_TIMEOUT_S = 60.0  # a batch normally takes 1-4 s: only a hang gets near this
 BATCH = 25
@@ -43,9 +43,9 @@ BATCH = 25
 RUNNER = r'''
 import gc, json, mmap, os, struct, subprocess, sys, traceback
 import shmreg
-from shmreg import _layout as L
-from shmreg._fsck import check
-from shmreg._store import destroy_by_name
+from shmreg._engine import layout as L
+from shmreg._engine.fsck import check
+from shmreg._engine.store import destroy_by_name
 
 NAMESPACES = ("fz-a", "fz-b")
 

@@ -54,9 +54,9 @@ from helpers import (
 )
 
 import shmreg
-from shmreg import _fsck
-from shmreg import _layout as L
-from shmreg._segment import list_segments
+from shmreg._engine import fsck as _fsck
+from shmreg._engine import layout as L
+from shmreg._engine.segment import list_segments
 
 NS = "storm"
 KEYS = 24

@@ -32,7 +32,7 @@ from helpers import (
 )
 
 import shmreg
-from shmreg import _layout
+from shmreg._engine import layout as _layout
 
 NS = "life"
 
@@ -578,7 +578,7 @@ def test_bad_root_magic_is_corrupt(reg_name: str) -> None:
         # Nothing was re-created over it.
         with open(f"/dev/shm/shmreg-{reg_name}", "rb") as f:
             assert f.read(8) == b"GARBAGE!"
-        from shmreg._store import destroy_by_name
+        from shmreg._engine.store import destroy_by_name
 
         assert destroy_by_name(reg_name)
         assert segments_of(reg_name) == []
@@ -595,7 +595,7 @@ def test_other_layout_version_is_incompatible(reg_name: str) -> None:
             assert err.actual == 999
             assert err.expected == _layout.LAYOUT_VERSION
             assert "999" in str(err) and str(_layout.LAYOUT_VERSION) in str(err)
-        from shmreg._store import destroy_by_name
+        from shmreg._engine.store import destroy_by_name
 
         assert destroy_by_name(reg_name)
         assert segments_of(reg_name) == []

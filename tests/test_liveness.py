@@ -36,7 +36,7 @@ from helpers import child_env, children, read_line, touch, wait_for_file, wait_z
 
 import shmreg
 from shmreg import _identity
-from shmreg._events import Event
+from shmreg._engine.events import Event
 from shmreg._identity import UNREADABLE, identity_of, self_identity
 from shmreg._liveness import signal_identity
 from shmreg._types import HealthStatus, Liveness, ProcessIdentity
@@ -127,7 +127,7 @@ def run_in_private_pid_namespace(script: str, *args: str) -> dict[str, Any]:
 
 
 def destroy_by_name(name: str) -> None:
-    from shmreg._store import destroy_by_name as destroy
+    from shmreg._engine.store import destroy_by_name as destroy
 
     destroy(name)
 

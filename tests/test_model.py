@@ -39,7 +39,7 @@ from hypothesis.stateful import (
 )
 
 import shmreg
-from shmreg._fsck import check
+from shmreg._engine.fsck import check
 
 WORKERS = 3
 NAMESPACES = ("m-a", "m-b")

@@ -32,7 +32,7 @@ from helpers import REPO, child_env, children, read_line, wait_zombie
 
 import shmreg
 from shmreg import _identity
-from shmreg._events import Event
+from shmreg._engine.events import Event
 from shmreg._identity import UNREADABLE, identity_of
 from shmreg._liveness import Monitor
 from shmreg._types import Liveness, ProcessIdentity
@@ -636,7 +636,7 @@ def test_watch_command_prints_one_line_per_event_live(
 
 
 def test_watch_command_reports_lost_events(registry: shmreg.Registry, reg_name: str) -> None:
-    from shmreg._layout import RING_EVENTS
+    from shmreg._engine.layout import RING_EVENTS
 
     start = last_seq(registry)
     for i in range(RING_EVENTS + 3):

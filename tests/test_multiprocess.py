@@ -867,7 +867,7 @@ def test_threads_share_one_object_across_growth(reg_name: str) -> None:
 
 _CONCURRENT_REFRESH_CODE = r"""
 import gc, threading
-from shmreg import _store
+from shmreg._engine import store as _store
 name, ns = sys.argv[1:3]
 
 def fds():

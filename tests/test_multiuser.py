@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import shmreg
-from shmreg._segment import list_segments
+from shmreg._engine.segment import list_segments
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
 
@@ -79,7 +79,7 @@ def test_a_half_built_generation_of_another_user_does_not_wedge_writers(
     finally:
         keeper.kill()
         keeper.wait()
-        from shmreg._store import destroy_by_name
+        from shmreg._engine.store import destroy_by_name
 
         destroy_by_name(reg_name)
 

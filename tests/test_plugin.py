@@ -15,7 +15,7 @@ import pytest
 from helpers import DEADLINE_S, child_env
 
 import shmreg
-from shmreg._segment import list_segments
+from shmreg._engine.segment import list_segments
 from shmreg.testing import (
     _plugin,
     assert_metadata_equals,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import shmreg
-from shmreg import _layout as L
+from shmreg._engine import layout as L
 
 
 def _stamp(reg: shmreg.Registry, version: int) -> None:

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shmreg import _codec, _identity
+from shmreg._engine.events import REASON_CODES, REASON_NAMES, SWEPT
 from shmreg._errors import (
     AlreadyRegistered,
     IncompatibleRegistry,
     InvalidBackendConfig,
     StaleGeneration,
 )
-from shmreg._events import REASON_CODES, REASON_NAMES, SWEPT
 from shmreg._types import (
     Entry,
     HealthReport,

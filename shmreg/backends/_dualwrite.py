@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from shmreg import _codec
+from shmreg._engine.events import Event
 from shmreg._error_base import ShmregError
 from shmreg._errors import BackendUnavailable
-from shmreg._events import Event
 from shmreg._types import (
     Entry,
     HealthReport,

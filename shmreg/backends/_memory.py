@@ -34,13 +34,13 @@ from itertools import islice
 from typing import Any, NamedTuple
 
 from shmreg import _codec, _identity, _log
+from shmreg._engine.events import Event
 from shmreg._errors import (
     NotRegistered,
     RegistryClosed,
     RegistryDestroyed,
     RegistryNotFound,
 )
-from shmreg._events import Event
 from shmreg._limits import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_METADATA_BYTES,

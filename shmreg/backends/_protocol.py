@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from shmreg._events import Event
+from shmreg._engine.events import Event
 from shmreg._types import (
     Entry,
     HealthReport,

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from shmreg import _codec, _identity, _log
-from shmreg._events import Event
+from shmreg._engine.events import Event
 from shmreg._types import (
     Liveness,
     ProcessIdentity,

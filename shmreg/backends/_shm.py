@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from shmreg import _codec, _identity
-from shmreg import _events as _ev
-from shmreg import _layout as L
+from shmreg._engine import events as _ev
+from shmreg._engine import layout as L
+from shmreg._engine.table import SlotWords, StuckSlot, Table
 from shmreg._errors import (
     NotRegistered,
 )
-from shmreg._table import SlotWords, StuckSlot, Table
 from shmreg._types import (
     Metadata,
     ProcessIdentity,

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from shmreg import _codec, _identity
-from shmreg import _events as _ev
-from shmreg import _layout as L
+from shmreg._engine import events as _ev
+from shmreg._engine import layout as L
+from shmreg._engine.store import Store
+from shmreg._engine.table import SlotWords, StuckSlot, Table
 from shmreg._errors import CorruptRegistry, IncompatibleRegistry
-from shmreg._store import Store
-from shmreg._table import SlotWords, StuckSlot, Table
 from shmreg._types import Service
 from shmreg.backends._base import BackendBase
 

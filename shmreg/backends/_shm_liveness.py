@@ -8,10 +8,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from shmreg import _events as _ev
 from shmreg import _identity, _log
-from shmreg import _layout as L
-from shmreg._table import Table
+from shmreg._engine import events as _ev
+from shmreg._engine import layout as L
+from shmreg._engine.table import Table
 from shmreg._types import Liveness, ProcessIdentity
 from shmreg.backends._base import dead_reasons, event_window
 from shmreg.backends._shm_base import LO32, ShmBase, tombstone

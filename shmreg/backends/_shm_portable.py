@@ -11,9 +11,9 @@ from __future__ import annotations
 import zlib
 
 from shmreg import _codec
-from shmreg import _events as _ev
-from shmreg import _layout as L
-from shmreg._table import SlotWords, Table
+from shmreg._engine import events as _ev
+from shmreg._engine import layout as L
+from shmreg._engine.table import SlotWords, Table
 from shmreg._types import ProcessIdentity, Service
 from shmreg.backends._portable import (
     StoredEntry,

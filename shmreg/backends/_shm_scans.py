@@ -21,9 +21,9 @@ import msgpack
 import numpy as np
 
 from shmreg import _codec, _log
-from shmreg import _layout as L
+from shmreg._engine import layout as L
+from shmreg._engine.table import SlotWords, Table
 from shmreg._errors import CorruptRegistry
-from shmreg._table import SlotWords, Table
 from shmreg._types import (
     Entry,
     HealthReport,

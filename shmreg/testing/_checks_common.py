@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from shmreg import _identity
-from shmreg._events import Event
-from shmreg._layout import RING_EVENTS
+from shmreg._engine.events import Event
+from shmreg._engine.layout import RING_EVENTS
 from shmreg._types import Liveness, ProcessIdentity
 from shmreg.backends._protocol import Backend
 

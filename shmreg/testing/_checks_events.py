@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from shmreg._engine.events import Event
 from shmreg._errors import (
     AlreadyRegistered,
     InvalidKey,
@@ -23,7 +24,6 @@ from shmreg._errors import (
     NotRegistered,
     StaleGeneration,
 )
-from shmreg._events import Event
 from shmreg._types import ProcessIdentity, Service
 from shmreg.backends._protocol import Backend
 from shmreg.testing._checks_common import (

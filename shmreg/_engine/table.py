@@ -36,10 +36,10 @@ from typing import Any, NoReturn
 import numpy as np
 import numpy.typing as npt
 
-from shmreg import _layout as L
-from shmreg._crashpoints import ARMED, crash_point
+from shmreg._engine import layout as L
+from shmreg._engine.crashpoints import ARMED, crash_point
+from shmreg._engine.events import Ring
 from shmreg._errors import CorruptRegistry
-from shmreg._events import Ring
 
 SlotWords = tuple[int, int, int, int, int, int, int, int]
 _COUNTERS = struct.Struct("<6Q")  # data header words 5..10, in COUNTER_WORDS order
@@ -281,7 +281,7 @@ class Table:
         end = top + len(record)
         allocated = self.q[L.D_ALLOCATED]
         if end > allocated:
-            from shmreg._segment import allocate
+            from shmreg._engine.segment import allocate
 
             grow_to = min(self.arena_size, max(end, allocated + L.ARENA_CHUNK))
             allocate(self.shm, self.arena_off + allocated, grow_to - allocated, self.registry)
@@ -452,7 +452,7 @@ class Table:
         _, need = self.live_footprint()
         if need > dest.arena_size or len(indices) >= n:
             raise ValueError("rebuild target too small")
-        from shmreg._segment import allocate
+        from shmreg._engine.segment import allocate
 
         allocate(dest.shm, darena, max(need, 1), dest.registry)
         dq[L.D_ALLOCATED] = max(need, 1)

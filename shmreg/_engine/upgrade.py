@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shmreg import _layout as L
+from shmreg._engine import layout as L
+from shmreg._engine.store import Store
 from shmreg._errors import IncompatibleRegistry
-from shmreg._store import Store
 
 
 def upgrade(name: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shmreg import _codec
-from shmreg._layout import EVENT_SIZE, RING_EVENTS
+from shmreg._engine.layout import EVENT_SIZE, RING_EVENTS
 
 EVENT_WORDS = EVENT_SIZE // 8
 KEY_ROOM = EVENT_SIZE - 40

@@ -28,25 +28,11 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from shmreg import _identity, _log
-from shmreg import _layout as L
-from shmreg._crashpoints import ARMED, crash_point
-from shmreg._errors import (
-    CorruptRegistry,
-    IncompatibleRegistry,
-    RegistryClosed,
-    RegistryDestroyed,
-    RegistryNotFound,
-    RegistryPermissionError,
-)
-from shmreg._events import Ring
-from shmreg._limits import (
-    DEFAULT_CAPACITY,
-    DEFAULT_MAX_METADATA_BYTES,
-    MAX_CAPACITY,
-    MAX_METADATA_LIMIT,
-)
-from shmreg._lock import WriterLock
-from shmreg._segment import (
+from shmreg._engine import layout as L
+from shmreg._engine.crashpoints import ARMED, crash_point
+from shmreg._engine.events import Ring
+from shmreg._engine.lock import WriterLock
+from shmreg._engine.segment import (
     close_segment,
     create_segment,
     forget_segment,
@@ -57,7 +43,21 @@ from shmreg._segment import (
     segment_path,
     unlink_segment,
 )
-from shmreg._table import Table
+from shmreg._engine.table import Table
+from shmreg._errors import (
+    CorruptRegistry,
+    IncompatibleRegistry,
+    RegistryClosed,
+    RegistryDestroyed,
+    RegistryNotFound,
+    RegistryPermissionError,
+)
+from shmreg._limits import (
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_METADATA_BYTES,
+    MAX_CAPACITY,
+    MAX_METADATA_LIMIT,
+)
 
 _ARENA_PER_ENTRY = 256  # virtual arena bytes reserved per entry of capacity (sparse)
 
@@ -125,7 +125,7 @@ class Store:
     ) -> Store:
         """Attach to ``name``; if absent and ``create``, build it first (race-safe).
 
-        ``upgrading`` (``shmreg._upgrade`` only) also attaches an upgradable older layout.
+        ``upgrading`` (``shmreg._engine.upgrade`` only) also attaches an upgradable older layout.
         """
         for _ in range(50):
             try:

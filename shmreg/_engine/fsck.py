@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shmreg import _codec, _identity
-from shmreg import _layout as L
+from shmreg._engine import layout as L
+from shmreg._engine.segment import list_segments
+from shmreg._engine.store import Store
+from shmreg._engine.table import COUNTER_LIMIT, StuckSlot, Table
 from shmreg._errors import CorruptRegistry, ShmregError
-from shmreg._segment import list_segments
-from shmreg._store import Store
-from shmreg._table import COUNTER_LIMIT, StuckSlot, Table
 from shmreg._types import ProcessIdentity
 
 
@@ -160,9 +160,9 @@ def _salvage_headers(name: str, report: FsckReport) -> bool:
     """
     import os
 
+    from shmreg._engine.lock import WriterLock
+    from shmreg._engine.segment import close_segment, open_segment, segment_path
     from shmreg._limits import DEFAULT_MAX_METADATA_BYTES, MAX_CAPACITY, MAX_METADATA_LIMIT
-    from shmreg._lock import WriterLock
-    from shmreg._segment import close_segment, open_segment, segment_path
 
     try:
         root = open_segment(L.root_name(name), name)
@@ -249,7 +249,7 @@ def _repair(store: Store, report: FsckReport) -> None:
         report.repaired.append(f"rebuilt into generation {store.gen}")
         for seg in list_segments(f"shmreg-{store.name}."):
             if seg != L.data_name(store.name, store.incarnation, store.gen):
-                from shmreg._segment import unlink_segment
+                from shmreg._engine.segment import unlink_segment
 
                 unlink_segment(seg)
                 report.repaired.append(f"removed stray segment {seg}")

@@ -3,7 +3,7 @@
 A registry ``NAME`` is two kinds of POSIX shared-memory segment:
 
 ``shmreg-NAME`` (the root: 4 KiB of words, then the 1 MiB event ring of
-``shmreg._events``; it lives as long as the registry)::
+``shmreg._engine.events``; it lives as long as the registry)::
 
     word  0 magic "SHMREG\\x00R"     8 pid namespace inode of the creator
           1 layout version          9 created at (ns since epoch)
@@ -55,13 +55,13 @@ from shmreg import _limits
 ROOT_MAGIC = int.from_bytes(b"SHMREG\x00R", "little")
 DATA_MAGIC = int.from_bytes(b"SHMREG\x00D", "little")
 LAYOUT_VERSION = 1
-# Older layout versions ``shmreg upgrade`` can bring to LAYOUT_VERSION (shmreg._upgrade): those
+# Older layout versions ``shmreg upgrade`` can bring to LAYOUT_VERSION (``upgrade``): those
 # whose slots and records this table reads, so the growth swap re-lays out the rest. 0 is
 # the unversioned layout of builds before the version word was checked.
 UPGRADABLE_VERSIONS = frozenset({0})
 
 PAGE = 4096
-RING_OFFSET = PAGE  # the event ring (see shmreg._events) follows the root words
+RING_OFFSET = PAGE  # the event ring (see shmreg._engine.events) follows the root words
 RING_EVENTS = _limits.RING_EVENTS
 EVENT_SIZE = 256
 ROOT_SIZE = RING_OFFSET + RING_EVENTS * EVENT_SIZE
@@ -112,7 +112,7 @@ J_STATE = 16
 J_SLOT = 17
 J_IMG = 18  # eight words: the slot image, word 0 the even seq to publish
 J_COUNTERS = 26  # six words, in COUNTER_WORDS order
-J_EVENT = 32  # kind | reason << 8 | event sequence << 16 (shmreg._events)
+J_EVENT = 32  # kind | reason << 8 | event sequence << 16 (shmreg._engine.events)
 J_EVENT_TIME = 33
 J_CRC = 34
 J_VALID = 1
