@@ -19,6 +19,7 @@ again, so readers still on it keep seeing a consistent (if briefly stale) table.
 
 from __future__ import annotations
 
+import array
 import os
 import secrets
 import threading
@@ -101,6 +102,9 @@ class Store:
         self.incarnation = int(self.rq[L.R_INCARNATION])
         self.lock = WriterLock(segment_path(L.root_name(name)), name)
         self._swap_lock = threading.Lock()
+        # Bumped whenever this process replaces or unmaps a mapping: the compiled path
+        # caches raw pointers and re-reads them when this word changes.
+        self.remap_epoch = array.array("Q", [0])
         _LIVE_STORES.add(self)
         self.last_recovery: list[str] = []
         try:
@@ -304,6 +308,7 @@ class Store:
             old = self.table
             self.table = self._attach_data()
             self.gen = self.table.gen
+            self.remap_epoch[0] += 1
         _retire(old)
 
     # ---------------------------------------------------------------------- writing
@@ -433,6 +438,7 @@ class Store:
         with self._swap_lock:  # readers in this process must not re-map half-way
             self.rq[L.R_GEN] = gen  # the commit: one store
             old_gen, self.table, self.gen = self.gen, new, gen
+            self.remap_epoch[0] += 1
             if ARMED:
                 crash_point("rebuild.flipped")
             self.rq[L.R_BUILDING] = 0
@@ -461,6 +467,9 @@ class Store:
             pass
 
     def _close_root(self) -> None:
+        epoch = getattr(self, "remap_epoch", None)
+        if epoch is not None:
+            epoch[0] += 1
         ring = getattr(self, "ring", None)
         if ring is not None:
             ring.release()

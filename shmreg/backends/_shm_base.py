@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from shmreg import _codec, _identity
+from shmreg._engine import crashpoints, fastpath
 from shmreg._engine import events as _ev
 from shmreg._engine import layout as L
 from shmreg._engine.store import Store
@@ -35,6 +36,39 @@ LO32 = L.LO32
 
 def _assume_alive(pid: int) -> bool:
     return True
+
+
+def compiled_path(backend: ShmBase) -> Any:
+    """The compiled fast path over ``backend``'s store, bound in as its point reads; None
+    when this process runs pure Python (``shmreg._engine.fastpath``).
+
+    Its reads answer from shared memory and hand every case they do not handle (a key not
+    yet encoded, a busy or damaged slot, a moved generation) to the Python methods given
+    here, so both paths give the same answers and raise the same errors.
+    """
+    if fastpath.speedups is None:
+        return None
+    cls: Any = type(backend)
+    fast = fastpath.speedups.Fast(
+        backend._store,
+        backend._keys,
+        backend._store.remap_epoch,
+        _codec.unpack_metadata,
+        crashpoints.crash_point if crashpoints.ARMED else None,
+        cls.lookup.__get__(backend, cls),
+        cls.lookup_with_metadata.__get__(backend, cls),
+        cls.register.__get__(backend, cls),
+        _codec._pack,
+        _codec._STR_TAGS,
+        _codec.type_tag,
+        _codec.capability_mask,
+        backend._store.max_metadata_bytes,
+        _NAMESPACES,
+    )
+    backend.lookup = fast.lookup  # type: ignore[method-assign]
+    backend.lookup_with_metadata = fast.lookup_with_metadata  # type: ignore[method-assign]
+    backend.register = fast.register  # type: ignore[attr-defined]
+    return fast
 
 
 class ShmBase(BackendBase):
@@ -69,6 +103,7 @@ class ShmBase(BackendBase):
         self._alive: Callable[[int], bool] = (
             _assume_alive if self._foreign_pidns else _identity.probe_alive
         )
+        self._fast = None if self._foreign_pidns else compiled_path(self)
 
     def _refuse_if_foreign(self) -> None:
         if self._foreign_pidns:

@@ -1,0 +1,34 @@
+# Types of the compiled fast path (_speedups.c); absent at run time in a pure-Python install.
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+LAYOUT_VERSION: int
+
+def crc32(data: bytes | bytearray | memoryview, seed: int = 0, /) -> int: ...
+
+class Fast:
+    def __init__(
+        self,
+        store: Any,
+        keys: dict[Any, Any],
+        epoch: array[int],
+        unpackb: Callable[[bytes], Any],
+        crash_point: Callable[[str], None] | None,
+        lookup: Callable[[str, Any], int | None],
+        lookup_with_metadata: Callable[[str, Any], tuple[int, dict[str, Any]] | None],
+        register: Callable[[str, Any, Any, Any], int],
+        pack: Callable[[Any], bytes],
+        str_tags: dict[str, int],
+        type_tag: Callable[[dict[str, Any]], int],
+        capability_mask: Callable[[dict[str, Any]], int],
+        max_metadata_bytes: int,
+        namespaces: dict[str, tuple[bytes, int, int]],
+    ) -> None: ...
+    def lookup(self, namespace: str, service: Any, /) -> int | None: ...
+    def lookup_with_metadata(
+        self, namespace: str, service: Any, /
+    ) -> tuple[int, dict[str, Any]] | None: ...
+    def entry(self, namespace: str, service: Any, /) -> Any: ...
+    def register(self, namespace: str, service: Any, owner: Any, metadata: Any, /) -> int: ...
+    def invalidate(self) -> None: ...
