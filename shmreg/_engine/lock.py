@@ -325,11 +325,18 @@ class WriterLock:
             return None
         if rc != errno.EBUSY:
             return f"pthread: {errno.errorcode.get(rc, rc)}"
+        # Held. Only a holder that stays implausible as long as a waiter would tolerate
+        # (the module docstring's rule) is damage: a writer may be between taking the
+        # mutex and writing the owner word.
         word = self._words[0] & 0xFFFFFFFF
-        tid = word & _FUTEX_TID_MASK
-        if word & _FUTEX_OWNER_DIED or (tid and _thread_process(tid)):
-            return None
-        return self._describe(word)
+        since = time.monotonic()
+        while not self._holder_is_plausible(word):
+            if time.monotonic() - since >= _STUCK_AFTER:
+                return self._describe(word)
+            time.sleep(0.05)
+            if self._words[0] & 0xFFFFFFFF != word:
+                return None  # it moved: somebody is using it
+        return None
 
     def _owner_alive(self) -> bool:
         from shmreg import _identity

@@ -566,8 +566,11 @@ def destroy_by_name(name: str) -> bool:
     except Exception:
         pass  # damaged beyond opening: remove the segments by name
     else:
-        store.destroy()
-        return True
+        try:
+            store.destroy()
+            return True
+        except CorruptRegistry:
+            store.close()  # its writer lock is damaged: remove the segments by name
     removed = False
     for seg in list_segments(f"shmreg-{name}."):
         removed = unlink_segment(seg) or removed
