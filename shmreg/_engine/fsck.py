@@ -103,6 +103,9 @@ def check(name: str, *, repair: bool = False) -> FsckReport:
 
 def _check_store(store: Store, report: FsckReport) -> None:
     rq = store.rq
+    lock_problem = store.lock.inspect()
+    if lock_problem:
+        report.problem(f"writer lock damaged: {lock_problem}")
     owner = int(rq[L.R_OWNER_PID])
     if owner:
         alive = _identity.check(ProcessIdentity(owner, int(rq[L.R_OWNER_START])))
@@ -168,15 +171,25 @@ def _salvage_headers(name: str, report: FsckReport) -> bool:
         root = open_segment(L.root_name(name), name)
     except ShmregError:
         return False
-    lock = WriterLock(segment_path(L.root_name(name)), name)
-    lock.acquire(timeout=30.0)
+    assert root.buf is not None
+    rq = root.buf.cast("Q")
+    if rq[L.R_MAGIC] != L.ROOT_MAGIC or rq[L.R_VERSION] != L.LAYOUT_VERSION:
+        rq.release()
+        close_segment(root)
+        return False  # not recognisably ours (or no mutex yet): nothing to salvage
+    lock = WriterLock(root.buf, name)
     fixed: list[str] = []
     try:
-        assert root.buf is not None
-        rq = root.buf.cast("Q")
-        if rq[L.R_MAGIC] != L.ROOT_MAGIC or rq[L.R_VERSION] != L.LAYOUT_VERSION:
-            rq.release()
-            return False  # not recognisably ours: nothing to salvage
+        repaired = lock.repair()
+        if repaired:
+            fixed.append(repaired)
+        lock.acquire(timeout=30.0)
+    except BaseException:
+        lock.close()
+        rq.release()
+        close_segment(root)
+        raise
+    try:
         gen = int(rq[L.R_GEN])
         data_name = L.data_name(name, int(rq[L.R_INCARNATION]), gen)
         path = segment_path(data_name)
@@ -206,10 +219,10 @@ def _salvage_headers(name: str, report: FsckReport) -> bool:
         if not 0 < rq[L.R_MAX_META] <= MAX_METADATA_LIMIT:
             rq[L.R_MAX_META] = DEFAULT_MAX_METADATA_BYTES
             fixed.append(f"metadata limit reset to {DEFAULT_MAX_METADATA_BYTES}")
-        rq.release()
     finally:
         lock.release()
         lock.close()
+        rq.release()
         close_segment(root)
     report.repaired.extend(fixed)
     return bool(fixed)
@@ -224,6 +237,9 @@ def _newest_event(store: Store) -> int:
 
 
 def _repair(store: Store, report: FsckReport) -> None:
+    fixed = store.lock.repair()  # a damaged mutex is re-initialised (rule: lock.repair)
+    if fixed:
+        report.repaired.append(fixed)
     table = store.begin()  # recovery runs here if a writer died inside
     try:
         report.repaired.extend(store.last_recovery)

@@ -15,7 +15,8 @@ A registry ``NAME`` is two kinds of POSIX shared-memory segment:
           6 capacity setting        17 last event sequence number
           7 max metadata bytes      18 segment permission bits
 
-  The writer lock is ``flock`` on this segment's file, so it never moves when the table grows.
+          2048-2111 the writer lock: a robust, process-shared pthread mutex (layout 2;
+                    see R_MUTEX_OFFSET below), so it never moves when the table grows.
 
 ``shmreg-NAME.<incarnation>.g<generation>`` (the data: header, slots, arena)::
 
@@ -54,11 +55,11 @@ from shmreg import _limits
 
 ROOT_MAGIC = int.from_bytes(b"SHMREG\x00R", "little")
 DATA_MAGIC = int.from_bytes(b"SHMREG\x00D", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # Older layout versions ``shmreg upgrade`` can bring to LAYOUT_VERSION (``upgrade``): those
 # whose slots and records this table reads, so the growth swap re-lays out the rest. 0 is
-# the unversioned layout of builds before the version word was checked.
-UPGRADABLE_VERSIONS = frozenset({0})
+# the unversioned layout of builds before the version word was checked; 1 locked with flock.
+UPGRADABLE_VERSIONS = frozenset({0, 1})
 
 PAGE = 4096
 RING_OFFSET = PAGE  # the event ring (see shmreg._engine.events) follows the root words
@@ -195,3 +196,16 @@ def rec_key_len(w2: int) -> int:
 
 def rec_state(w2: int) -> int:
     return (w2 >> 48) & 0xFF
+
+
+# ------------------------------------------------------------ the writer lock (layout 2)
+# A pthread_mutex_t in the root page, after the root words and before the event ring:
+# bytes R_MUTEX_OFFSET .. R_MUTEX_OFFSET + R_MUTEX_BYTES - 1 (2048..2111), 64-aligned so it
+# has a cache line of its own. glibc's pthread_mutex_t is 40 bytes on x86-64 and 48 on
+# aarch64; 64 are reserved and shmreg._engine.lock checks the size at import (it measures
+# what pthread_mutex_init rewrites). Attributes: PTHREAD_PROCESS_SHARED,
+# PTHREAD_MUTEX_ROBUST, type PTHREAD_MUTEX_NORMAL. Layout 1 locked with flock on the root
+# file instead; ``shmreg upgrade`` initialises the mutex (see shmreg._engine.upgrade).
+R_MUTEX_OFFSET = 2048
+R_MUTEX_BYTES = 64
+LEGACY_FLOCK_VERSIONS = frozenset({0, 1})  # their writers lock with flock on the root file

@@ -32,7 +32,7 @@ from shmreg import _identity, _log
 from shmreg._engine import layout as L
 from shmreg._engine.crashpoints import ARMED, crash_point
 from shmreg._engine.events import Ring
-from shmreg._engine.lock import WriterLock
+from shmreg._engine.lock import WriterLock, initialise_in
 from shmreg._engine.segment import (
     close_segment,
     create_segment,
@@ -41,7 +41,6 @@ from shmreg._engine.segment import (
     list_segments,
     may_remove,
     open_segment,
-    segment_path,
     unlink_segment,
 )
 from shmreg._engine.table import Table
@@ -100,7 +99,7 @@ class Store:
         self.capacity = int(self.rq[L.R_CAPACITY])
         self.max_metadata_bytes = int(self.rq[L.R_MAX_META])
         self.incarnation = int(self.rq[L.R_INCARNATION])
-        self.lock = WriterLock(segment_path(L.root_name(name)), name)
+        self.lock = WriterLock(root.buf, name)
         self._swap_lock = threading.Lock()
         # Bumped whenever this process replaces or unmaps a mapping: the compiled path
         # caches raw pointers and re-reads them when this word changes.
@@ -187,6 +186,7 @@ class Store:
             root.buf[L.R_BOOT_ID * 8 : L.R_BOOT_ID * 8 + 16] = boot.ljust(16, b"\0")
             rq[L.R_INCARNATION] = incarnation
             rq[L.R_MODE] = mode
+            initialise_in(root.buf)  # before publishing: no process can lock it half-made
             rq[L.R_MAGIC] = L.ROOT_MAGIC
         finally:
             rq.release()
@@ -318,6 +318,9 @@ class Store:
         self.lock.acquire(timeout)
         try:
             rq = self.rq
+            # A set owner word means the previous writer died inside: the robust mutex
+            # handed it to us with EOWNERDEAD (made consistent by the lock), and this is
+            # where the damage it left is repaired.
             if rq[L.R_OWNER_PID] != 0 or rq[L.R_GEN] != self.gen:
                 self._begin_slow()
             me = _identity.self_identity()
@@ -572,8 +575,11 @@ def destroy_by_name(name: str) -> bool:
     except Exception:
         pass  # damaged beyond opening: remove the segments by name
     else:
-        store.destroy()
-        return True
+        try:
+            store.destroy()
+            return True
+        except CorruptRegistry:
+            store.close()  # its writer lock is damaged: remove the segments by name
     removed = False
     for seg in list_segments(f"shmreg-{name}."):
         removed = unlink_segment(seg) or removed
