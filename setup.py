@@ -22,6 +22,7 @@ if not _flag("SHMREG_PUREPYTHON"):
             ["shmreg/_engine/_speedups.c"],
             depends=["shmreg/_engine/_layout.h"],
             extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE"],
+            libraries=["pthread"],
             optional=not _flag("SHMREG_REQUIRE_SPEEDUPS"),
         )
     )

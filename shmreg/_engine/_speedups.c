@@ -24,6 +24,12 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -32,6 +38,9 @@
 #include "_layout.h"
 
 #define LO32 0xFFFFFFFFull
+/* glibc keeps a robust mutex's futex word first in pthread_mutex_t (checked at import). */
+static int life_usable;
+
 #define SPINS 256 /* seqlock retries before handing the read to Python (which waits, repairs) */
 
 /* ------------------------------------------------------------------------------ crc32 */
@@ -108,6 +117,12 @@ typedef struct {
     PyObject *type_tag;   /* codec.type_tag(metadata), for what the cache cannot answer */
     PyObject *capability_mask; /* codec.capability_mask(metadata), likewise */
     uint64_t max_meta;    /* the registry's max_metadata_bytes */
+    PyObject *self_identity; /* identity.self_identity */
+    uint64_t self_pid, self_start, identity_forks;
+    PyObject *root_path;  /* the root segment's file, for the liveness holder's own mapping */
+    uint64_t life_slots;  /* 0: no liveness table (an upgraded registry) or not usable */
+    uint64_t life_claim_forks; /* forks_seen when this handle last tried to claim */
+    int claimed;
     PyObject *table;      /* the Table the cached data pointers belong to (keeps it mapped) */
     const volatile uint64_t *epoch;
     uint64_t seen_epoch;
@@ -120,17 +135,23 @@ typedef struct {
 static PyObject *str_table, *str_buf, *str_rq, *str_nslots, *str_arena_off, *str_arena_size,
     *str_gen;
 
-static void *buffer_address(PyObject *obj) {
+static void *buffer_address_len(PyObject *obj, Py_ssize_t *out_len) {
     Py_buffer view;
     if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
     void *p = view.buf;
     Py_ssize_t len = view.len;
     PyBuffer_Release(&view);
+    *out_len = len;
     if (len < SHMREG_HEADER_SIZE) {
         PyErr_SetString(PyExc_ValueError, "mapping too small");
         return NULL;
     }
     return p;
+}
+
+static void *buffer_address(PyObject *obj) {
+    Py_ssize_t len;
+    return buffer_address_len(obj, &len);
 }
 
 static int attr_u64(PyObject *obj, PyObject *name, uint64_t *out) {
@@ -149,9 +170,14 @@ static int reload(Fast *self) {
     uint64_t epoch = *self->epoch;
     PyObject *rq = PyObject_GetAttr(self->store, str_rq);
     if (!rq) goto decline;
-    self->root = buffer_address(rq);
+    Py_ssize_t root_len = 0;
+    self->root = buffer_address_len(rq, &root_len);
     Py_DECREF(rq);
     if (!self->root) goto decline;
+    self->life_slots = load_relaxed(self->root + SHMREG_R_LIFE_SLOTS);
+    if (!life_usable || self->life_slots > (1u << 20) ||
+        (uint64_t)root_len < SHMREG_LIFE_OFFSET + self->life_slots * SHMREG_LIFE_SLOT_SIZE)
+        self->life_slots = 0;
     PyObject *table = PyObject_GetAttr(self->store, str_table);
     if (!table) goto decline;
     PyObject *buf = PyObject_GetAttr(table, str_buf);
@@ -213,6 +239,130 @@ static int find(Fast *self, const char *key, Py_ssize_t len, uint32_t hash, uint
     return 0;
 }
 
+/* A msgpack encoder for what codec.py's _fast_ok calls plainly storable (dict with str keys,
+ * list, str, bytes, int in [-2**63, 2**64), float but NaN, bool, None; depth <= 32), writing
+ * exactly the bytes msgpack-python's Packer(use_bin_type=True) writes: the smallest form
+ * of every int and length, float64, str8 allowed, dicts in insertion order. Anything else
+ * (a subclass, a tuple, a lone surrogate, NaN) declines, and Python's codec checks and
+ * raises. A test compares both encoders on generated metadata. */
+typedef struct {
+    uint8_t *p;
+    size_t len, cap;
+    uint8_t local[512];
+} Buf;
+
+static int buf_room(Buf *b, size_t n) {
+    if (b->len + n <= b->cap) return 0;
+    size_t cap = b->cap * 2;
+    while (cap < b->len + n) cap *= 2;
+    uint8_t *p = b->p == b->local ? PyMem_Malloc(cap) : PyMem_Realloc(b->p, cap);
+    if (!p) return -1;
+    if (b->p == b->local) memcpy(p, b->local, b->len);
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int put(Buf *b, const void *src, size_t n) {
+    if (buf_room(b, n) < 0) return -1;
+    memcpy(b->p + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static int put_head(Buf *b, uint8_t code, uint64_t v, int nbytes) {
+    uint8_t h[9];
+    h[0] = code;
+    for (int i = 0; i < nbytes; i++) h[1 + i] = (uint8_t)(v >> (8 * (nbytes - 1 - i)));
+    return put(b, h, (size_t)nbytes + 1);
+}
+
+/* str/bin/array/map length headers: fix form when small, then 8 (str/bin only), 16, 32 bit. */
+static int put_len(Buf *b, uint64_t n, int fix_base, uint64_t fix_limit, int c8, int c16, int c32) {
+    if (fix_base >= 0 && n < fix_limit) return put_head(b, (uint8_t)(fix_base | (int)n), 0, 0);
+    if (c8 >= 0 && n < 256) return put_head(b, (uint8_t)c8, n, 1);
+    if (n < 65536) return put_head(b, (uint8_t)c16, n, 2);
+    if (n <= 0xFFFFFFFFull) return put_head(b, (uint8_t)c32, n, 4);
+    return 1; /* too long for msgpack: decline */
+}
+
+static int put_str(Buf *b, PyObject *v) {
+    Py_ssize_t n;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(v, &n);
+    if (!utf8) {
+        PyErr_Clear(); /* a lone surrogate: Python names it */
+        return 1;
+    }
+    int r = put_len(b, (uint64_t)n, 0xa0, 32, 0xd9, 0xda, 0xdb);
+    return r ? r : put(b, utf8, (size_t)n);
+}
+
+/* 0 packed, 1 decline, -1 out of memory. */
+static int pack_plain(Buf *b, PyObject *v, int depth) {
+    if (depth > SHMREG_MAX_METADATA_DEPTH) return 1;
+    PyTypeObject *t = Py_TYPE(v);
+    if (v == Py_None) return put_head(b, 0xc0, 0, 0);
+    if (t == &PyBool_Type) return put_head(b, v == Py_True ? 0xc3 : 0xc2, 0, 0);
+    if (t == &PyUnicode_Type) return put_str(b, v);
+    if (t == &PyLong_Type) {
+        int overflow;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow < 0) return 1;
+        if (overflow > 0) {
+            unsigned long long u = PyLong_AsUnsignedLongLong(v);
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                return 1; /* past 2**64 - 1 */
+            }
+            return put_head(b, 0xcf, u, 8);
+        }
+        if (x < -32) {
+            if (x >= -128) return put_head(b, 0xd0, (uint64_t)x, 1);
+            if (x >= -32768) return put_head(b, 0xd1, (uint64_t)x, 2);
+            if (x >= -2147483648LL) return put_head(b, 0xd2, (uint64_t)x, 4);
+            return put_head(b, 0xd3, (uint64_t)x, 8);
+        }
+        if (x < 128) return put_head(b, (uint8_t)(x & 0xFF), 0, 0); /* fixint, either sign */
+        if (x < 256) return put_head(b, 0xcc, (uint64_t)x, 1);
+        if (x < 65536) return put_head(b, 0xcd, (uint64_t)x, 2);
+        if (x <= 0xFFFFFFFFLL) return put_head(b, 0xce, (uint64_t)x, 4);
+        return put_head(b, 0xcf, (uint64_t)x, 8);
+    }
+    if (t == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(v);
+        if (isnan(d)) return 1;
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        return put_head(b, 0xcb, bits, 8);
+    }
+    if (t == &PyBytes_Type) {
+        Py_ssize_t n = PyBytes_GET_SIZE(v);
+        int r = put_len(b, (uint64_t)n, -1, 0, 0xc4, 0xc5, 0xc6);
+        return r ? r : put(b, PyBytes_AS_STRING(v), (size_t)n);
+    }
+    if (t == &PyList_Type) {
+        Py_ssize_t n = PyList_GET_SIZE(v);
+        int r = put_len(b, (uint64_t)n, 0x90, 16, -1, 0xdc, 0xdd);
+        for (Py_ssize_t i = 0; !r && i < n; i++) {
+            /* The list cannot change under us: no Python code runs while packing. */
+            r = pack_plain(b, PyList_GET_ITEM(v, i), depth + 1);
+        }
+        return r;
+    }
+    if (t == &PyDict_Type) {
+        int r = put_len(b, (uint64_t)PyDict_GET_SIZE(v), 0x80, 16, -1, 0xde, 0xdf);
+        Py_ssize_t pos = 0;
+        PyObject *k, *item;
+        while (!r && PyDict_Next(v, &pos, &k, &item)) {
+            if (Py_TYPE(k) != &PyUnicode_Type) return 1;
+            r = put_str(b, k);
+            if (!r) r = pack_plain(b, item, depth + 1);
+        }
+        return r;
+    }
+    return 1;
+}
+
 /* Key bytes for a str or int service (shm_base.py ShmBase._key), cached as Python caches
  * them; NULL (no exception) declines: tuples, a namespace not seen yet, anything to reject. */
 static PyObject *encode_key(Fast *self, PyObject *ns, PyObject *service, PyObject *pair) {
@@ -227,19 +377,20 @@ static PyObject *encode_key(Fast *self, PyObject *ns, PyObject *service, PyObjec
     if (!ns_info || !PyTuple_Check(ns_info) || PyTuple_GET_SIZE(ns_info) != 3 ||
         !PyBytes_Check(PyTuple_GET_ITEM(ns_info, 0)))
         return NULL;
-    PyObject *packed = PyObject_CallOneArg(self->pack, service);
-    if (!packed || !PyBytes_CheckExact(packed)) {
-        Py_XDECREF(packed);
+    Buf packed = {.p = packed.local, .len = 0, .cap = sizeof packed.local};
+    if (pack_plain(&packed, service, 0)) {
+        if (packed.p != packed.local) PyMem_Free(packed.p);
+        PyErr_Clear();
         return NULL; /* out of range, not encodable: Python raises InvalidKey */
     }
     PyObject *prefix = PyTuple_GET_ITEM(ns_info, 0);
-    Py_ssize_t plen = PyBytes_GET_SIZE(prefix), slen = PyBytes_GET_SIZE(packed);
+    Py_ssize_t plen = PyBytes_GET_SIZE(prefix), slen = (Py_ssize_t)packed.len;
     PyObject *raw = NULL, *info = NULL;
     if (plen + slen > SHMREG_MAX_KEY_BYTES) goto done;
     raw = PyBytes_FromStringAndSize(NULL, plen + slen);
     if (!raw) goto done;
     memcpy(PyBytes_AS_STRING(raw), PyBytes_AS_STRING(prefix), (size_t)plen);
-    memcpy(PyBytes_AS_STRING(raw) + plen, PyBytes_AS_STRING(packed), (size_t)slen);
+    memcpy(PyBytes_AS_STRING(raw) + plen, packed.p, (size_t)slen);
     uint32_t hash = crc32_seeded(0, (const uint8_t *)PyBytes_AS_STRING(raw), (size_t)(plen + slen));
     info = Py_BuildValue("(NkOOO)", raw, (unsigned long)hash, PyTuple_GET_ITEM(ns_info, 1),
                          PyTuple_GET_ITEM(ns_info, 2), (PyObject *)t);
@@ -249,7 +400,7 @@ static PyObject *encode_key(Fast *self, PyObject *ns, PyObject *service, PyObjec
         Py_CLEAR(info);
     }
 done:
-    Py_DECREF(packed);
+    if (packed.p != packed.local) PyMem_Free(packed.p);
     Py_XDECREF(raw);
     if (!info) PyErr_Clear();
     return info;
@@ -293,6 +444,9 @@ static inline int alive(uint64_t pid) {
 
 enum { FOUND = 1, ABSENT = 0, DECLINE = -1 };
 
+static inline int owner_alive(Fast *self, uint64_t pid, uint64_t start);
+
+
 static int locate(Fast *self, PyObject *ns, PyObject *service, uint64_t words[8]) {
     PyObject *info = cached_key(self, ns, service);
     if (!info) return DECLINE;
@@ -314,7 +468,7 @@ static PyObject *Fast_lookup(Fast *self, PyObject *const *args, Py_ssize_t nargs
     if (r == DECLINE) return PyObject_Vectorcall(self->fallback_lookup, args, nargs, NULL);
     if (r == ABSENT) Py_RETURN_NONE;
     uint64_t pid = words[SHMREG_S_OWNER] & LO32;
-    if (!alive(pid)) Py_RETURN_NONE;
+    if (!owner_alive(self, pid, words[SHMREG_S_START])) Py_RETURN_NONE;
     return PyLong_FromUnsignedLongLong(pid);
 }
 
@@ -326,7 +480,7 @@ static PyObject *entry(Fast *self, PyObject *const *args, Py_ssize_t nargs, int 
     if (r == ABSENT) Py_RETURN_NONE;
     if (r == FOUND) {
         uint64_t pid = w[SHMREG_S_OWNER] & LO32;
-        if (!alive(pid)) Py_RETURN_NONE;
+        if (!owner_alive(self, pid, w[SHMREG_S_START])) Py_RETURN_NONE;
         uint64_t key_len = SHMREG_REC_KEY_LEN(w[SHMREG_S_REC]);
         uint64_t meta_len = w[SHMREG_S_META] & LO32;
         uint64_t off = self->arena_off + SHMREG_REC_OFFSET(w[SHMREG_S_REC]);
@@ -491,41 +645,6 @@ static uint64_t commit_new(Fast *self, const char *key, Py_ssize_t key_len, uint
 
 /* ------------------------------------------------------------------ preparing a record */
 
-/* codec.py _fast_ok, strict: 1 when plainly storable, 0 to let Python check (and raise). */
-static int plainly_storable(PyObject *v, int depth) {
-    if (depth > SHMREG_MAX_METADATA_DEPTH) return 0;
-    PyTypeObject *t = Py_TYPE(v);
-    if (t == &PyUnicode_Type || t == &PyBool_Type || v == Py_None || t == &PyBytes_Type) return 1;
-    if (t == &PyLong_Type) {
-        int overflow;
-        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-        (void)x;
-        if (overflow == 0) return 1;
-        if (overflow < 0) return 0;
-        unsigned long long u = PyLong_AsUnsignedLongLong(v); /* up to 2**64 - 1 */
-        (void)u;
-        if (PyErr_Occurred()) {
-            PyErr_Clear();
-            return 0;
-        }
-        return 1;
-    }
-    if (t == &PyFloat_Type) return !isnan(PyFloat_AS_DOUBLE(v));
-    if (t == &PyList_Type) {
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++)
-            if (!plainly_storable(PyList_GET_ITEM(v, i), depth + 1)) return 0;
-        return 1;
-    }
-    if (t == &PyDict_Type) {
-        Py_ssize_t pos = 0;
-        PyObject *k, *item;
-        while (PyDict_Next(v, &pos, &k, &item))
-            if (Py_TYPE(k) != &PyUnicode_Type || !plainly_storable(item, depth + 1)) return 0;
-        return 1;
-    }
-    return 0;
-}
-
 /* The cached tag of a str, or -1 when the codec has not computed it yet. */
 static int64_t cached_tag(Fast *self, PyObject *s) {
     if (Py_TYPE(s) != &PyUnicode_Type) return -1;
@@ -626,14 +745,14 @@ static int prepare(Fast *self, PyObject *ns, PyObject *service, PyObject *owner,
         Py_INCREF(meta);
     }
     int result = 0;
-    PyObject *packed = NULL;
-    if (!plainly_storable(meta, 0)) goto done;
-    packed = PyObject_CallOneArg(self->pack, meta);
-    if (!packed || !PyBytes_CheckExact(packed)) {
-        PyErr_Clear(); /* Python's path names what cannot be encoded */
+    Buf packed = {.p = packed.local, .len = 0, .cap = sizeof packed.local};
+    int r = pack_plain(&packed, meta, 0);
+    if (r) {
+        result = r < 0 ? -1 : 0; /* declined: Python's codec names what cannot be stored */
+        if (r < 0) PyErr_NoMemory();
         goto done;
     }
-    Py_ssize_t meta_len = PyBytes_GET_SIZE(packed);
+    Py_ssize_t meta_len = (Py_ssize_t)packed.len;
     if ((uint64_t)meta_len > self->max_meta) goto done; /* MetadataTooLarge, from Python */
     uint64_t type_tag, caps;
     if (query_tags(self, meta, &type_tag, &caps) < 0) {
@@ -648,12 +767,12 @@ static int prepare(Fast *self, PyObject *ns, PyObject *service, PyObject *owner,
         result = -1;
         goto done;
     }
-    char *r = PyBytes_AS_STRING(record);
-    memcpy(r, PyBytes_AS_STRING(key), (size_t)key_len);
-    memcpy(r + key_len, PyBytes_AS_STRING(packed), (size_t)meta_len);
-    memset(r + len, 0, (size_t)(padded - len));
+    char *rec = PyBytes_AS_STRING(record);
+    memcpy(rec, PyBytes_AS_STRING(key), (size_t)key_len);
+    memcpy(rec + key_len, packed.p, (size_t)meta_len);
+    memset(rec + len, 0, (size_t)(padded - len));
     uint32_t seed = (uint32_t)((pid ^ start ^ (start >> 32)) & LO32);
-    uint32_t crc = crc32_seeded(seed, (const uint8_t *)r, (size_t)len);
+    uint32_t crc = crc32_seeded(seed, (const uint8_t *)rec, (size_t)len);
     out->key = key;
     out->hash = (uint32_t)key_hash;
     out->record = record;
@@ -665,7 +784,7 @@ static int prepare(Fast *self, PyObject *ns, PyObject *service, PyObject *owner,
     out->caps = caps;
     result = 1;
 done:
-    Py_XDECREF(packed);
+    if (packed.p != packed.local) PyMem_Free(packed.p);
     Py_DECREF(meta);
     if (result != 1) Py_CLEAR(out->info);
     return result;
@@ -673,21 +792,322 @@ done:
 
 /* ---------------------------------------------------------------------- the lock */
 
-static PyObject *str_begin, *str_end;
+/* This process's identity as Store.begin writes it into the owner words. Cached; a fork
+ * bumps forks_seen (pthread_atfork), and the child asks Python again. */
+static volatile uint64_t forks_seen = 0;
+static void life_after_fork_in_child(void);
+static void after_fork_in_child(void) {
+    forks_seen++;
+    life_after_fork_in_child();
+}
 
-/* Store.begin(): the writer lock, recovery of a dead writer, the current generation. */
-static int lock(Fast *self) {
-    PyObject *r = PyObject_CallMethodNoArgs(self->store, str_begin);
-    if (!r) return -1;
-    Py_DECREF(r);
+static int own_identity(Fast *self) {
+    if (self->identity_forks == forks_seen && self->self_pid) return 0;
+    PyObject *me = PyObject_CallNoArgs(self->self_identity);
+    if (!me) return -1;
+    if (!PyTuple_Check(me) || PyTuple_GET_SIZE(me) < 2) {
+        Py_DECREF(me);
+        PyErr_SetString(PyExc_TypeError, "self_identity() must return (pid, start_ticks, ...)");
+        return -1;
+    }
+    self->self_pid = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(me, 0));
+    self->self_start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(me, 1));
+    Py_DECREF(me);
+    if (PyErr_Occurred()) {
+        self->self_pid = 0;
+        return -1;
+    }
+    self->identity_forks = forks_seen;
     return 0;
 }
 
-static int unlock(Fast *self, int failed) {
-    PyObject *r = PyObject_CallMethodOneArg(self->store, str_end, failed ? Py_True : Py_False);
-    if (!r) return -1;
-    Py_DECREF(r);
-    return 0;
+static inline pthread_mutex_t *writer_mutex(Fast *self) {
+    return (pthread_mutex_t *)((uint8_t *)self->root + SHMREG_R_MUTEX_OFFSET);
+}
+
+/* Store.begin's fast case: the lock free, no dead writer to recover after, the generation
+ * this object maps. 1 locked, 0 decline (Python's begin() then waits, recovers, follows a
+ * growth, reports damage), -1 error. Never blocks, so the GIL is never given up while raw
+ * pointers are in use. Call only when ready(self). */
+static int lock(Fast *self) {
+    pthread_mutex_t *m = writer_mutex(self);
+    int rc = pthread_mutex_trylock(m);
+    if (rc == EOWNERDEAD) {
+        /* The holder died. The mutex is ours and made consistent; what the holder left
+         * half-done is found below through the owner words, and repaired by Python. */
+        rc = pthread_mutex_consistent(m);
+        if (rc) {
+            pthread_mutex_unlock(m);
+            return 0;
+        }
+    }
+    if (rc) return 0;
+    if (load_relaxed(self->root + SHMREG_R_OWNER_PID) != 0 ||
+        load_relaxed(self->root + SHMREG_R_GEN) != self->gen) {
+        pthread_mutex_unlock(m);
+        return 0;
+    }
+    store_relaxed(self->root + SHMREG_R_OWNER_START, self->self_start);
+    store_release(self->root + SHMREG_R_OWNER_PID, self->self_pid);
+    if (crash(self, "lock.owner_set") < 0) {
+        pthread_mutex_unlock(m); /* owner word left set: the next writer recovers */
+        return -1;
+    }
+    return 1;
+}
+
+/* Store.end. After an error the owner word stays set, so the next writer (Python's begin)
+ * repairs whatever the interrupted commit left, from its journal. */
+static void unlock(Fast *self, int failed) {
+    if (!failed) store_release(self->root + SHMREG_R_OWNER_PID, 0);
+    pthread_mutex_unlock(writer_mutex(self));
+}
+
+/* ------------------------------------------------------------------ liveness words
+ *
+ * kill(pid, 0) costs ~0.5 us here, more than the rest of a lookup. A process that registers
+ * through this path claims a slot in the root's liveness table (layout.py describes it) and
+ * has a thread of its own hold that slot's robust mutex until the process ends; the kernel
+ * then marks the futex word OWNER_DIED (at exit and at exec). A reader compares pid and
+ * start ticks under the slot's sequence word and reads the futex word: OWNER_DIED is a
+ * death, a thread id is a live holder, anything else is "unknown" and kill() decides.
+ *
+ * The holder maps the root segment itself and keeps that mapping until it has unlocked: a
+ * held robust mutex in unmapped memory would stop the kernel's walk of the holder's robust
+ * list at exit, and later mutexes on it would never be marked.
+ */
+#define LIFE_PROBES 32 /* a reader gives up (and asks kill) after this many slots */
+
+
+typedef struct Claim {
+    char path[512];
+    uint8_t *map;
+    size_t len;
+    pthread_mutex_t *mutex;
+    int refs;
+    struct Claim *next;
+} Claim;
+
+static Claim *claims; /* this process's claims; touched with the GIL held */
+
+/* The holder thread, one per process, started on the first claim. */
+static pthread_mutex_t holder_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t holder_cond = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t *holder_request; /* mutex to lock (op 1) or unlock (op 2) */
+static int holder_op, holder_rc, holder_started;
+static uint64_t holder_served, holder_asked;
+
+static void *holder_main(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&holder_lock);
+    for (;;) {
+        while (holder_served == holder_asked) pthread_cond_wait(&holder_cond, &holder_lock);
+        int rc;
+        if (holder_op == 1) {
+            rc = pthread_mutex_lock(holder_request);
+            if (rc == EOWNERDEAD) rc = pthread_mutex_consistent(holder_request);
+        } else {
+            rc = pthread_mutex_unlock(holder_request);
+        }
+        holder_rc = rc;
+        holder_served = holder_asked;
+        pthread_cond_broadcast(&holder_cond);
+    }
+    return NULL;
+}
+
+/* Have the holder thread lock (1) or unlock (2) ``m``; its pthread result. */
+static int holder_do(pthread_mutex_t *m, int op) {
+    pthread_mutex_lock(&holder_lock);
+    if (!holder_started) {
+        pthread_attr_t attr;
+        pthread_t t;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 64 * 1024);
+        int rc = pthread_create(&t, &attr, holder_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc) {
+            pthread_mutex_unlock(&holder_lock);
+            return rc;
+        }
+        holder_started = 1;
+    }
+    holder_request = m;
+    holder_op = op;
+    uint64_t ticket = ++holder_asked;
+    pthread_cond_broadcast(&holder_cond);
+    while (holder_served < ticket) pthread_cond_wait(&holder_cond, &holder_lock);
+    int rc = holder_rc;
+    pthread_mutex_unlock(&holder_lock);
+    return rc;
+}
+
+static void life_after_fork_in_child(void) {
+    /* The holder thread and its holds stayed with the parent; so do the claims. The
+     * mappings copied into this child are dropped (they hold nothing here). */
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
+    holder_lock = fresh;
+    holder_cond = fresh_cond;
+    holder_started = 0;
+    holder_served = holder_asked = 0;
+    for (Claim *c = claims, *next; c; c = next) {
+        next = c->next;
+        munmap(c->map, c->len);
+        free(c);
+    }
+    claims = NULL;
+}
+
+static inline uint64_t *life_slot(uint8_t *root, uint64_t i) {
+    return (uint64_t *)(root + SHMREG_LIFE_OFFSET + i * SHMREG_LIFE_SLOT_SIZE);
+}
+
+static inline uint32_t futex_word(const uint64_t *slot) {
+    return __atomic_load_n((const uint32_t *)((const uint8_t *)slot + SHMREG_LIFE_MUTEX_AT),
+                           __ATOMIC_RELAXED);
+}
+
+/* 1 alive, 0 dead, -1 unknown: the reader's question, answered from memory. */
+static int life_verdict(Fast *self, uint64_t pid, uint64_t start) {
+    uint64_t n = self->life_slots;
+    if (!n) return -1;
+    uint64_t home = SHMREG_LIFE_HOME(pid, n);
+    for (uint64_t k = 0; k < n && k < LIFE_PROBES; k++) {
+        const uint64_t *slot = life_slot((uint8_t *)self->root, (home + k) % n);
+        uint64_t s1 = load_acquire(slot + SHMREG_LIFE_SEQ);
+        if (s1 & 1) return -1; /* being claimed */
+        uint64_t p = load_relaxed(slot + SHMREG_LIFE_PID), st = load_relaxed(slot + SHMREG_LIFE_START);
+        uint32_t word = futex_word(slot);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (load_relaxed(slot + SHMREG_LIFE_SEQ) != s1) return -1;
+        if (!s1 && !p) return -1; /* never used: the end of the chain */
+        if (p == pid && st == start) {
+            if (word & SHMREG_FUTEX_OWNER_DIED) return 0;
+            return (word & SHMREG_FUTEX_TID_MASK) ? 1 : -1;
+        }
+    }
+    return -1;
+}
+
+static inline int owner_alive(Fast *self, uint64_t pid, uint64_t start) {
+    if (pid == 0 || pid > INT_MAX) return 0;
+    int v = life_verdict(self, pid, start);
+    return v >= 0 ? v : alive(pid);
+}
+
+/* Claim this process's slot in the registry's table (caller holds the writer lock and
+ * registers for its own pid). Best effort: on any failure lookups just ask kill(). */
+static void life_claim(Fast *self) {
+    if (!life_usable || !self->life_slots || self->life_claim_forks == forks_seen) return;
+    self->life_claim_forks = forks_seen; /* one attempt per process per handle */
+    const char *path = PyUnicode_AsUTF8(self->root_path);
+    if (!path) {
+        PyErr_Clear();
+        return;
+    }
+    for (Claim *c = claims; c; c = c->next) {
+        if (!strcmp(c->path, path)) {
+            c->refs++;
+            self->claimed = 1;
+            return;
+        }
+    }
+    size_t len = SHMREG_LIFE_OFFSET + self->life_slots * SHMREG_LIFE_SLOT_SIZE;
+    if (strlen(path) >= sizeof(((Claim *)0)->path)) return;
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) return;
+    struct stat st;
+    uint8_t *map = MAP_FAILED;
+    if (!fstat(fd, &st) && (size_t)st.st_size >= len)
+        map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return;
+    uint64_t n = self->life_slots, pid = self->self_pid, start = self->self_start;
+    uint64_t home = SHMREG_LIFE_HOME(pid, n), chosen = UINT64_MAX;
+    for (uint64_t k = 0; k < n && k < LIFE_PROBES; k++) {
+        uint64_t i = (home + k) % n, *slot = life_slot(map, i);
+        uint32_t word = futex_word(slot);
+        /* Free: never used, released (word 0), or its holder died. A slot that still names
+         * a live thread belongs to a live process, never taken over. */
+        if (!(word & SHMREG_FUTEX_TID_MASK) || (word & SHMREG_FUTEX_OWNER_DIED)) {
+            chosen = i;
+            break;
+        }
+    }
+    if (chosen == UINT64_MAX) {
+        munmap(map, len);
+        return;
+    }
+    uint64_t *slot = life_slot(map, chosen);
+    pthread_mutex_t *m = (pthread_mutex_t *)((uint8_t *)slot + SHMREG_LIFE_MUTEX_AT);
+    uint64_t seq = load_relaxed(slot + SHMREG_LIFE_SEQ);
+    store_release(slot + SHMREG_LIFE_SEQ, seq | 1);
+    store_relaxed(slot + SHMREG_LIFE_PID, pid);
+    store_relaxed(slot + SHMREG_LIFE_START, start);
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    int rc = pthread_mutex_init(m, &attr);
+    pthread_mutexattr_destroy(&attr);
+    store_release(slot + SHMREG_LIFE_SEQ, (seq | 1) + 1);
+    if (!rc) rc = holder_do(m, 1);
+    if (rc) {
+        munmap(map, len); /* nothing held: the word stays 0, "unknown" */
+        return;
+    }
+    Claim *c = calloc(1, sizeof *c);
+    if (!c) return; /* held until exit, unreleased: harmless */
+    strcpy(c->path, path);
+    c->map = map;
+    c->len = len;
+    c->mutex = m;
+    c->refs = 1;
+    c->next = claims;
+    claims = c;
+    self->claimed = 1;
+}
+
+/* Let go of this handle's claim; the last handle to the registry unlocks and unmaps. */
+static void life_release(Fast *self) {
+    if (!self->claimed) return;
+    self->claimed = 0;
+    if (self->life_claim_forks != forks_seen) return; /* claimed by the parent */
+    const char *path = self->root_path ? PyUnicode_AsUTF8(self->root_path) : NULL;
+    if (!path) {
+        PyErr_Clear();
+        return;
+    }
+    for (Claim **pc = &claims; *pc; pc = &(*pc)->next) {
+        Claim *c = *pc;
+        if (strcmp(c->path, path)) continue;
+        if (--c->refs > 0) return;
+        *pc = c->next;
+        if (!holder_do(c->mutex, 2)) munmap(c->map, c->len);
+        /* An unlock that failed leaves the mapping: a held mutex must stay mapped. */
+        free(c);
+        return;
+    }
+}
+
+static void life_probe_layout(void) {
+    /* glibc keeps the futex word (owner tid) in the first int of pthread_mutex_t on every
+     * architecture; verify here, so another libc falls back to kill() rather than guess. */
+    pthread_mutex_t m;
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (pthread_mutex_init(&m, &attr)) return;
+    pthread_mutexattr_destroy(&attr);
+    if (pthread_mutex_lock(&m)) return;
+    uint32_t word;
+    memcpy(&word, &m, sizeof word);
+    life_usable = (word & SHMREG_FUTEX_TID_MASK) == (uint32_t)syscall(SYS_gettid);
+    pthread_mutex_unlock(&m);
+    pthread_mutex_destroy(&m);
 }
 
 /* register(namespace, service, owner, metadata) -> generation (the Python path answers what
@@ -698,20 +1118,20 @@ static PyObject *Fast_register(Fast *self, PyObject *const *args, Py_ssize_t nar
     int r = prepare(self, args[0], args[1], args[2], args[3], &p);
     if (r < 0) return NULL;
     if (r == 0) return PyObject_Vectorcall(self->fallback_register, args, nargs, NULL);
-    if (lock(self) < 0) {
-        Py_DECREF(p.record);
-        Py_DECREF(p.info);
-        return NULL;
-    }
     uint64_t generation = 0;
-    if (ready(self))
+    int locked = own_identity(self) < 0 ? -1 : ready(self) ? lock(self) : 0;
+    if (locked == 1 && p.head[3] == (self->self_pid | (p.head[3] & ~LO32)) &&
+        p.head[4] == self->self_start)
+        life_claim(self); /* registering for itself: let readers skip kill() for this pid */
+    if (locked == 1) { /* from lock() to unlock(): no Python code but crash points */
         generation = commit_new(self, PyBytes_AS_STRING(p.key), PyBytes_GET_SIZE(p.key), p.hash,
                                 PyBytes_AS_STRING(p.record), (uint64_t)PyBytes_GET_SIZE(p.record),
                                 p.head, p.caps);
-    int failed = generation == (uint64_t)-1;
+        unlock(self, generation == (uint64_t)-1);
+    }
     Py_DECREF(p.record);
     Py_DECREF(p.info);
-    if (unlock(self, failed) < 0 || failed) return NULL;
+    if (locked < 0 || generation == (uint64_t)-1) return NULL;
     if (generation == 0) return PyObject_Vectorcall(self->fallback_register, args, nargs, NULL);
     return PyLong_FromUnsignedLongLong(generation);
 }
@@ -721,14 +1141,16 @@ static PyObject *Fast_register(Fast *self, PyObject *const *args, Py_ssize_t nar
 static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     static char *names[] = {"store", "keys", "epoch", "unpackb", "crash_point", "lookup",
                             "lookup_with_metadata", "register", "pack", "str_tags", "type_tag",
-                            "capability_mask", "max_metadata_bytes", "namespaces", NULL};
+                            "capability_mask", "max_metadata_bytes", "namespaces", "self_identity",
+                            "root_path", NULL};
     PyObject *store, *keys, *epoch, *unpackb, *crash_point, *lookup, *lookup_meta, *reg, *pack,
-        *str_tags, *type_tag, *capability_mask, *namespaces;
+        *str_tags, *type_tag, *capability_mask, *namespaces, *self_identity, *root_path;
     unsigned long long max_meta;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOOOOOOO!OOKO!", names, &store, &PyDict_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOOOOOOO!OOKO!OU", names, &store, &PyDict_Type,
                                      &keys, &epoch, &unpackb, &crash_point, &lookup, &lookup_meta,
                                      &reg, &pack, &PyDict_Type, &str_tags, &type_tag,
-                                     &capability_mask, &max_meta, &PyDict_Type, &namespaces))
+                                     &capability_mask, &max_meta, &PyDict_Type, &namespaces,
+                                     &self_identity, &root_path))
         return -1;
     Py_buffer view;
     if (PyObject_GetBuffer(epoch, &view, PyBUF_WRITABLE) < 0) return -1;
@@ -753,6 +1175,11 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     Py_INCREF(capability_mask); Py_XSETREF(self->capability_mask, capability_mask);
     self->max_meta = max_meta;
     Py_INCREF(namespaces); Py_XSETREF(self->namespaces, namespaces);
+    Py_INCREF(self_identity); Py_XSETREF(self->self_identity, self_identity);
+    Py_INCREF(root_path); Py_XSETREF(self->root_path, root_path);
+    self->life_claim_forks = UINT64_MAX;
+    self->claimed = 0;
+    self->self_pid = 0;
     self->epoch = p;
     self->valid = 0;
     return 0;
@@ -772,6 +1199,7 @@ static int Fast_traverse(Fast *self, visitproc visit, void *arg) {
     Py_VISIT(self->type_tag);
     Py_VISIT(self->capability_mask);
     Py_VISIT(self->namespaces);
+    Py_VISIT(self->self_identity);
     Py_VISIT(self->table);
     return 0;
 }
@@ -790,6 +1218,8 @@ static int Fast_clear(Fast *self) {
     Py_CLEAR(self->type_tag);
     Py_CLEAR(self->capability_mask);
     Py_CLEAR(self->namespaces);
+    Py_CLEAR(self->self_identity);
+    Py_CLEAR(self->root_path);
     Py_CLEAR(self->table);
     /* epoch_obj last: self->epoch points into it. */
     Py_CLEAR(self->epoch_obj);
@@ -798,17 +1228,55 @@ static int Fast_clear(Fast *self) {
 
 static void Fast_dealloc(Fast *self) {
     PyObject_GC_UnTrack(self);
+    life_release(self);
     Fast_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *Fast_invalidate(Fast *self, PyObject *unused) {
+static PyObject *Fast_release(Fast *self, PyObject *unused) {
+    (void)unused;
+    life_release(self);
     self->valid = 0;
     Py_CLEAR(self->table);
     Py_RETURN_NONE;
 }
 
+static PyObject *Fast_invalidate(Fast *self, PyObject *unused) {
+    (void)unused;
+    self->valid = 0;
+    Py_CLEAR(self->table);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Fast_life_verdict(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "life_verdict(pid, start_ticks)");
+        return NULL;
+    }
+    uint64_t pid = PyLong_AsUnsignedLongLong(args[0]), start = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (!ready(self)) return PyLong_FromLong(-1);
+    return PyLong_FromLong(life_verdict(self, pid, start));
+}
+
+/* claim(owner): the caller (Python's register path) holds the writer lock and registers
+ * for ``owner``; when that is this process, claim its liveness slot as Fast_register does. */
+static PyObject *Fast_claim(Fast *self, PyObject *owner) {
+    if (!PyTuple_Check(owner) || PyTuple_GET_SIZE(owner) < 2) Py_RETURN_NONE;
+    if (own_identity(self) < 0) return NULL;
+    uint64_t pid = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(owner, 0));
+    uint64_t start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(owner, 1));
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (pid == self->self_pid && start == self->self_start && ready(self)) life_claim(self);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Fast_methods[] = {
+    {"claim", (PyCFunction)Fast_claim, METH_O,
+     "claim(owner): with the writer lock held, claim this process's liveness slot"},
     {"lookup", (PyCFunction)(void (*)(void))Fast_lookup, METH_FASTCALL,
      "lookup(namespace, service) -> pid | None (the Python path answers what this declines)"},
     {"lookup_with_metadata", (PyCFunction)(void (*)(void))Fast_lookup_with_metadata, METH_FASTCALL,
@@ -818,6 +1286,10 @@ static PyMethodDef Fast_methods[] = {
     {"register", (PyCFunction)(void (*)(void))Fast_register, METH_FASTCALL,
      "register(namespace, service, owner, metadata) -> generation"},
     {"invalidate", (PyCFunction)Fast_invalidate, METH_NOARGS, "forget the cached mapping"},
+    {"release", (PyCFunction)Fast_release, METH_NOARGS,
+     "before the store closes: give up this handle's liveness claim and cached mapping"},
+    {"life_verdict", (PyCFunction)(void (*)(void))Fast_life_verdict, METH_FASTCALL,
+     "life_verdict(pid, start_ticks) -> 1 alive, 0 dead, -1 unknown (for tests and fsck)"},
     {NULL}};
 
 static PyTypeObject FastType = {
@@ -861,6 +1333,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups",
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     crc_init();
+    life_probe_layout();
+    if (pthread_atfork(NULL, NULL, after_fork_in_child)) {
+        PyErr_SetString(PyExc_ImportError, "pthread_atfork failed");
+        return NULL;
+    }
 #define INTERN(var, s) \
     if (!(var = PyUnicode_InternFromString(s))) return NULL
     INTERN(str_table, "table");
@@ -872,8 +1349,6 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(str_gen, "gen");
     INTERN(str_type, "type");
     INTERN(str_capabilities, "capabilities");
-    INTERN(str_begin, "begin");
-    INTERN(str_end, "end");
     if (PyType_Ready(&FastType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
@@ -884,5 +1359,6 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         return NULL;
     }
     if (PyModule_AddIntConstant(m, "LAYOUT_VERSION", SHMREG_LAYOUT_VERSION) < 0) return NULL;
+    if (PyModule_AddIntConstant(m, "LIVENESS_WORDS", life_usable) < 0) return NULL;
     return m;
 }

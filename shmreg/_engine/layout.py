@@ -65,7 +65,11 @@ PAGE = 4096
 RING_OFFSET = PAGE  # the event ring (see shmreg._engine.events) follows the root words
 RING_EVENTS = _limits.RING_EVENTS
 EVENT_SIZE = 256
-ROOT_SIZE = RING_OFFSET + RING_EVENTS * EVENT_SIZE
+# The liveness table (see the block at the end) follows the ring.
+LIFE_OFFSET = RING_OFFSET + RING_EVENTS * EVENT_SIZE
+LIFE_SLOTS = 1024
+LIFE_SLOT_SIZE = 128
+ROOT_SIZE = LIFE_OFFSET + LIFE_SLOTS * LIFE_SLOT_SIZE
 HEADER_SIZE = PAGE
 SLOT_SIZE = 64
 SLOT_WORDS = SLOT_SIZE // 8
@@ -92,6 +96,7 @@ R_RECOVERIES = 15
 R_INCARNATION = 16
 R_EVENT_SEQ = 17
 R_MODE = 18  # permission bits every segment of the registry is created with
+R_LIFE_SLOTS = 19  # slots in the liveness table; 0 in a registry upgraded from layout 1
 
 # Data header words.
 D_MAGIC = 0
@@ -209,3 +214,26 @@ def rec_state(w2: int) -> int:
 R_MUTEX_OFFSET = 2048
 R_MUTEX_BYTES = 64
 LEGACY_FLOCK_VERSIONS = frozenset({0, 1})  # their writers lock with flock on the root file
+
+
+# ------------------------------------------------------ the liveness table (layout 2)
+# LIFE_SLOTS slots of LIFE_SLOT_SIZE bytes at LIFE_OFFSET of the root segment, one per
+# process that registered through the compiled path, found by open addressing from
+# life_home(pid). Slot words: 0 sequence (odd while the slot is being claimed), 1 pid,
+# 2 start ticks; bytes LIFE_MUTEX_AT.. a robust pthread mutex that a thread of that process
+# holds for as long as it lives. When the process dies the kernel marks the mutex's futex
+# word FUTEX_OWNER_DIED, so a reader learns of the death from memory, with no system call:
+# word with OWNER_DIED -> dead; word naming a thread -> alive; 0 -> unknown (ask the kernel
+# with kill(pid, 0), as the pure-Python path always does). Written only by the compiled
+# path (shmreg/_engine/_speedups.c, which explains the protocol), under the writer lock.
+LIFE_SEQ = 0
+LIFE_PID = 1
+LIFE_START = 2
+LIFE_MUTEX_AT = 64
+FUTEX_TID_MASK = 0x3FFFFFFF
+FUTEX_OWNER_DIED = 0x40000000
+
+
+def life_home(pid: int, nslots: int) -> int:
+    """First slot a process's liveness entry is looked for in."""
+    return ((pid * 0x9E3779B1) & LO32) % nslots

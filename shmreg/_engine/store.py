@@ -186,6 +186,7 @@ class Store:
             root.buf[L.R_BOOT_ID * 8 : L.R_BOOT_ID * 8 + 16] = boot.ljust(16, b"\0")
             rq[L.R_INCARNATION] = incarnation
             rq[L.R_MODE] = mode
+            rq[L.R_LIFE_SLOTS] = L.LIFE_SLOTS
             initialise_in(root.buf)  # before publishing: no process can lock it half-made
             rq[L.R_MAGIC] = L.ROOT_MAGIC
         finally:

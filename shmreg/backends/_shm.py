@@ -149,6 +149,8 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         store.begin()
         failed = True
         try:
+            if self._fast is not None:
+                self._fast.claim(owner)
             generation = self._register_locked(namespace, service, owner, item)
             failed = False
             return generation
@@ -167,6 +169,8 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         store.begin()
         failed = True
         try:
+            if self._fast is not None and prepared:
+                self._fast.claim(prepared[0][1])
             out = [
                 self._register_locked(namespace, service, owner, item)
                 for service, owner, item in prepared

@@ -15,6 +15,7 @@ from shmreg import _codec, _identity
 from shmreg._engine import crashpoints, fastpath
 from shmreg._engine import events as _ev
 from shmreg._engine import layout as L
+from shmreg._engine.segment import segment_path
 from shmreg._engine.store import Store
 from shmreg._engine.table import SlotWords, StuckSlot, Table
 from shmreg._errors import CorruptRegistry, IncompatibleRegistry
@@ -64,6 +65,8 @@ def compiled_path(backend: ShmBase) -> Any:
         _codec.capability_mask,
         backend._store.max_metadata_bytes,
         _NAMESPACES,
+        _identity.self_identity,
+        segment_path(L.root_name(backend._name)),
     )
     backend.lookup = fast.lookup  # type: ignore[method-assign]
     backend.lookup_with_metadata = fast.lookup_with_metadata  # type: ignore[method-assign]
@@ -192,9 +195,13 @@ class ShmBase(BackendBase):
         return CorruptRegistry(f"registry {self._name!r}: {detail}", name=self._name, detail=detail)
 
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.release()
         self._store.close()
 
     def destroy(self) -> None:
+        if self._fast is not None:
+            self._fast.release()
         self._store.destroy()
 
 
