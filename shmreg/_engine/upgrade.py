@@ -37,7 +37,7 @@ def upgrade(name: str) -> dict[str, Any]:
         failed = True
         try:
             table = store.rebuild(0, 0)  # the growth swap: live entries, new generation
-            store.rq[L.R_VERSION] = L.LAYOUT_VERSION  # stamped only once the data is new
+            store.stamp_version()  # stamped only once the data is new
             entries = int(table.counters()[1])
             failed = False
         finally:
