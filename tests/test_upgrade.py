@@ -34,7 +34,8 @@ def test_an_older_layout_is_refused_then_upgraded_in_place(registry: shmreg.Regi
     assert f"shmreg upgrade {registry.name}" in str(refused.value)
     done = _shmreg("upgrade", registry.name, "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"from": 0, "to": L.LAYOUT_VERSION, "upgraded": True, "entries": 50}
+    expected = {"from": 0, "to": L.LAYOUT_VERSION, "upgraded": True, "entries": 50}
+    assert json.loads(done.stdout) == expected
     with shmreg.Registry.attach(registry.name) as again:
         assert again.backend.store.gen > data_gen  # type: ignore[attr-defined]
         for i in range(50):
@@ -43,7 +44,8 @@ def test_an_older_layout_is_refused_then_upgraded_in_place(registry: shmreg.Regi
         again.register("jobs", "after")  # writable at the new layout
     # The handle attached before the upgrade follows the swap, as it follows growth.
     assert registry.lookup("jobs", "after") is not None
-    assert _shmreg("upgrade", registry.name).stdout.strip() == f"already at layout {L.LAYOUT_VERSION}"
+    again_out = _shmreg("upgrade", registry.name).stdout.strip()
+    assert again_out == f"already at layout {L.LAYOUT_VERSION}"
 
 
 def test_a_newer_layout_is_refused_and_not_upgraded(registry: shmreg.Registry) -> None:

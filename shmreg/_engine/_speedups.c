@@ -37,6 +37,22 @@
 
 #include "_layout.h"
 
+/* Slot fields, from the generated header's (word, shift, mask) declarations. */
+#define SLOT_FIELD(w, name) (((w) >> SHMREG_S_##name##_SHIFT) & SHMREG_S_##name##_MASK)
+#define SHMREG_REC_OFFSET(w2) (SLOT_FIELD(w2, REC_OFFSET) * SHMREG_RECORD_ALIGN)
+#define SHMREG_REC_KEY_LEN(w2) SLOT_FIELD(w2, KEY_LEN)
+#define SHMREG_REC_STATE(w2) SLOT_FIELD(w2, STATE)
+#define SHMREG_LIFE_HOME(pid, n) ((((uint64_t)(pid) * SHMREG_LIFE_HASH_MULT) & 0xFFFFFFFFull) % (n))
+
+/* Not layout but codec and backend rules this path must apply alike; the module exports
+ * them and a test compares each with its Python original. */
+#define SHMREG_TYPE_ABSENT 0            /* codec.TYPE_ABSENT */
+#define SHMREG_TYPE_ANY 0xFFFFFFFFull   /* codec.TYPE_ANY */
+#define SHMREG_MAX_METADATA_DEPTH 32    /* codec.MAX_METADATA_DEPTH */
+#define SHMREG_MAX_KEY_BYTES 1024       /* codec.MAX_KEY_BYTES */
+#define SHMREG_KEY_CACHE_LIMIT 262144   /* backends._shm_base._KEY_CACHE_LIMIT */
+#define SHMREG_EVENT_REGISTERED 1       /* events.REGISTERED */
+
 #define LO32 0xFFFFFFFFull
 /* glibc keeps a robust mutex's futex word first in pthread_mutex_t (checked at import). */
 static int life_usable;
@@ -1359,6 +1375,13 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         return NULL;
     }
     if (PyModule_AddIntConstant(m, "LAYOUT_VERSION", SHMREG_LAYOUT_VERSION) < 0) return NULL;
-    if (PyModule_AddIntConstant(m, "LIVENESS_WORDS", life_usable) < 0) return NULL;
+    if (PyModule_AddIntConstant(m, "LIVENESS_WORDS", life_usable) < 0 ||
+        PyModule_AddIntConstant(m, "TYPE_ABSENT", SHMREG_TYPE_ABSENT) < 0 ||
+        PyModule_AddObject(m, "TYPE_ANY", PyLong_FromUnsignedLongLong(SHMREG_TYPE_ANY)) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_METADATA_DEPTH", SHMREG_MAX_METADATA_DEPTH) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_KEY_BYTES", SHMREG_MAX_KEY_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "KEY_CACHE_LIMIT", SHMREG_KEY_CACHE_LIMIT) < 0 ||
+        PyModule_AddIntConstant(m, "EVENT_REGISTERED", SHMREG_EVENT_REGISTERED) < 0)
+        return NULL;
     return m;
 }

@@ -19,15 +19,24 @@ entries it missed have been overwritten: it is told how many, never silently ski
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 from shmreg import _codec
-from shmreg._engine.layout import EVENT_SIZE, RING_EVENTS
+from shmreg._engine import layout as L
+from shmreg._engine.layout import (
+    EVENT_SIZE,
+    EVENT_WORDS,
+    KEY_ROOM,
+    RING_EVENTS,
+)
+from shmreg._engine.layout import (
+    pack_event_word as pack_event_word,  # re-exported: the journal's event word
+)
+from shmreg._engine.layout import (
+    unpack_event_word as unpack_event_word,
+)
 
-EVENT_WORDS = EVENT_SIZE // 8
-KEY_ROOM = EVENT_SIZE - 40
 RING_SIZE = RING_EVENTS * EVENT_SIZE
 
 REGISTERED = 1
@@ -58,7 +67,6 @@ REASON_NAMES = {
 }
 REASON_CODES = {"gone": GONE, "reused": REUSED, "zombie": ZOMBIE}
 
-_BODY = struct.Struct("<4Q")  # words 1..4
 # kind, reason, key bytes, pid, generation, time_ns, start ticks
 RawEvent = tuple[int, int, bytes, int, int, int, int]
 
@@ -82,15 +90,6 @@ class Event:
     lost: int = 0
     start_ticks: int = 0
     host: str = ""  # the owner's host (``ProcessIdentity.host``): "" for this one
-
-
-def pack_event_word(kind: int, reason: int, seq: int) -> int:
-    """The journal's event word: which event the operation appends, and its number."""
-    return kind | (reason << 8) | (seq << 16)
-
-
-def unpack_event_word(word: int) -> tuple[int, int, int]:
-    return word & 0xFF, (word >> 8) & 0xFF, word >> 16
 
 
 class Ring:
@@ -121,50 +120,34 @@ class Ring:
         w = self.word0 + slot * EVENT_WORDS
         base = w * 8
         key = key[:KEY_ROOM]
-        self.q[w] = 0
-        _BODY.pack_into(
+        self.q[w + L.E_SEQ] = 0
+        L.EVENT_BODY.pack_into(
             self.buf,
-            base + 8,
-            kind | (reason << 8) | (len(key) << 16) | (pid << 32),
+            base + L.E_HEAD * 8,
+            L.pack_event_head(kind, reason, len(key), pid),
             generation,
             time_ns,
             start_ticks,
         )
-        self.buf[base + 40 : base + 40 + len(key)] = key
-        self.q[w] = seq
+        self.buf[base + L.EVENT_KEY_OFFSET : base + L.EVENT_KEY_OFFSET + len(key)] = key
+        self.q[w + L.E_SEQ] = seq
 
     def read(self, seq: int) -> RawEvent | None:
         """Event ``seq`` as (kind, reason, key, pid, generation, time_ns, start), or None."""
-        slot = seq % RING_EVENTS
-        w = self.word0 + slot * EVENT_WORDS
-        base = w * 8
-        for _ in range(100):
-            s1 = self.q[w]
-            if s1 != seq:
-                return None if s1 != 0 else self._wait_written(w, seq)
-            head, generation, time_ns, start = _BODY.unpack_from(self.buf, base + 8)
-            key_len = (head >> 16) & 0xFFFF
-            key = bytes(self.buf[base + 40 : base + 40 + min(key_len, KEY_ROOM)])
-            if self.q[w] == seq:
-                return (
-                    head & 0xFF,
-                    (head >> 8) & 0xFF,
-                    key,
-                    head >> 32,
-                    generation,
-                    time_ns,
-                    start,
-                )
-        return None
+        w = self.word0 + (seq % RING_EVENTS) * EVENT_WORDS + L.E_SEQ
+        # Zero while being (re)written: either our event is landing or a newer one is
+        # overwriting it; the stable copy's own sequence word tells which.
+        raw = L.seqlock_read(self.q, w, _copy_entry, self.buf, busy=0)
+        if raw is None or int.from_bytes(raw[:8], "little") != seq:
+            return None
+        head, generation, time_ns, start = L.EVENT_BODY.unpack_from(raw, L.E_HEAD * 8)
+        kind, reason, key_len, pid = L.unpack_event_head(head)
+        key = raw[L.EVENT_KEY_OFFSET : L.EVENT_KEY_OFFSET + min(key_len, KEY_ROOM)]
+        return kind, reason, key, pid, generation, time_ns, start
 
-    def _wait_written(self, w: int, seq: int) -> RawEvent | None:
-        # Being (re)written right now: either our event is landing, or a newer one is
-        # overwriting it. A second look tells which.
-        for _ in range(1000):
-            s = self.q[w]
-            if s:
-                return self.read(seq) if s == seq else None
-        return None
+
+def _copy_entry(buf: memoryview, offset: int) -> bytes:
+    return bytes(buf[offset : offset + EVENT_SIZE])
 
 
 def decode(seq: int, raw: RawEvent) -> Event:

@@ -48,30 +48,31 @@ class FsckReport:
 
 def _slot_problem(table: Table, index: int, words: tuple[int, ...]) -> str | None:
     """What is wrong with one used slot, or None."""
-    w2 = words[2]
-    off = table.arena_off + (w2 & 0xFFFFFFFF) * 8
-    key_len = (w2 >> 32) & 0xFFFF
-    meta_len = words[3] & 0xFFFFFFFF
+    off = table.arena_off + L.slot_offset(words)
+    key_len = L.slot_key_len(words)
+    meta_len = L.slot_meta_len(words)
     if off + key_len + meta_len > table.arena_off + table.counter(L.D_TOP):
         return f"slot {index}: record at {off}+{key_len + meta_len} is beyond arena top"
     raw = bytes(table.buf[off : off + key_len + meta_len])
-    if zlib.crc32(raw, L.record_seed(words[4] & 0xFFFFFFFF, words[5])) != words[4] >> 32:
+    if zlib.crc32(raw, L.record_seed(*L.slot_owner(words))) != L.slot_crc(words):
         return f"slot {index}: record checksum mismatch"
     key = raw[:key_len]
-    if zlib.crc32(key) != words[1] & 0xFFFFFFFF:
+    if zlib.crc32(key) != L.slot_key_hash(words):
         return f"slot {index}: key hash mismatch"
     try:
         namespace, _ = _codec.decode_key(key)
         _codec.unpack_metadata(raw[key_len:])
     except Exception as exc:
         return f"slot {index}: does not decode ({exc!r})"
-    if zlib.crc32(namespace.encode()) != words[1] >> 32:
+    if zlib.crc32(namespace.encode()) != L.slot_ns_hash(words):
         return f"slot {index}: namespace hash mismatch"
     meta = _codec.unpack_metadata(raw[key_len:])
-    if (words[3] >> 32) != _codec.type_tag(meta) or words[7] != _codec.capability_mask(meta):
+    if L.slot_type_tag(words) != _codec.type_tag(meta) or (
+        L.slot_caps(words) != _codec.capability_mask(meta)
+    ):
         return f"slot {index}: query tags disagree with its metadata"
     try:
-        found, _ = table.find(key, words[1] & 0xFFFFFFFF)
+        found, _ = table.find(key, L.slot_key_hash(words))
     except StuckSlot:
         return f"slot {index}: its probe chain crosses a half-written slot"
     if found != index:
@@ -130,10 +131,10 @@ def _check_store(store: Store, report: FsckReport) -> None:
         report.problem(f"event sequence {int(rq[L.R_EVENT_SEQ])} out of range")
     live = tombs = 0
     for index in range(table.nslots):
-        words = L.SLOT.unpack_from(table.buf, L.HEADER_SIZE + index * L.SLOT_SIZE)
+        words = L.SLOT.unpack_from(table.buf, L.slot_word(index) * 8)
         report.checked_slots += 1
-        state = (words[2] >> 48) & 0xFF
-        if words[0] & 1:
+        state = L.slot_state(words)
+        if L.slot_seq(words) & 1:
             report.problem(f"slot {index}: half-written (odd sequence)")
             continue
         if state == L.TOMB:
@@ -161,11 +162,8 @@ def _salvage_headers(name: str, report: FsckReport) -> bool:
     defaults), the data magic and generation (the segment's name says whose and which it
     is, when its size fields agree with the segment). The registry's writer lock is held.
     """
-    import os
-
     from shmreg._engine.lock import WriterLock
     from shmreg._engine.segment import close_segment, open_segment, segment_path
-    from shmreg._limits import DEFAULT_MAX_METADATA_BYTES, MAX_CAPACITY, MAX_METADATA_LIMIT
 
     try:
         root = open_segment(L.root_name(name), name)
@@ -192,33 +190,9 @@ def _salvage_headers(name: str, report: FsckReport) -> bool:
     try:
         gen = int(rq[L.R_GEN])
         data_name = L.data_name(name, int(rq[L.R_INCARNATION]), gen)
-        path = segment_path(data_name)
-        if os.path.exists(path):
-            size = os.path.getsize(path)
-            with open(path, "r+b") as fh:
-                head = memoryview(bytearray(fh.read(L.HEADER_SIZE))).cast("Q")
-                nslots, arena_off, arena = (
-                    head[L.D_NSLOTS],
-                    head[L.D_ARENA_OFF],
-                    head[L.D_ARENA_SIZE],
-                )
-                sane = (
-                    nslots > 0 and arena_off == L.arena_offset(nslots) and arena_off + arena == size
-                )
-                if sane and head[L.D_MAGIC] != L.DATA_MAGIC:
-                    fh.seek(L.D_MAGIC * 8)
-                    fh.write(L.DATA_MAGIC.to_bytes(8, "little"))
-                    fixed.append("data segment magic rewritten")
-                if sane and head[L.D_GEN] != gen:
-                    fh.seek(L.D_GEN * 8)
-                    fh.write(gen.to_bytes(8, "little"))
-                    fixed.append(f"data segment generation rewritten to {gen}")
-                if sane and not 0 < rq[L.R_CAPACITY] <= MAX_CAPACITY:
-                    rq[L.R_CAPACITY] = max(1, min(MAX_CAPACITY, nslots * 3 // 4))
-                    fixed.append(f"capacity setting reset to {int(rq[L.R_CAPACITY])}")
-        if not 0 < rq[L.R_MAX_META] <= MAX_METADATA_LIMIT:
-            rq[L.R_MAX_META] = DEFAULT_MAX_METADATA_BYTES
-            fixed.append(f"metadata limit reset to {DEFAULT_MAX_METADATA_BYTES}")
+        nslots, salvaged = Table.salvage_header(segment_path(data_name), gen)
+        fixed += salvaged
+        fixed += Store.salvage_settings(rq, nslots)
     finally:
         lock.release()
         lock.close()
@@ -232,7 +206,7 @@ def _newest_event(store: Store) -> int:
     """The highest plausible event number still in the ring (0 if none)."""
     q = store.ring.q
     first = store.ring.word0
-    seqs = [q[first + i * (L.EVENT_SIZE // 8)] for i in range(L.RING_EVENTS)]
+    seqs = [q[first + i * L.EVENT_WORDS + L.E_SEQ] for i in range(L.RING_EVENTS)]
     return max((s for s in seqs if s < COUNTER_LIMIT), default=0)
 
 
@@ -248,18 +222,15 @@ def _repair(store: Store, report: FsckReport) -> None:
         report.repaired.extend(table.recover())
         if store.rq[L.R_EVENT_SEQ] >= COUNTER_LIMIT:
             newest = _newest_event(store)
-            store.rq[L.R_EVENT_SEQ] = newest
+            store.set_event_seq(newest)
             report.repaired.append(f"event sequence reset to {newest}")
         for index in range(table.nslots):
             words = table.read_slot(index)
-            if (words[2] >> 48) & 0xFF != L.USED:
+            if L.slot_state(words) != L.USED:
                 continue
             problem = _slot_problem(table, index, words)
             if problem:
-                w = table.slot_word0 + index * L.SLOT_WORDS
-                table.q[w] = (words[0] + 1) & L.MASK64
-                table.q[w + L.S_REC] = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
-                table.q[w] = (words[0] + 2) & L.MASK64
+                table.drop_damaged(index, words)  # journaled: a killed repair is replayed
                 report.repaired.append(f"dropped {problem}")
         store.rebuild(0, 0)  # recounts from the slots; restarts damaged counters
         report.repaired.append(f"rebuilt into generation {store.gen}")

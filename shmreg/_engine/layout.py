@@ -50,6 +50,13 @@ so each sits in one line once the slot area is 64-aligned (it starts at 4096).
 from __future__ import annotations
 
 import struct
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import numpy.typing as npt
 
 from shmreg import _limits
 
@@ -123,6 +130,7 @@ J_EVENT_TIME = 33
 J_CRC = 34
 J_VALID = 1
 JOURNAL_BODY = struct.Struct("<17Q")  # slot, image[8], counters[6], event, time: words 17..33
+JOURNAL_WORDS = JOURNAL_BODY.size // 8
 
 # Slot words and states.
 S_SEQ = 0
@@ -170,37 +178,376 @@ def align_record(length: int) -> int:
     return -(-length // RECORD_ALIGN) * RECORD_ALIGN
 
 
-# ------------------------------------------------------------------ slot word packing
+# ------------------------------------------------------------------ packed fields
+#
+# Every field narrower than a word is declared once here, as (word, shift, bits). The
+# accessors, packers and numpy column helpers below, and the C header (``c_header``), are
+# all derived from these declarations, so a compiled reader and this one cannot disagree.
+
+
+class Field(NamedTuple):
+    """A bit field: ``bits`` wide, ``shift`` bits up word ``word`` of its structure."""
+
+    word: int
+    shift: int
+    bits: int
+
+    @property
+    def mask(self) -> int:
+        """The field's value mask, before shifting."""
+        return (1 << self.bits) - 1
+
+
+# Slot fields (word numbers S_*).
+F_SEQ = Field(S_SEQ, 0, 64)  # odd while being written
+F_KEY_HASH = Field(S_HASH, 0, 32)  # crc32 of the key
+F_NS_HASH = Field(S_HASH, 32, 32)  # crc32 of the namespace
+F_REC_OFFSET = Field(S_REC, 0, 32)  # record offset in the arena, in RECORD_ALIGN units
+F_KEY_LEN = Field(S_REC, 32, 16)
+F_STATE = Field(S_REC, 48, 8)  # EMPTY / USED / TOMB
+F_META_LEN = Field(S_META, 0, 32)
+F_TYPE_TAG = Field(S_META, 32, 32)
+F_OWNER_PID = Field(S_OWNER, 0, 32)
+F_RECORD_CRC = Field(S_OWNER, 32, 32)  # crc32 of key + metadata, seeded by record_seed
+F_START = Field(S_START, 0, 64)  # owner start ticks
+F_GENERATION = Field(S_NAMEGEN, 0, 64)  # owner generation (fencing token)
+F_CAPS = Field(S_CAPS, 0, 64)  # capabilities mask
+SLOT_FIELDS = {
+    "SEQ": F_SEQ,
+    "KEY_HASH": F_KEY_HASH,
+    "NS_HASH": F_NS_HASH,
+    "REC_OFFSET": F_REC_OFFSET,
+    "KEY_LEN": F_KEY_LEN,
+    "STATE": F_STATE,
+    "META_LEN": F_META_LEN,
+    "TYPE_TAG": F_TYPE_TAG,
+    "OWNER_PID": F_OWNER_PID,
+    "RECORD_CRC": F_RECORD_CRC,
+    "START": F_START,
+    "GENERATION": F_GENERATION,
+    "CAPS": F_CAPS,
+}
+
+# The journal's event word (J_EVENT): which event a commit appends, and its number.
+F_EV_KIND = Field(0, 0, 8)
+F_EV_REASON = Field(0, 8, 8)
+F_EV_SEQ = Field(0, 16, 48)
+EVENT_WORD_FIELDS = {"KIND": F_EV_KIND, "REASON": F_EV_REASON, "SEQ": F_EV_SEQ}
+# Counters and event numbers stay below this: the event word keeps 48 bits of sequence.
+COUNTER_LIMIT = 1 << F_EV_SEQ.bits
+
+# Event ring entries (EVENT_SIZE bytes each; see shmreg._engine.events).
+E_SEQ = 0  # 0 while being written
+E_HEAD = 1
+E_GEN = 2
+E_TIME = 3
+E_START = 4
+E_KEY = 5  # key bytes from this word on
+EVENT_WORDS = EVENT_SIZE // 8
+EVENT_KEY_OFFSET = E_KEY * 8
+KEY_ROOM = EVENT_SIZE - EVENT_KEY_OFFSET
+EVENT_BODY = struct.Struct("<4Q")  # words E_HEAD..E_START
+F_EH_KIND = Field(E_HEAD, 0, 8)
+F_EH_REASON = Field(E_HEAD, 8, 8)
+F_EH_KEY_LEN = Field(E_HEAD, 16, 16)
+F_EH_PID = Field(E_HEAD, 32, 32)
+EVENT_HEAD_FIELDS = {
+    "KIND": F_EH_KIND,
+    "REASON": F_EH_REASON,
+    "KEY_LEN": F_EH_KEY_LEN,
+    "PID": F_EH_PID,
+}
+
+# Shifts and masks by name, for the innermost probe loops, where a function call per field
+# would cost more than the probe itself (``w2 >> STATE_SHIFT == USED``).
+HASH_MASK = F_KEY_HASH.mask
+NS_HASH_SHIFT = F_NS_HASH.shift
+OFFSET_MASK = F_REC_OFFSET.mask
+KEY_LEN_SHIFT = F_KEY_LEN.shift
+KEY_LEN_MASK = F_KEY_LEN.mask
+STATE_SHIFT = F_STATE.shift
+STATE_MASK = F_STATE.mask
+META_LEN_MASK = F_META_LEN.mask
+TYPE_TAG_SHIFT = F_TYPE_TAG.shift
+PID_MASK = F_OWNER_PID.mask
+CRC_SHIFT = F_RECORD_CRC.shift
+SEED_FOLD_SHIFT = 32  # record_seed folds the start ticks' high half onto the low
+OFFSET_UNIT_SHIFT = RECORD_ALIGN.bit_length() - 1  # offset // RECORD_ALIGN == offset >> this
+
+# Header counters: six consecutive words, read and written as one struct.
+COUNTERS = struct.Struct("<6Q")
+COUNTERS_OFFSET = D_TOP * 8
+assert tuple(range(D_TOP, D_TOP + 6)) == COUNTER_WORDS
+assert J_COUNTERS == J_IMG + SLOT_WORDS and J_COUNTERS + len(COUNTER_WORDS) == J_EVENT
+
+
+def slot_word(index: int) -> int:
+    """Word number (in the data segment) of slot ``index``'s word 0."""
+    return (HEADER_SIZE // 8) + index * SLOT_WORDS
+
+
+# ------------------------------------------------------------------ accessors
+
+
+def _getter(field: Field) -> Callable[[Sequence[int]], int]:
+    word, shift, mask = field.word, field.shift, field.mask
+    if field.bits == 64:
+        return lambda words: words[word]
+    if shift == 0:
+        return lambda words: words[word] & mask
+    return lambda words: (words[word] >> shift) & mask
+
+
+# On a slot's words (a SLOT tuple, or any sequence of its eight words).
+slot_seq = _getter(F_SEQ)
+slot_key_hash = _getter(F_KEY_HASH)
+slot_ns_hash = _getter(F_NS_HASH)
+slot_key_len = _getter(F_KEY_LEN)
+slot_state = _getter(F_STATE)
+slot_meta_len = _getter(F_META_LEN)
+slot_type_tag = _getter(F_TYPE_TAG)
+slot_pid = _getter(F_OWNER_PID)
+slot_crc = _getter(F_RECORD_CRC)
+slot_start = _getter(F_START)
+slot_generation = _getter(F_GENERATION)
+slot_caps = _getter(F_CAPS)
+_slot_offset_units = _getter(F_REC_OFFSET)
+
+
+def slot_offset(words: Sequence[int]) -> int:
+    """Byte offset of the slot's record within the arena."""
+    return _slot_offset_units(words) * RECORD_ALIGN
+
+
+def slot_record_len(words: Sequence[int]) -> int:
+    """Unpadded length of the slot's record (key bytes + metadata bytes)."""
+    return slot_key_len(words) + slot_meta_len(words)
+
+
+def slot_owner(words: Sequence[int]) -> tuple[int, int]:
+    """(owner pid, owner start ticks)."""
+    return words[S_OWNER] & PID_MASK, words[S_START]
+
+
+# On word S_REC alone.
+def rec_offset(w2: int) -> int:
+    return (w2 & OFFSET_MASK) * RECORD_ALIGN
+
+
+def rec_key_len(w2: int) -> int:
+    return (w2 >> KEY_LEN_SHIFT) & KEY_LEN_MASK
+
+
+def rec_state(w2: int) -> int:
+    return (w2 >> STATE_SHIFT) & STATE_MASK
+
+
+# ------------------------------------------------------------------ packers
+
+
+def pack_hash(key_hash: int, ns_hash: int) -> int:
+    return key_hash | (ns_hash << NS_HASH_SHIFT)
 
 
 def pack_rec(offset: int, key_len: int, state: int) -> int:
-    return (offset // RECORD_ALIGN) | (key_len << 32) | (state << 48)
+    """Word S_REC; ``offset`` is in bytes (RECORD_ALIGN-aligned)."""
+    return (offset >> OFFSET_UNIT_SHIFT) | (key_len << KEY_LEN_SHIFT) | (state << STATE_SHIFT)
 
 
 def pack_meta(meta_len: int, type_tag: int) -> int:
-    return meta_len | (type_tag << 32)
+    return meta_len | (type_tag << TYPE_TAG_SHIFT)
 
 
 def pack_owner(pid: int, record_crc: int) -> int:
-    return pid | (record_crc << 32)
+    return pid | (record_crc << CRC_SHIFT)
+
+
+def with_state(w2: int, state: int) -> int:
+    """Word S_REC with its state replaced."""
+    return (w2 & ~(STATE_MASK << STATE_SHIFT)) | (state << STATE_SHIFT)
+
+
+def with_offset(w2: int, offset: int) -> int:
+    """Word S_REC with its record offset (bytes) replaced."""
+    return (w2 & ~OFFSET_MASK) | (offset >> OFFSET_UNIT_SHIFT)
 
 
 def record_seed(pid: int, start_ticks: int) -> int:
     """Starting value of a record's crc32: the owner is folded into the record checksum,
     so a flipped bit in the slot's pid or start ticks is caught like one in the record."""
-    return (pid ^ start_ticks ^ (start_ticks >> 32)) & LO32
+    return (pid ^ start_ticks ^ (start_ticks >> SEED_FOLD_SHIFT)) & PID_MASK
 
 
-def rec_offset(w2: int) -> int:
-    return (w2 & LO32) * RECORD_ALIGN
+def slot_body(
+    key_hash: int,
+    ns_hash: int,
+    offset: int,
+    key_len: int,
+    state: int,
+    meta_len: int,
+    type_tag: int,
+    pid: int,
+    record_crc: int,
+    start_ticks: int,
+    generation: int,
+    caps: int,
+) -> tuple[int, int, int, int, int, int, int]:
+    """Slot words 1..7 (SLOT_BODY), as ``Table.commit`` takes them."""
+    return (
+        pack_hash(key_hash, ns_hash),
+        pack_rec(offset, key_len, state),
+        pack_meta(meta_len, type_tag),
+        pack_owner(pid, record_crc),
+        start_ticks,
+        generation,
+        caps,
+    )
 
 
-def rec_key_len(w2: int) -> int:
-    return (w2 >> 32) & 0xFFFF
+def pack_event_word(kind: int, reason: int, seq: int) -> int:
+    """The journal's event word: which event the operation appends, and its number."""
+    return kind | (reason << F_EV_REASON.shift) | (seq << F_EV_SEQ.shift)
 
 
-def rec_state(w2: int) -> int:
-    return (w2 >> 48) & 0xFF
+def unpack_event_word(word: int) -> tuple[int, int, int]:
+    """(kind, reason, sequence number) of a journal event word."""
+    return (
+        word & F_EV_KIND.mask,
+        (word >> F_EV_REASON.shift) & F_EV_REASON.mask,
+        word >> F_EV_SEQ.shift,
+    )
+
+
+def pack_event_head(kind: int, reason: int, key_len: int, pid: int) -> int:
+    """Word E_HEAD of a ring entry."""
+    return (
+        kind
+        | (reason << F_EH_REASON.shift)
+        | (key_len << F_EH_KEY_LEN.shift)
+        | (pid << F_EH_PID.shift)
+    )
+
+
+def unpack_event_head(head: int) -> tuple[int, int, int, int]:
+    """(kind, reason, key length, pid) of a ring entry's E_HEAD word."""
+    return (
+        head & F_EH_KIND.mask,
+        (head >> F_EH_REASON.shift) & F_EH_REASON.mask,
+        (head >> F_EH_KEY_LEN.shift) & F_EH_KEY_LEN.mask,
+        head >> F_EH_PID.shift,
+    )
+
+
+class Journal(NamedTuple):
+    """The redo journal's body (words J_SLOT..J_EVENT_TIME), unpacked."""
+
+    slot: int
+    image: tuple[int, ...]  # SLOT_WORDS words, word 0 the even sequence to publish
+    counters: tuple[int, ...]  # in COUNTER_WORDS order
+    event: int  # pack_event_word
+    time_ns: int
+
+
+def pack_journal(
+    slot: int, target: int, body: Sequence[int], counters: Sequence[int], event: int, now: int
+) -> bytes:
+    return JOURNAL_BODY.pack(slot, target, *body, *counters, event, now)
+
+
+def unpack_journal(raw: bytes) -> Journal:
+    f = JOURNAL_BODY.unpack(raw)
+    n = 1 + SLOT_WORDS
+    return Journal(f[0], f[1:n], f[n : n + len(COUNTER_WORDS)], f[-2], f[-1])
+
+
+# ------------------------------------------------------------------ the seqlock read
+
+T = TypeVar("T")
+SPINS_BEFORE_YIELD = 64
+STUCK_AFTER_S = 0.010  # longer than any live writer keeps a slot odd
+
+
+def seqlock_read(
+    q: memoryview,
+    w: int,
+    copy: Callable[[memoryview, int], T],
+    buf: memoryview,
+    busy: int = 1,
+) -> T | None:
+    """The one read protocol for words guarded by a sequence word (slots, ring entries).
+
+    Read word ``w`` of ``q``, copy out with ``copy(buf, w * 8)``, read word ``w`` again; the
+    copy is good when the word did not change and ``word & busy`` is 0 (slots: odd while
+    written). ``busy=0`` instead treats a zero word as being written (ring entries). Retries,
+    yielding after a few spins; None once the word stays busy for ``STUCK_AFTER_S`` (its
+    writer may have died). A ring entry's caller compares the copy's sequence itself.
+    """
+    spins = 0
+    started = 0.0
+    while True:
+        s1 = q[w]
+        value = copy(buf, w * 8)
+        if q[w] == s1 and ((not s1 & busy) if busy else s1 != 0):
+            return value
+        spins += 1
+        if spins >= SPINS_BEFORE_YIELD:
+            now = time.monotonic()
+            if not started:
+                started = now
+            elif now - started > STUCK_AFTER_S:
+                return None
+            time.sleep(0)
+
+
+# ------------------------------------------------------------------ numpy columns
+#
+# ``cols`` is ``Table.columns()``: the slots as an (nslots, SLOT_WORDS) uint64 array. ``rows``
+# picks rows (a boolean mask or index array) before the field is cut out.
+
+U64 = npt.NDArray[np.uint64]
+
+
+def column(cols: U64, field: Field, rows: Any = slice(None)) -> U64:
+    """One field of every (selected) slot, as a uint64 array."""
+    values: U64 = cols[rows, field.word]
+    if field.shift:
+        values = values >> np.uint64(field.shift)
+    if field.shift + field.bits < 64:
+        values = values & np.uint64(field.mask)
+    return values
+
+
+ColumnGetter = Callable[..., U64]  # (cols, rows=all) -> uint64 array
+
+
+def _column_getter(field: Field, scale: int = 1) -> ColumnGetter:
+    def get(cols: U64, rows: Any = slice(None)) -> U64:
+        values = column(cols, field, rows)
+        return values * np.uint64(scale) if scale != 1 else values
+
+    return get
+
+
+col_seq = _column_getter(F_SEQ)
+col_state = _column_getter(F_STATE)
+col_key_hash = _column_getter(F_KEY_HASH)
+col_ns_hash = _column_getter(F_NS_HASH)
+col_offset = _column_getter(F_REC_OFFSET, RECORD_ALIGN)  # record offsets in the arena, bytes
+col_key_len = _column_getter(F_KEY_LEN)
+col_meta_len = _column_getter(F_META_LEN)
+col_type_tag = _column_getter(F_TYPE_TAG)
+col_pid = _column_getter(F_OWNER_PID)
+col_crc = _column_getter(F_RECORD_CRC)
+col_start = _column_getter(F_START)
+col_generation = _column_getter(F_GENERATION)
+col_caps = _column_getter(F_CAPS)
+
+
+def col_record_seed(cols: U64, rows: Any = slice(None)) -> U64:
+    """``record_seed`` of every (selected) slot."""
+    pids, starts = col_pid(cols, rows), col_start(cols, rows)
+    seeds: U64 = (pids ^ starts ^ (starts >> np.uint64(SEED_FOLD_SHIFT))) & np.uint64(PID_MASK)
+    return seeds
 
 
 # ------------------------------------------------------------ the writer lock (layout 2)
@@ -234,6 +581,88 @@ FUTEX_TID_MASK = 0x3FFFFFFF
 FUTEX_OWNER_DIED = 0x40000000
 
 
+LIFE_HASH_MULT = 0x9E3779B1
+
+
 def life_home(pid: int, nslots: int) -> int:
     """First slot a process's liveness entry is looked for in."""
-    return ((pid * 0x9E3779B1) & LO32) % nslots
+    return ((pid * LIFE_HASH_MULT) & LO32) % nslots
+
+
+# ------------------------------------------------------------------ C header
+
+
+def c_header() -> str:
+    """This layout as a C header: the compiled path includes it (``_layout.h``)."""
+    out = [
+        "/* Generated by `python -m shmreg._engine.layout --c-header`: do not edit. */",
+        "#ifndef SHMREG_LAYOUT_H",
+        "#define SHMREG_LAYOUT_H",
+        "",
+    ]
+
+    def define(name: str, value: int) -> None:
+        out.append(
+            f"#define SHMREG_{name} {value}ULL"
+            if value > 2**31 - 1
+            else f"#define SHMREG_{name} {value}"
+        )
+
+    for name in ("ROOT_MAGIC", "DATA_MAGIC", "DESTROYED"):
+        out.append(f"#define SHMREG_{name} 0x{globals()[name]:016x}ULL")
+    for name in (
+        "LAYOUT_VERSION",
+        "PAGE",
+        "RING_OFFSET",
+        "RING_EVENTS",
+        "EVENT_SIZE",
+        "EVENT_WORDS",
+        "EVENT_KEY_OFFSET",
+        "KEY_ROOM",
+        "ROOT_SIZE",
+        "HEADER_SIZE",
+        "SLOT_SIZE",
+        "SLOT_WORDS",
+        "RECORD_ALIGN",
+        "EMPTY",
+        "USED",
+        "TOMB",
+        "J_VALID",
+        "COUNTERS_OFFSET",
+        "JOURNAL_WORDS",
+        "LIFE_OFFSET",
+        "LIFE_SLOTS",
+        "LIFE_SLOT_SIZE",
+        "LIFE_SEQ",
+        "LIFE_PID",
+        "LIFE_START",
+        "LIFE_MUTEX_AT",
+        "LIFE_HASH_MULT",
+        "FUTEX_TID_MASK",
+        "FUTEX_OWNER_DIED",
+    ):
+        define(name, globals()[name])
+    out.append(f"#define SHMREG_MAX_LOAD {MAX_LOAD!r}")
+    out.append(f"#define SHMREG_COUNTER_LIMIT 0x{COUNTER_LIMIT:x}ULL")
+    out.append("")
+    module = sys.modules[__name__]
+    for prefix in ("R_", "D_", "J_", "S_", "E_"):
+        for name, value in vars(module).items():
+            if name.startswith(prefix) and type(value) is int and name != "J_VALID":
+                define(name, value)
+        out.append("")
+    for group, fields in (("S", SLOT_FIELDS), ("EV", EVENT_WORD_FIELDS), ("EH", EVENT_HEAD_FIELDS)):
+        for name, f in fields.items():
+            define(f"{group}_{name}_WORD", f.word)
+            define(f"{group}_{name}_SHIFT", f.shift)
+            define(f"{group}_{name}_BITS", f.bits)
+            out.append(f"#define SHMREG_{group}_{name}_MASK 0x{f.mask:x}ULL")
+        out.append("")
+    out.append("#endif /* SHMREG_LAYOUT_H */")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--c-header"]:
+        sys.exit("usage: python -m shmreg._engine.layout --c-header")
+    sys.stdout.write(c_header())

@@ -500,6 +500,39 @@ class Store:
     def closed(self) -> bool:
         return isinstance(self.rq, _Closed)
 
+    @staticmethod
+    def salvage_settings(rq: memoryview, nslots: int) -> list[str]:
+        """``fsck --repair`` of root settings that keep a registry from opening.
+
+        Capacity is recomputed from the table's size (``nslots``, 0 if unknown), the
+        metadata limit restored to the default. Returns what was rewritten."""
+        from shmreg._limits import DEFAULT_MAX_METADATA_BYTES
+
+        fixed = []
+        if nslots and not 0 < rq[L.R_CAPACITY] <= MAX_CAPACITY:
+            rq[L.R_CAPACITY] = max(1, min(MAX_CAPACITY, int(nslots * L.MAX_LOAD)))
+            fixed.append(f"capacity setting reset to {int(rq[L.R_CAPACITY])}")
+        if not 0 < rq[L.R_MAX_META] <= MAX_METADATA_LIMIT:
+            rq[L.R_MAX_META] = DEFAULT_MAX_METADATA_BYTES
+            fixed.append(f"metadata limit reset to {DEFAULT_MAX_METADATA_BYTES}")
+        return fixed
+
+    def count_sweep(self, removed: int) -> None:
+        """Count a sweep (or a monitor's removal) and the dead entries it found: root
+        statistics, written under the writer lock so concurrent sweepers lose no counts."""
+        rq = self.rq
+        rq[L.R_SWEEPS] = (rq[L.R_SWEEPS] + 1) & L.MASK64  # statistics wrap
+        rq[L.R_LAST_SWEEP_NS] = time.time_ns()
+        rq[L.R_DEAD_FOUND] = (rq[L.R_DEAD_FOUND] + removed) & L.MASK64
+
+    def set_event_seq(self, seq: int) -> None:
+        """Restart the event numbering at ``seq`` (``fsck --repair`` of a damaged word)."""
+        self.rq[L.R_EVENT_SEQ] = seq
+
+    def stamp_version(self) -> None:
+        """Stamp the root with this layout version (``upgrade``, once the data is new)."""
+        self.rq[L.R_VERSION] = L.LAYOUT_VERSION
+
     def destroy(self) -> None:
         """Mark destroyed (other processes' next call fails cleanly) and remove every segment.
 

@@ -26,7 +26,7 @@ see that zero as a stable even sequence.
 
 from __future__ import annotations
 
-import struct
+import os
 import time
 import zlib
 from collections.abc import Iterator
@@ -38,19 +38,22 @@ import numpy.typing as npt
 
 from shmreg._engine import layout as L
 from shmreg._engine.crashpoints import ARMED, crash_point
-from shmreg._engine.events import Ring
+from shmreg._engine.events import NO_REASON, UNREGISTERED, Ring
 from shmreg._errors import CorruptRegistry
 
 SlotWords = tuple[int, int, int, int, int, int, int, int]
-_COUNTERS = struct.Struct("<6Q")  # data header words 5..10, in COUNTER_WORDS order
 _crc32 = zlib.crc32
 _time_ns = time.time_ns
-_MASK64 = 2**64 - 1
+_MASK64 = L.MASK64
 # Operation, owner-change and event counters stay below this (the journal packs an event
 # number into 48 bits); at a million writes a second it lasts nine years... times 30.
-COUNTER_LIMIT = 2**48
-_SPINS_BEFORE_YIELD = 64
-_STUCK_AFTER_S = 0.010
+COUNTER_LIMIT = L.COUNTER_LIMIT
+# Slot word numbers and field shifts, bound once for the probe loops below.
+_S_HASH, _S_REC, _S_OWNER = L.S_HASH, L.S_REC, L.S_OWNER
+_HASH_MASK, _OFFSET_MASK = L.HASH_MASK, L.OFFSET_MASK
+_KEY_LEN_SHIFT, _KEY_LEN_MASK = L.KEY_LEN_SHIFT, L.KEY_LEN_MASK
+_STATE_SHIFT, _STATE_MASK = L.STATE_SHIFT, L.STATE_MASK
+_TOP, _LIVE, _TOMBS, _GARBAGE, _OPS, _NAMEGEN = L.COUNTER_WORDS
 
 
 class StuckSlot(Exception):
@@ -120,6 +123,37 @@ class Table:
         finally:
             q.release()
 
+    @staticmethod
+    def salvage_header(path: str, gen: int) -> tuple[int, list[str]]:
+        """``fsck --repair`` of a data segment too damaged to open: ``(slots, rewrites)``.
+
+        Rewrites the magic and generation words, whose right values are known (the
+        segment's name says whose and which it is), only when the size words agree with
+        the segment file; ``slots`` is 0 when they do not (or there is no segment)."""
+        if not os.path.exists(path):
+            return 0, []
+        fixed: list[str] = []
+        size = os.path.getsize(path)
+        with open(path, "r+b") as fh:
+            head = memoryview(bytearray(fh.read(L.HEADER_SIZE))).cast("Q")
+            nslots, arena_off = head[L.D_NSLOTS], head[L.D_ARENA_OFF]
+            sane = (
+                nslots > 0
+                and arena_off == L.arena_offset(nslots)
+                and arena_off + head[L.D_ARENA_SIZE] == size
+            )
+            if not sane:
+                return 0, []
+            if head[L.D_MAGIC] != L.DATA_MAGIC:
+                fh.seek(L.D_MAGIC * 8)
+                fh.write(L.DATA_MAGIC.to_bytes(8, "little"))
+                fixed.append("data segment magic rewritten")
+            if head[L.D_GEN] != gen:
+                fh.seek(L.D_GEN * 8)
+                fh.write(gen.to_bytes(8, "little"))
+                fixed.append(f"data segment generation rewritten to {gen}")
+        return int(nslots), fixed
+
     def release(self) -> None:
         """Drop every view into the segment so it can be unmapped."""
         self._columns = None
@@ -138,7 +172,9 @@ class Table:
         Writers derive the next values from these; a value no writer could have produced
         (a flipped bit) must stop the write with CorruptRegistry, not overflow a field.
         """
-        counters: tuple[int, int, int, int, int, int] = _COUNTERS.unpack_from(self.buf, 40)
+        counters: tuple[int, int, int, int, int, int] = L.COUNTERS.unpack_from(
+            self.buf, L.COUNTERS_OFFSET
+        )
         top, live, tombs, garbage, ops, owners = counters
         if (
             top > self.arena_size
@@ -154,31 +190,20 @@ class Table:
     # --------------------------------------------------------------------------- reads
 
     def read_slot(self, index: int) -> SlotWords:
-        """Seqlock-validated copy of one slot's words."""
-        q = self.q
+        """Seqlock-validated copy of one slot's words (``layout.seqlock_read``).
+
+        Raises StuckSlot when the slot stays odd longer than any live writer keeps it."""
         w = self.slot_word0 + index * L.SLOT_WORDS
-        unpack = L.SLOT.unpack_from
-        buf = self.buf
-        spins = 0
-        started = 0.0
-        while True:
-            s1 = q[w]
-            words: SlotWords = unpack(buf, w * 8)
-            if not s1 & 1 and q[w] == s1:
-                return words
-            spins += 1
-            if spins >= _SPINS_BEFORE_YIELD:
-                now = time.monotonic()
-                if not started:
-                    started = now
-                elif now - started > _STUCK_AFTER_S:
-                    raise StuckSlot(index)
-                time.sleep(0)
+        words: SlotWords | None = L.seqlock_read(self.q, w, L.SLOT.unpack_from, self.buf)
+        if words is None:
+            raise StuckSlot(index)
+        return words
 
     def find(self, key: bytes, key_hash: int) -> tuple[int, SlotWords | None]:
         """Lock-free probe: ``(index, words)`` of the used slot holding ``key``, or (-1, None)."""
-        # The hottest loop in shmreg: the seqlock read of ``read_slot`` is inlined, and the
-        # method is only called when a slot is being written (odd or changed sequence).
+        # The hottest loop in shmreg: one seqlock attempt is inlined (even and unchanged
+        # sequence: done); a slot being written falls back to ``read_slot``, the one
+        # seqlock read loop (``layout.seqlock_read``).
         n = self.nslots
         buf = self.buf
         q = self.q
@@ -187,18 +212,21 @@ class Table:
         key_len = len(key)
         i = key_hash % n
         w0 = self.slot_word0
+        slot_words, align, empty, used = L.SLOT_WORDS, L.RECORD_ALIGN, L.EMPTY, L.USED
         for _ in range(n):
-            w = w0 + i * 8
+            w = w0 + i * slot_words
             s1 = q[w]
             words: SlotWords = unpack(buf, w * 8)
             if s1 & 1 or q[w] != s1:
                 words = self.read_slot(i)
-            w2 = words[2]
-            if w2 >> 48 == L.EMPTY:
+            w2 = words[_S_REC]
+            if w2 >> _STATE_SHIFT == empty:
                 return -1, None
-            if w2 >> 48 == L.USED and (words[1] & 0xFFFFFFFF) == key_hash:
-                off = arena + (w2 & 0xFFFFFFFF) * 8
-                if (w2 >> 32) & 0xFFFF == key_len and buf[off : off + key_len] == key:
+            if w2 >> _STATE_SHIFT == used and (words[_S_HASH] & _HASH_MASK) == key_hash:
+                off = arena + (w2 & _OFFSET_MASK) * align
+                if (w2 >> _KEY_LEN_SHIFT) & _KEY_LEN_MASK == key_len and (
+                    buf[off : off + key_len] == key
+                ):
                     return i, words
             i += 1
             if i == n:
@@ -215,18 +243,21 @@ class Table:
         first_free = -1
         unpack = L.SLOT.unpack_from
         base = self.slot_word0 * 8
+        size, align = L.SLOT_SIZE, L.RECORD_ALIGN
         for _ in range(n):
-            words: SlotWords = unpack(buf, base + i * L.SLOT_SIZE)
-            w2 = words[2]
-            state = (w2 >> 48) & 0xFF
+            words: SlotWords = unpack(buf, base + i * size)
+            w2 = words[_S_REC]
+            state = (w2 >> _STATE_SHIFT) & _STATE_MASK
             if state == L.EMPTY:
                 return -1, None, (i if first_free < 0 else first_free), first_free >= 0
             if state == L.TOMB:
                 if first_free < 0:
                     first_free = i
-            elif (words[1] & 0xFFFFFFFF) == key_hash:
-                off = arena + (w2 & 0xFFFFFFFF) * 8
-                if (w2 >> 32) & 0xFFFF == key_len and buf[off : off + key_len] == key:
+            elif (words[_S_HASH] & _HASH_MASK) == key_hash:
+                off = arena + (w2 & _OFFSET_MASK) * align
+                if (w2 >> _KEY_LEN_SHIFT) & _KEY_LEN_MASK == key_len and (
+                    buf[off : off + key_len] == key
+                ):
                     return i, words, first_free, first_free >= 0
             i += 1
             if i == n:
@@ -235,22 +266,19 @@ class Table:
 
     def record_bytes(self, words: SlotWords) -> tuple[bytes, bytes]:
         """Copies of (key bytes, metadata bytes) of a validated slot, bounds-checked."""
-        w2 = words[2]
-        off = self.arena_off + (w2 & 0xFFFFFFFF) * 8
-        key_len = (w2 >> 32) & 0xFFFF
-        meta_len = words[3] & 0xFFFFFFFF
-        end = off + key_len + meta_len
+        off = self.arena_off + L.slot_offset(words)
+        key_len = L.slot_key_len(words)
+        end = off + key_len + L.slot_meta_len(words)
         if end > self.arena_off + self.arena_size:
             self._corrupt(f"record at {off} runs past the arena")
         raw = bytes(self.buf[off:end])
-        if _crc32(raw, L.record_seed(words[4] & 0xFFFFFFFF, words[5])) != words[4] >> 32:
+        if _crc32(raw, L.record_seed(*L.slot_owner(words))) != L.slot_crc(words):
             self._corrupt(f"record at {off} fails its checksum")
         return raw[:key_len], raw[key_len:]
 
     def meta_bytes(self, words: SlotWords) -> bytes:
-        w2 = words[2]
-        off = self.arena_off + (w2 & 0xFFFFFFFF) * 8 + ((w2 >> 32) & 0xFFFF)
-        end = off + (words[3] & 0xFFFFFFFF)
+        off = self.arena_off + L.slot_offset(words) + L.slot_key_len(words)
+        end = off + L.slot_meta_len(words)
         if end > self.arena_off + self.arena_size:
             self._corrupt(f"record at {off} runs past the arena")
         return bytes(self.buf[off:end])
@@ -264,14 +292,13 @@ class Table:
         return self._columns
 
     def used_indices(self) -> npt.NDArray[np.intp]:
-        states = (self.columns()[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)
-        return np.flatnonzero(states == L.USED)
+        return np.flatnonzero(L.col_state(self.columns()) == L.USED)
 
     def iter_used(self) -> Iterator[tuple[int, SlotWords]]:
         """Validated words of every used slot (a slot may change after it is yielded)."""
         for index in self.used_indices().tolist():
             words = self.read_slot(index)
-            if (words[2] >> 48) & 0xFF == L.USED:
+            if L.slot_state(words) == L.USED:
                 yield index, words
 
     # -------------------------------------------------------------------------- writes
@@ -311,9 +338,9 @@ class Table:
         seq = self.events.q[L.R_EVENT_SEQ] + 1
         if seq >= COUNTER_LIMIT:
             self._corrupt("event sequence out of range (run shmreg fsck --repair)")
-        event = kind | (reason << 8) | (seq << 16)
+        event = L.pack_event_word(kind, reason, seq)
         now = _time_ns()
-        record = L.JOURNAL_BODY.pack(index, target, *body, *counters, event, now)
+        record = L.pack_journal(index, target, body, counters, event, now)
         if ARMED:
             crash_point("commit.staged")
         self.buf[L.J_SLOT * 8 : L.J_SLOT * 8 + L.JOURNAL_BODY.size] = record
@@ -331,6 +358,29 @@ class Table:
         if ARMED:
             crash_point("commit.journal_retired")
 
+    def tombstone(
+        self, index: int, words: SlotWords, kind: int = UNREGISTERED, reason: int = NO_REASON
+    ) -> None:
+        """Journaled removal of the entry in used slot ``index`` (``words`` as read)."""
+        top, live, tombs, garbage, ops, owners = self.counters()
+        self.commit(
+            index,
+            (*words[1:_S_REC], L.with_state(words[_S_REC], L.TOMB), *words[_S_REC + 1 :]),
+            (top, live - 1, tombs + 1, garbage + record_size(words), ops + 1, owners),
+            kind,
+            reason,
+        )
+
+    def drop_damaged(self, index: int, words: SlotWords) -> None:
+        """Tombstone a slot that fails its checks (``fsck --repair``), through the journal.
+
+        The counters are carried over as they are, unchecked (they may be the damage): the
+        rebuild that follows a repair recounts them. A repair killed here is replayed by the
+        next writer like any other commit."""
+        counters = L.COUNTERS.unpack_from(self.buf, L.COUNTERS_OFFSET)
+        body = (*words[1:_S_REC], L.with_state(words[_S_REC], L.TOMB), *words[_S_REC + 1 :])
+        self.commit(index, body, counters, UNREGISTERED, NO_REASON, key=b"")
+
     def _apply(
         self,
         w: int,
@@ -347,7 +397,7 @@ class Table:
             crash_point("commit.slot_words")
         # One 8-byte store per counter (never pack_into: it zero-fills first, and a
         # concurrent stats() would read the zeros). Unrolled: this runs on every write.
-        q[5], q[6], q[7], q[8], q[9], q[10] = counters
+        q[_TOP], q[_LIVE], q[_TOMBS], q[_GARBAGE], q[_OPS], q[_NAMEGEN] = counters
         if ARMED:
             crash_point("commit.counters")
         q[w] = target
@@ -360,20 +410,20 @@ class Table:
         key: bytes | None = None,
     ) -> None:
         """Append the operation's event to the ring; idempotent, so recovery can redo it."""
+        words = (0, *body)  # body is slot words 1..7
         if key is None:
-            w2 = body[1]
-            off = self.arena_off + (w2 & 0xFFFFFFFF) * 8
-            key = bytes(self.buf[off : off + ((w2 >> 32) & 0xFFFF)])
-        seq = event >> 16
+            off = self.arena_off + L.slot_offset(words)
+            key = bytes(self.buf[off : off + L.slot_key_len(words)])
+        kind, reason, seq = L.unpack_event_word(event)
         events = self.events
         events.write(
             seq,
-            event & 0xFF,
-            (event >> 8) & 0xFF,
+            kind,
+            reason,
             key,
-            body[3] & 0xFFFFFFFF,
-            body[5],
-            body[4],
+            L.slot_pid(words),
+            L.slot_generation(words),
+            L.slot_start(words),
             time_ns,
         )
         if events.q[L.R_EVENT_SEQ] < seq:
@@ -386,13 +436,11 @@ class Table:
         if q[L.J_STATE] == L.J_VALID:
             start = L.J_SLOT * 8
             journal = bytes(self.buf[start : start + L.JOURNAL_BODY.size])
-            fields = L.JOURNAL_BODY.unpack(journal)
-            index, target = fields[0], fields[1]
+            entry = L.unpack_journal(journal)
+            index, target, body = entry.slot, entry.image[0], entry.image[1:]
             if _crc32(journal) == q[L.J_CRC] and index < self.nslots and not target & 1:
-                self._apply(
-                    self.slot_word0 + index * L.SLOT_WORDS, target, fields[2:9], fields[9:15]
-                )
-                self._emit(fields[2:9], fields[15], fields[16])
+                self._apply(self.slot_word0 + index * L.SLOT_WORDS, target, body, entry.counters)
+                self._emit(body, entry.event, entry.time_ns)
                 if ARMED:
                     crash_point("recover.replayed")
                 notes.append(f"replayed the journal for slot {index}")
@@ -400,16 +448,15 @@ class Table:
                 notes.append("discarded a journal that failed its checksum")
             q[L.J_STATE] = 0
         cols = self.columns()
-        for index in np.flatnonzero(cols[:, L.S_SEQ] & np.uint64(1)).tolist():
+        for index in np.flatnonzero(L.col_seq(cols) & np.uint64(1)).tolist():
             w = self.slot_word0 + index * L.SLOT_WORDS
-            words = list(L.SLOT.unpack_from(self.buf, w * 8))
-            words[2] = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
-            q[w + L.S_REC] = words[2]
-            q[w] = (words[0] + 1) & _MASK64
+            words = L.SLOT.unpack_from(self.buf, w * 8)
+            q[w + L.S_REC] = L.with_state(words[L.S_REC], L.TOMB)
+            q[w] = (L.slot_seq(words) + 1) & _MASK64
             notes.append(f"tombstoned half-written slot {index}")
         if ARMED:
             crash_point("recover.tombstoned")
-        states = (cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)
+        states = L.col_state(cols)
         live = int(np.count_nonzero(states == L.USED))
         tombs = int(np.count_nonzero(states == L.TOMB))
         if live != q[L.D_LIVE] or tombs != q[L.D_TOMBS]:
@@ -423,10 +470,8 @@ class Table:
     def live_footprint(self) -> tuple[int, int]:
         """(used slots, arena bytes their records need): counted, not read from counters."""
         cols = self.columns()
-        used = (cols[:, L.S_REC] >> np.uint64(48)) == L.USED
-        lens = ((cols[used, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)) + (
-            cols[used, L.S_META] & np.uint64(0xFFFFFFFF)
-        )
+        used = L.col_state(cols) == L.USED
+        lens = L.col_key_len(cols, used) + L.col_meta_len(cols, used)
         padded = (lens + np.uint64(L.RECORD_ALIGN - 1)) // np.uint64(L.RECORD_ALIGN)
         return int(np.count_nonzero(used)), int(padded.sum()) * L.RECORD_ALIGN
 
@@ -459,23 +504,24 @@ class Table:
         newest = 0
         for index in indices:
             w = unpack(src, base + index * L.SLOT_SIZE)
-            w2 = w[2]
-            off = arena + (w2 & 0xFFFFFFFF) * 8
-            length = ((w2 >> 32) & 0xFFFF) + (w[3] & 0xFFFFFFFF)
+            off = arena + L.slot_offset(w)
+            length = L.slot_record_len(w)
             if off + length > arena_end:
                 self._corrupt(f"slot {index}: record runs past the arena")
             dbuf[darena + top : darena + top + length] = src[off : off + length]
-            slot = (w[1] & 0xFFFFFFFF) % n
+            slot = L.slot_key_hash(w) % n
             while taken[slot]:
                 slot += 1
                 if slot == n:
                     slot = 0
             taken[slot] = True
-            new_w2 = (w2 & ~0xFFFFFFFF) | (top // 8)
-            pack(dbuf, dbase + slot * L.SLOT_SIZE, 2, w[1], new_w2, *w[3:])
+            image = list(w)
+            image[L.S_SEQ] = 2  # even: published
+            image[L.S_REC] = L.with_offset(w[L.S_REC], top)
+            pack(dbuf, dbase + slot * L.SLOT_SIZE, *image)
             top += L.align_record(length)
-            if w[6] < COUNTER_LIMIT:
-                newest = max(newest, w[6])
+            if L.slot_generation(w) < COUNTER_LIMIT:
+                newest = max(newest, L.slot_generation(w))
         ops, owners = self.q[L.D_OPS], self.q[L.D_NAMEGEN]
         ops = ops if ops < COUNTER_LIMIT else 0
         # Fencing tokens must keep growing: never below a generation already handed out.
@@ -487,7 +533,9 @@ class Table:
     def describe(self) -> dict[str, Any]:
         # Read without the lock (stats): unchecked, a torn mix of counters must not be
         # mistaken for damage. Writers use counters(), which checks.
-        top, live, tombs, garbage, ops, namegen = _COUNTERS.unpack_from(self.buf, 40)
+        top, live, tombs, garbage, ops, namegen = L.COUNTERS.unpack_from(
+            self.buf, L.COUNTERS_OFFSET
+        )
         return {
             "generation": self.gen,
             "slots": self.nslots,
@@ -500,3 +548,8 @@ class Table:
             "owner_changes": namegen,
             "allocated": self.counter(L.D_ALLOCATED),
         }
+
+
+def record_size(words: SlotWords) -> int:
+    """Arena bytes the slot's record takes, padding included."""
+    return L.align_record(L.slot_record_len(words))

@@ -69,7 +69,7 @@ def _upgrade_locked(store: Store, version: int) -> int:
     try:
         table = store.rebuild(0, 0) if version == 0 else store.table
         entries = int(table.counters()[1])
-        store.rq[L.R_VERSION] = L.LAYOUT_VERSION  # stamped last: the data is right by now
+        store.stamp_version()  # stamped last: the data is right by now
         failed = False
     finally:
         store.end(failed)

@@ -17,7 +17,7 @@ from typing import Any
 from shmreg import _codec, _identity
 from shmreg._engine import events as _ev
 from shmreg._engine import layout as L
-from shmreg._engine.table import SlotWords, StuckSlot, Table
+from shmreg._engine.table import SlotWords, StuckSlot, Table, record_size
 from shmreg._errors import (
     NotRegistered,
 )
@@ -27,7 +27,6 @@ from shmreg._types import (
     Service,
 )
 from shmreg.backends._base import check_generation, held_by
-from shmreg.backends._shm_base import LO32, record_size, tombstone
 from shmreg.backends._shm_liveness import ShmLiveness
 from shmreg.backends._shm_portable import ShmPortable
 
@@ -38,6 +37,12 @@ _GEN = L.R_GEN
 _PADDING = [bytes(n) for n in range(8)]
 _unpack_slot = L.SLOT.unpack_from
 _USED = L.USED
+# Slot word numbers and field shifts, bound once for the lookup and register fast paths.
+_S_HASH, _S_REC, _S_OWNER = L.S_HASH, L.S_REC, L.S_OWNER
+_HASH_MASK, _OFFSET_MASK, _PID_MASK = L.HASH_MASK, L.OFFSET_MASK, L.PID_MASK
+_KEY_LEN_SHIFT, _KEY_LEN_MASK, _STATE_SHIFT = L.KEY_LEN_SHIFT, L.KEY_LEN_MASK, L.STATE_SHIFT
+_NS_HASH_SHIFT, _TYPE_TAG_SHIFT, _CRC_SHIFT = L.NS_HASH_SHIFT, L.TYPE_TAG_SHIFT, L.CRC_SHIFT
+_SLOT_WORDS, _ALIGN, _SEED_FOLD = L.SLOT_WORDS, L.RECORD_ALIGN, L.SEED_FOLD_SHIFT
 _kill = os.kill
 _unpack_metadata = _codec.unpack_metadata
 _pack_metadata = _codec.pack_metadata
@@ -53,8 +58,9 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
     def _locate(self, namespace: str, service: Service) -> tuple[Table, SlotWords] | None:
         """The validated slot holding the key, or None: the read path every lookup shares.
 
-        The key-cache hit, the generation check and the first probe are written out here
-        (most keys sit in their home slot); collisions and busy slots take ``Table.find``.
+        The key-cache hit, the generation check and one seqlock attempt at the home slot are
+        written out here (most keys sit there); collisions and busy slots take ``Table.find``,
+        whose fallback is the one seqlock read loop (``layout.seqlock_read``).
         """
         try:
             info = self._keys.get((namespace, service))
@@ -68,19 +74,19 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         table = store.table
         key = info[0]
         key_hash = info[1]
-        w = table.slot_word0 + (key_hash % table.nslots) * 8
+        w = table.slot_word0 + (key_hash % table.nslots) * _SLOT_WORDS
         q = table.q
         s1 = q[w]
         words: SlotWords = _unpack_slot(table.buf, w * 8)
-        w2 = words[2]
+        w2 = words[_S_REC]
         if (
             s1 == q[w]
             and not s1 & 1
-            and w2 >> 48 == _USED
-            and words[1] & LO32 == key_hash
-            and (w2 >> 32) & 0xFFFF == len(key)
+            and w2 >> _STATE_SHIFT == _USED
+            and words[_S_HASH] & _HASH_MASK == key_hash
+            and (w2 >> _KEY_LEN_SHIFT) & _KEY_LEN_MASK == len(key)
         ):
-            off = table.arena_off + (w2 & LO32) * 8
+            off = table.arena_off + (w2 & _OFFSET_MASK) * _ALIGN
             if table.buf[off : off + len(key)] == key:
                 return table, words
         try:
@@ -92,11 +98,11 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
     def lookup(self, namespace: str, service: Service) -> int | None:
         if self._foreign_pidns:
             found = self._locate(namespace, service)
-            return None if found is None else found[1][4] & LO32
+            return None if found is None else found[1][_S_OWNER] & _PID_MASK
         found = self._locate(namespace, service)
         if found is None:
             return None
-        pid: int = found[1][4] & LO32
+        pid: int = found[1][_S_OWNER] & _PID_MASK
         if not pid:
             return None  # never kill(0, ...): it would probe our own process group
         try:
@@ -114,7 +120,7 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         if found is None:
             return None
         table, words = found
-        if not self._alive(words[4] & LO32):
+        if not self._alive(L.slot_pid(words)):
             return None
         _, meta = table.record_bytes(words)  # checksum-verified copy
         try:
@@ -126,14 +132,14 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         found = self._entry(namespace, service)
         if found is None:
             return None
-        return found[0][4] & LO32, found[1]
+        return L.slot_pid(found[0]), found[1]
 
     def lookup_entry(self, namespace: str, service: Service) -> tuple[int, int, Metadata] | None:
         found = self._entry(namespace, service)
         if found is None:
             return None
         words, meta = found
-        return words[4] & LO32, words[6], meta
+        return L.slot_pid(words), L.slot_generation(words), meta
 
     # ------------------------------------------------------------------ writes
 
@@ -196,13 +202,15 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         record = key + packed
         pid, start, _ = owner  # one host: the engine stores no host (docs/redis.md)
         # L.record_seed, written out: this runs for every registration.
-        crc = _crc32(record, (pid ^ start ^ (start >> 32)) & LO32)
-        record += _PADDING[-len(record) & 7]
+        crc = _crc32(record, (pid ^ start ^ (start >> _SEED_FOLD)) & _PID_MASK)
+        record += _PADDING[-len(record) % _ALIGN]
+        # L.slot_body, written out likewise; the record offset is or'ed into word S_REC
+        # once the record is staged (_register_locked).
         head = (
-            key_hash | (ns_hash << 32),
-            len(key) << 32 | _USED << 48,
-            len(packed) | (_type_tag(meta) << 32),
-            pid | (crc << 32),
+            key_hash | (ns_hash << _NS_HASH_SHIFT),
+            len(key) << _KEY_LEN_SHIFT | _USED << _STATE_SHIFT,
+            len(packed) | (_type_tag(meta) << _TYPE_TAG_SHIFT),
+            pid | (crc << _CRC_SHIFT),
             start,
         )
         return key, key_hash, record, head, _capability_mask(meta)
@@ -225,11 +233,11 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         index, words, free, free_is_tomb = table.probe_for_write(key, key_hash)
         if words is not None:
             kind, reason = _ev.REGISTERED, _ev.TAKEOVER
-            if words[4] & LO32 == owner.pid and words[5] == owner.start_ticks:
-                generation = words[6]
+            if L.slot_owner(words) == (owner.pid, owner.start_ticks):
+                generation = L.slot_generation(words)
                 kind, reason = _ev.UPDATED, _ev.NO_REASON
             else:
-                held = ProcessIdentity(words[4] & LO32, words[5])
+                held = ProcessIdentity(*L.slot_owner(words))
                 if not _identity.check(held).is_dead:
                     raise held_by(namespace, service, held.pid)
                 owners += 1
@@ -245,7 +253,7 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         offset = table.stage(record, top)
         table.commit(
             index,
-            (head[0], head[1] | offset >> 3, head[2], head[3], head[4], generation, caps),
+            (head[0], L.with_offset(head[1], offset), head[2], head[3], head[4], generation, caps),
             (top + padded, live, tombs, garbage, ops + 1, owners),
             kind,
             reason,
@@ -285,16 +293,19 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
                     continue
                 top, live, tombs, garbage, ops, owners = table.counters()
                 offset = table.stage(record + b"\0" * (padded - len(record)), top)
-                body = (
-                    words[1],
-                    L.pack_rec(offset, len(key), L.USED),
-                    L.pack_meta(len(packed), _codec.type_tag(meta)),
-                    L.pack_owner(
-                        words[4] & LO32,
-                        _crc32(record, L.record_seed(words[4] & LO32, words[5])),
-                    ),
-                    words[5],
-                    words[6],
+                pid, start = L.slot_owner(words)
+                body = L.slot_body(
+                    L.slot_key_hash(words),
+                    L.slot_ns_hash(words),
+                    offset,
+                    len(key),
+                    L.USED,
+                    len(packed),
+                    _codec.type_tag(meta),
+                    pid,
+                    _crc32(record, L.record_seed(pid, start)),
+                    start,
+                    L.slot_generation(words),
                     _codec.capability_mask(meta),
                 )
                 table.commit(
@@ -317,11 +328,11 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
         generation: int | None,
     ) -> tuple[int, SlotWords]:
         index, words, _, _ = table.probe_for_write(key, key_hash)
-        if words is None or not self._alive(words[4] & LO32):
+        if words is None or not self._alive(L.slot_pid(words)):
             raise NotRegistered(
                 f"{namespace}/{service!r} is not registered", namespace=namespace, service=service
             )
-        check_generation(namespace, service, words[6], generation)
+        check_generation(namespace, service, L.slot_generation(words), generation)
         return index, words
 
     def unregister(
@@ -333,9 +344,9 @@ class SharedMemoryBackend(ShmPortable, ShmLiveness):
             index, words, _, _ = table.probe_for_write(key, key_hash)
             if words is None:
                 return False
-            check_generation(namespace, service, words[6], generation)
-            alive = self._alive(words[4] & LO32)
-            tombstone(table, index, words)
+            check_generation(namespace, service, L.slot_generation(words), generation)
+            alive = self._alive(L.slot_pid(words))
+            table.tombstone(index, words)
             return alive
 
         return self._write(write)

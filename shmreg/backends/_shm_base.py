@@ -13,11 +13,10 @@ from typing import Any, TypeVar
 
 from shmreg import _codec, _identity
 from shmreg._engine import crashpoints, fastpath
-from shmreg._engine import events as _ev
 from shmreg._engine import layout as L
 from shmreg._engine.segment import segment_path
 from shmreg._engine.store import Store
-from shmreg._engine.table import SlotWords, StuckSlot, Table
+from shmreg._engine.table import StuckSlot, Table
 from shmreg._errors import CorruptRegistry, IncompatibleRegistry
 from shmreg._types import Service
 from shmreg.backends._base import BackendBase
@@ -32,7 +31,6 @@ KeyInfo = tuple[bytes, int, int, int, type]
 _KEY_CACHE_LIMIT = 262_144
 _GEN = L.R_GEN
 _NAMESPACES: dict[str, tuple[bytes, int, int]] = {}  # namespace -> (prefix, crc32, length)
-LO32 = L.LO32
 
 
 def _assume_alive(pid: int) -> bool:
@@ -203,21 +201,3 @@ class ShmBase(BackendBase):
         if self._fast is not None:
             self._fast.release()
         self._store.destroy()
-
-
-def record_size(words: SlotWords) -> int:
-    return L.align_record(((words[2] >> 32) & 0xFFFF) + (words[3] & LO32))
-
-
-def tombstone(
-    table: Table, index: int, words: SlotWords, kind: int = _ev.UNREGISTERED, reason: int = 0
-) -> None:
-    top, live, tombs, garbage, ops, owners = table.counters()
-    w2 = (words[2] & ~(0xFF << 48)) | (L.TOMB << 48)
-    table.commit(
-        index,
-        (words[1], w2, *words[3:]),
-        (top, live - 1, tombs + 1, garbage + record_size(words), ops + 1, owners),
-        kind,
-        reason,
-    )

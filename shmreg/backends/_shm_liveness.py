@@ -3,7 +3,6 @@ and reading the event ring."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -14,7 +13,11 @@ from shmreg._engine import layout as L
 from shmreg._engine.table import Table
 from shmreg._types import Liveness, ProcessIdentity
 from shmreg.backends._base import dead_reasons, event_window
-from shmreg.backends._shm_base import LO32, ShmBase, tombstone
+from shmreg.backends._shm_base import ShmBase
+
+# owner_counts packs an identity in one word: start ticks above the pid's bits.
+_PID_BITS = 22
+_START_BITS = 64 - _PID_BITS
 
 
 class ShmLiveness(ShmBase):
@@ -25,16 +28,21 @@ class ShmLiveness(ShmBase):
 
         def scan(table: Table) -> dict[ProcessIdentity, int]:
             cols = table.columns()
-            used = (cols[:, L.S_REC] >> np.uint64(48)) == L.USED
-            pids = cols[used, L.S_OWNER] & np.uint64(LO32)
-            starts = cols[used, L.S_START]
+            used = L.col_state(cols) == L.USED
+            pids = L.col_pid(cols, used)
+            starts = L.col_start(cols, used)
             del cols, used
-            if pids.size and int(pids.max()) < 1 << 22 and int(starts.max()) < 1 << 42:
+            if (
+                pids.size
+                and int(pids.max()) < 1 << _PID_BITS
+                and int(starts.max()) < 1 << _START_BITS
+            ):
                 # One 64-bit key per identity (pids fit 22 bits, start ticks 42: over a
                 # thousand years at 100 Hz) sorts far faster than unique rows.
-                keys, counts = np.unique((starts << np.uint64(22)) | pids, return_counts=True)
+                keys = (starts << np.uint64(_PID_BITS)) | pids
+                keys, counts = np.unique(keys, return_counts=True)
                 return {
-                    ProcessIdentity(k & 0x3FFFFF, k >> 22): c
+                    ProcessIdentity(k & ((1 << _PID_BITS) - 1), k >> _PID_BITS): c
                     for k, c in zip(keys.tolist(), counts.tolist(), strict=True)
                 }
             pairs = np.stack([pids, starts], axis=1)
@@ -67,7 +75,7 @@ class ShmLiveness(ShmBase):
             if dead:
                 # One pass over the owner column finds the candidates (a monitor usually
                 # buries one pid: a plain comparison); states are checked per hit below.
-                owners = table.columns()[:, L.S_OWNER] & np.uint64(LO32)
+                owners = L.col_pid(table.columns())
                 if dead_pids.size == 1:
                     hits = np.flatnonzero(owners == dead_pids[0]).tolist()
                 else:
@@ -75,19 +83,16 @@ class ShmLiveness(ShmBase):
                 del owners
                 for index in hits:
                     words = table.read_slot(index)
-                    ident = ProcessIdentity(words[4] & LO32, words[5])
+                    ident = ProcessIdentity(*L.slot_owner(words))
                     reason = dead.get(ident)
-                    if reason is not None and (words[2] >> 48) & 0xFF == L.USED:
-                        tombstone(table, index, words, _ev.DIED, reason)
+                    if reason is not None and L.slot_state(words) == L.USED:
+                        table.tombstone(index, words, _ev.DIED, reason)
                         removed += 1
                         per_owner[ident] = per_owner.get(ident, 0) + 1
             if sweeping or removed:
                 # Under the lock: concurrent sweepers must not lose counts. A monitor's or
                 # cleanup's removal counts like a sweep's, so stats() sees every dead entry.
-                rq = self._store.rq
-                rq[L.R_SWEEPS] = (rq[L.R_SWEEPS] + 1) & L.MASK64  # statistics wrap
-                rq[L.R_LAST_SWEEP_NS] = time.time_ns()
-                rq[L.R_DEAD_FOUND] = (rq[L.R_DEAD_FOUND] + removed) & L.MASK64
+                self._store.count_sweep(removed)
             return removed
 
         removed = self._write(write)

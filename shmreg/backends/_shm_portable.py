@@ -13,7 +13,7 @@ import zlib
 from shmreg import _codec
 from shmreg._engine import events as _ev
 from shmreg._engine import layout as L
-from shmreg._engine.table import SlotWords, Table
+from shmreg._engine.table import SlotWords, Table, record_size
 from shmreg._types import ProcessIdentity, Service
 from shmreg.backends._portable import (
     StoredEntry,
@@ -22,7 +22,6 @@ from shmreg.backends._portable import (
     require_local,
     same_entry,
 )
-from shmreg.backends._shm_base import LO32, record_size, tombstone
 from shmreg.backends._shm_scans import ShmScans
 
 _crc32 = zlib.crc32
@@ -50,12 +49,13 @@ class ShmPortable(ShmScans):
 
     def _current(self, table: Table, namespace: str, words: SlotWords | None) -> StoredEntry | None:
         """The live entry a slot holds, as ``export_entries`` would give it, or None."""
-        if words is None or not self._alive(words[4] & LO32):
+        if words is None or not self._alive(L.slot_pid(words)):
             return None
         key, meta = table.record_bytes(words)
         _, service = _codec.decode_key(key)
-        owner = ProcessIdentity(words[4] & LO32, words[5])
-        return StoredEntry(namespace, service, owner, words[6], _codec.unpack_metadata(meta))
+        owner = ProcessIdentity(*L.slot_owner(words))
+        generation = L.slot_generation(words)
+        return StoredEntry(namespace, service, owner, generation, _codec.unpack_metadata(meta))
 
     def swap_entry(
         self,
@@ -87,7 +87,7 @@ class ShmPortable(ShmScans):
                 return False, current
             if new is None:
                 if words is not None:
-                    tombstone(table, index, words)
+                    table.tombstone(index, words)
                 return True, None
             top, live, tombs, garbage, ops, owners = table.counters()
             grow = words is None and live + tombs + 1 > table.fill_limit
@@ -96,9 +96,10 @@ class ShmPortable(ShmScans):
                 index, words, free, free_is_tomb = table.probe_for_write(key, key_hash)
                 top, live, tombs, garbage, ops, owners = table.counters()
             owner = local_owner(new.owner)
-            same = words is not None and (words[4] & LO32, words[5]) == owner[:2]
+            same = words is not None and L.slot_owner(words) == owner[:2]
+            held_generation = None if words is None else L.slot_generation(words)
             generation, owners = imported_generation(
-                new.generation, None if words is None else words[6], owners, same_owner=same
+                new.generation, held_generation, owners, same_owner=same
             )
             if words is None:
                 index = free
@@ -108,11 +109,16 @@ class ShmPortable(ShmScans):
                 garbage += record_size(words)
             offset = table.stage(record + b"\0" * (padded - len(record)), top)
             seed = L.record_seed(owner.pid, owner.start_ticks)
-            body = (
-                key_hash | (ns_hash << 32),
-                L.pack_rec(offset, len(key), L.USED),
-                L.pack_meta(len(packed), _codec.type_tag(meta)),
-                L.pack_owner(owner.pid, _crc32(record, seed)),
+            body = L.slot_body(
+                key_hash,
+                ns_hash,
+                offset,
+                len(key),
+                L.USED,
+                len(packed),
+                _codec.type_tag(meta),
+                owner.pid,
+                _crc32(record, seed),
                 owner.start_ticks,
                 generation,
                 _codec.capability_mask(meta),

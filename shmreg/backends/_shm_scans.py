@@ -33,7 +33,7 @@ from shmreg._types import (
     RegistryStats,
     Service,
 )
-from shmreg.backends._shm_base import LO32, ShmBase
+from shmreg.backends._shm_base import ShmBase
 
 _crc32 = zlib.crc32
 _unpackb = msgpack.unpackb
@@ -101,31 +101,32 @@ class ShmScans(ShmBase):
 
         def scan(table: Table) -> _Rows:
             cols = table.columns()
-            mask = (cols[:, L.S_REC] >> np.uint64(48)) == L.USED
+            mask = L.col_state(cols) == L.USED
             if prefix:
-                mask &= (cols[:, L.S_HASH] >> np.uint64(32)) == np.uint64(_crc32(prefix[:-1]))
+                mask &= L.col_ns_hash(cols) == np.uint64(_crc32(prefix[:-1]))
             if type_tag is not None:
-                tags = cols[:, L.S_META] >> np.uint64(32)
+                tags = L.col_type_tag(cols)
                 mask &= (tags == np.uint64(type_tag)) | (tags == np.uint64(_codec.TYPE_ANY))
             if caps_mask:
                 want = np.uint64(caps_mask)
-                mask &= (cols[:, L.S_CAPS] & want) == want
+                mask &= (L.col_caps(cols) & want) == want
             index = np.flatnonzero(mask)
-            before = cols[index, L.S_SEQ]
+            before = L.col_seq(cols, index)
             rows = cols[index]
-            after = cols[index, L.S_SEQ]
+            after = L.col_seq(cols, index)
             del cols, mask
-            steady = (before == after) & (rows[:, L.S_SEQ] == before) & ((before & 1) == 0)
+            # The seqlock of layout.seqlock_read, over all candidate rows at once.
+            steady = (before == after) & (L.col_seq(rows) == before) & ((before & 1) == 0)
             if not steady.all():  # being written: read those one by one, seqlock-validated
                 redo = [table.read_slot(i) for i in index[~steady].tolist()]
                 rows = np.concatenate([rows[steady], np.array(redo, dtype=np.uint64)])
-            rows = rows[(rows[:, L.S_REC] >> np.uint64(48)) == L.USED]
-            pids = rows[:, L.S_OWNER] & np.uint64(LO32)
+            rows = rows[L.col_state(rows) == L.USED]
+            pids = L.col_pid(rows)
             alive = [p for p in np.unique(pids).tolist() if self._alive(p)]
             rows = rows[np.isin(pids, alive)]
-            offsets = table.arena_off + (rows[:, L.S_REC] & np.uint64(LO32)) * np.uint64(8)
-            key_lens = (rows[:, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)
-            ends = offsets + key_lens + (rows[:, L.S_META] & np.uint64(LO32))
+            offsets = table.arena_off + L.col_offset(rows)
+            key_lens = L.col_key_len(rows)
+            ends = offsets + key_lens + L.col_meta_len(rows)
             damaged = 0
             if ends.size and int(ends.max()) > table.arena_off + table.arena_size:
                 # Degrade, don't die: skip (and count) the damaged entries, keep the rest.
@@ -139,17 +140,15 @@ class ShmScans(ShmBase):
                 if prefix:
                     heads = [buf[a : a + len(prefix)] == prefix for a in offsets.tolist()]
                     kept = rows[np.array(heads, dtype=bool)]
-                pids = (kept[:, L.S_OWNER] & np.uint64(LO32)).tolist()
+                pids = L.col_pid(kept).tolist()
                 return _Rows([], [], pids, [], [], damaged)
             # Written as maps and comprehensions over plain lists: this runs once per entry.
             spans = zip(offsets.tolist(), ends.tolist(), strict=True)
             records = [bytes(buf[a:b]) for a, b in spans]
-            crcs = (rows[:, L.S_OWNER] >> np.uint64(32)).tolist()
-            owners = rows[:, L.S_OWNER] & np.uint64(LO32)
-            starts = rows[:, L.S_START]
-            seeds = ((owners ^ starts ^ (starts >> np.uint64(32))) & np.uint64(LO32)).tolist()
+            crcs = L.col_crc(rows).tolist()
+            seeds = L.col_record_seed(rows).tolist()
             lens = key_lens.tolist()
-            sums = list(map(_crc32, records, seeds))  # see L.record_seed
+            sums = list(map(_crc32, records, seeds))
             if sums != crcs:
                 intact = [a == b for a, b in zip(sums, crcs, strict=True)]
                 damaged += len(intact) - sum(intact)
@@ -165,9 +164,9 @@ class ShmScans(ShmBase):
             return _Rows(
                 records,
                 lens,
-                (kept[:, L.S_OWNER] & np.uint64(LO32)).tolist(),
-                kept[:, L.S_START].tolist(),
-                kept[:, L.S_NAMEGEN].tolist(),
+                L.col_pid(kept).tolist(),
+                L.col_start(kept).tolist(),
+                L.col_generation(kept).tolist(),
                 damaged,
             )
 
@@ -291,8 +290,8 @@ class ShmScans(ShmBase):
 
             def scan(table: Table) -> int:
                 cols = table.columns()
-                used = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
-                pids = cols[used, L.S_OWNER] & np.uint64(LO32)
+                used = L.col_state(cols) == L.USED
+                pids = L.col_pid(cols, used)
                 uniq, counts = np.unique(pids, return_counts=True)
                 return sum(
                     int(c)
@@ -313,12 +312,12 @@ class ShmScans(ShmBase):
 
         def scan(table: Table) -> Counter[bytes]:
             cols = table.columns()
-            rows = cols[(cols[:, L.S_REC] >> np.uint64(48)) == L.USED]
+            rows = cols[L.col_state(cols) == L.USED]
             del cols
-            pids = rows[:, L.S_OWNER] & np.uint64(LO32)
+            pids = L.col_pid(rows)
             rows = rows[np.isin(pids, [p for p in np.unique(pids).tolist() if self._alive(p)])]
-            offsets = (table.arena_off + (rows[:, L.S_REC] & np.uint64(LO32)) * np.uint64(8))
-            key_lens = (rows[:, L.S_REC] >> np.uint64(32)) & np.uint64(0xFFFF)
+            offsets = table.arena_off + L.col_offset(rows)
+            key_lens = L.col_key_len(rows)
             end = table.arena_off + table.arena_size
             buf = table.buf
             spans = zip(offsets.tolist(), key_lens.tolist(), strict=True)
@@ -348,14 +347,14 @@ class ShmScans(ShmBase):
             except Exception:
                 self._skipped(None, 1)
                 continue
-            pid = words[4] & LO32
+            pid = L.slot_pid(words)
             out.append(
                 {
                     "namespace": namespace,
                     "service": service,
                     "pid": pid,
                     "alive": self._alive(pid),
-                    "generation": words[6],
+                    "generation": L.slot_generation(words),
                     "metadata": metadata,
                 }
             )
@@ -368,8 +367,8 @@ class ShmScans(ShmBase):
         info = table.describe()
         rq = self._store.rq
         cols = table.columns()
-        used = ((cols[:, L.S_REC] >> np.uint64(48)) & np.uint64(0xFF)) == L.USED
-        namespaces = int(np.unique(cols[used, L.S_HASH] >> np.uint64(32)).size)
+        used = L.col_state(cols) == L.USED
+        namespaces = int(np.unique(L.col_ns_hash(cols, used)).size)
         memory = L.ROOT_SIZE + table.arena_off + info["allocated"]
         last = int(rq[L.R_LAST_SWEEP_NS])
         return RegistryStats(
