@@ -106,6 +106,9 @@ def test_only_the_engine_writers_store_into_segments() -> None:
 
 _OWNER = ProcessIdentity(4242, 1234567, "")
 _TIME_NS = 1_700_000_000_000_000_000
+# Times are masked out of the snapshot (event and journal time words, and the journal's
+# checksum over them): the compiled path reads the clock itself, and the same bytes must
+# come out of both paths. Everything else is compared exactly.
 # Root words that legitimately differ between runs and hosts.
 _ROOT_VARIES = {
     L.R_OWNER_PID,  # the last writer: this test process
@@ -125,10 +128,11 @@ def _hex(raw: bytes) -> str:
 def _snapshot(reg: shmreg.Registry) -> dict[str, Any]:
     store = reg._backend._store  # type: ignore[attr-defined]
     table = store.table
-    root = store.rq.tobytes()[: 19 * 8]
+    nwords = L.R_LIFE_SLOTS + 1
+    root = store.rq.tobytes()[: nwords * 8]
     root_words = [
         0 if i in _ROOT_VARIES else int.from_bytes(root[i * 8 : i * 8 + 8], "little")
-        for i in range(19)
+        for i in range(nwords)
     ]
     used = [int(i) for i in table.used_indices().tolist()]
     slots = {
@@ -145,11 +149,17 @@ def _snapshot(reg: shmreg.Registry) -> dict[str, Any]:
     events = {}
     for seq in range(1, int(store.rq[L.R_EVENT_SEQ]) + 1):
         base = ring.offset + (seq % L.RING_EVENTS) * L.EVENT_SIZE
-        events[str(seq)] = _hex(bytes(ring.buf[base : base + L.EVENT_SIZE]))
+        event = bytearray(ring.buf[base : base + L.EVENT_SIZE])
+        event[L.E_TIME * 8 : L.E_TIME * 8 + 8] = bytes(8)  # the clock: see _TIMELESS
+        events[str(seq)] = _hex(bytes(event))
+    journal = bytearray(table.buf[L.J_STATE * 8 : (L.J_CRC + 1) * 8])
+    for word in (L.J_EVENT_TIME, L.J_CRC):  # the time, and the checksum that covers it
+        at = (word - L.J_STATE) * 8
+        journal[at : at + 8] = bytes(8)
     return {
         "root_words": [f"{w:016x}" for w in root_words],
         "data_header": _hex(bytes(table.buf[: (L.D_ALLOCATED + 1) * 8])),
-        "journal": _hex(bytes(table.buf[L.J_STATE * 8 : (L.J_CRC + 1) * 8])),
+        "journal": _hex(bytes(journal)),
         "slots": slots,
         "records": records,
         "events": events,
@@ -170,6 +180,10 @@ def test_golden_bytes(reg_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         reg.register("other", 7)
         reg.register("golden", "alpha", metadata={"port": 8081})  # an update: new record
         reg.unregister("golden", ("beta", 2))
+        # New str and int names in namespaces seen before: these commit through the
+        # compiled path when it is active (the ones above take the Python path there too).
+        reg.register("golden", "gamma", metadata={"caps": ["x"], "type": "w", "n": -70000})
+        reg.register("other", 8, metadata={"big": 2**64 - 1, "f": -0.25, "b": b"\x00"})
         got = _snapshot(reg)
     finally:
         reg.destroy()

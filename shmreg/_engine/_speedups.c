@@ -125,9 +125,13 @@ typedef struct {
     PyObject *epoch_obj;  /* Store.remap_epoch, a one-word array */
     PyObject *unpackb;    /* metadata decoder: bytes -> dict */
     PyObject *crash_point;/* shmreg._engine.crashpoints.crash_point, or None when not armed */
-    PyObject *fallback_lookup; /* the Python path, called when this one declines */
+    /* The Python path, called when this one declines: the backend class's own functions,
+     * called with the backend, which is held weakly (it holds this object: a strong
+     * reference back would make every handle a cycle, freed only by the collector). */
+    PyObject *backend_ref;
+    PyObject *fallback_lookup;
     PyObject *fallback_lookup_meta;
-    PyObject *fallback_register; /* backend.register's Python path */
+    PyObject *fallback_register;
     PyObject *pack;       /* metadata encoder (the codec's reused msgpack Packer.pack) */
     PyObject *str_tags;   /* the codec's cache: str -> 32-bit tag */
     PyObject *type_tag;   /* codec.type_tag(metadata), for what the cache cannot answer */
@@ -138,6 +142,7 @@ typedef struct {
     PyObject *root_path;  /* the root segment's file, for the liveness holder's own mapping */
     uint64_t life_slots;  /* 0: no liveness table (an upgraded registry) or not usable */
     uint64_t life_claim_forks; /* forks_seen when this handle last tried to claim */
+    uint64_t n_reads, n_commits, n_declined; /* answered here / committed here / handed on */
     int claimed;
     PyObject *table;      /* the Table the cached data pointers belong to (keeps it mapped) */
     const volatile uint64_t *epoch;
@@ -458,6 +463,27 @@ static inline int alive(uint64_t pid) {
     return errno == EPERM;
 }
 
+/* fn(backend, *args): the Python path for a call this one declines. */
+static PyObject *python_path(Fast *self, PyObject *fn, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *stack[8];
+    if (nargs > 7) {
+        PyErr_SetString(PyExc_TypeError, "too many arguments");
+        return NULL;
+    }
+    PyObject *backend = PyObject_CallNoArgs(self->backend_ref);
+    if (!backend) return NULL;
+    if (backend == Py_None) {
+        Py_DECREF(backend);
+        PyErr_SetString(PyExc_ReferenceError, "the registry backend is gone");
+        return NULL;
+    }
+    stack[0] = backend;
+    for (Py_ssize_t i = 0; i < nargs; i++) stack[i + 1] = args[i];
+    PyObject *out = PyObject_Vectorcall(fn, stack, (size_t)nargs + 1, NULL);
+    Py_DECREF(backend);
+    return out;
+}
+
 enum { FOUND = 1, ABSENT = 0, DECLINE = -1 };
 
 static inline int owner_alive(Fast *self, uint64_t pid, uint64_t start);
@@ -478,10 +504,14 @@ static int locate(Fast *self, PyObject *ns, PyObject *service, uint64_t words[8]
 }
 
 static PyObject *Fast_lookup(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) return PyObject_Vectorcall(self->fallback_lookup, args, nargs, NULL);
+    if (nargs != 2) return python_path(self, self->fallback_lookup, args, nargs);
     uint64_t words[8];
     int r = locate(self, args[0], args[1], words);
-    if (r == DECLINE) return PyObject_Vectorcall(self->fallback_lookup, args, nargs, NULL);
+    if (r == DECLINE) {
+        self->n_declined++;
+        return python_path(self, self->fallback_lookup, args, nargs);
+    }
+    self->n_reads++;
     if (r == ABSENT) Py_RETURN_NONE;
     uint64_t pid = words[SHMREG_S_OWNER] & LO32;
     if (!owner_alive(self, pid, words[SHMREG_S_START])) Py_RETURN_NONE;
@@ -525,8 +555,12 @@ static PyObject *entry(Fast *self, PyObject *const *args, Py_ssize_t nargs, int 
 
 static PyObject *Fast_lookup_with_metadata(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *out = entry(self, args, nargs, 0);
-    if (out || PyErr_Occurred()) return out;
-    return PyObject_Vectorcall(self->fallback_lookup_meta, args, nargs, NULL);
+    if (out || PyErr_Occurred()) {
+        self->n_reads += out != NULL;
+        return out;
+    }
+    self->n_declined++;
+    return python_path(self, self->fallback_lookup_meta, args, nargs);
 }
 
 /* entry(namespace, service) -> (pid, generation, metadata) | None | NotImplemented */
@@ -582,8 +616,9 @@ static uint64_t commit_new(Fast *self, const char *key, Py_ssize_t key_len, uint
     uint64_t top = hdr[SHMREG_D_TOP], live = hdr[SHMREG_D_LIVE], tombs = hdr[SHMREG_D_TOMBS];
     uint64_t garbage = hdr[SHMREG_D_GARBAGE], ops = hdr[SHMREG_D_OPS], owners = hdr[SHMREG_D_NAMEGEN];
     /* table.py counters(): values no writer could produce are Python's to report. */
-    if (top > self->arena_size || top % SHMREG_RECORD_ALIGN || live + tombs > self->nslots ||
-        garbage > top || ops >= SHMREG_COUNTER_LIMIT || owners >= SHMREG_COUNTER_LIMIT)
+    if (top > self->arena_size || top % SHMREG_RECORD_ALIGN || live > self->nslots ||
+        tombs > self->nslots - live || garbage > top || ops >= SHMREG_COUNTER_LIMIT ||
+        owners >= SHMREG_COUNTER_LIMIT)
         return 0;
     /* Growth, a full arena, or an arena page still to allocate: Python's. */
     if ((double)(live + tombs + 1) > SHMREG_MAX_LOAD * (double)self->nslots ||
@@ -1129,11 +1164,14 @@ static void life_probe_layout(void) {
 /* register(namespace, service, owner, metadata) -> generation (the Python path answers what
  * this declines: a new key to encode, metadata to check, a name already held, growth). */
 static PyObject *Fast_register(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) return PyObject_Vectorcall(self->fallback_register, args, nargs, NULL);
+    if (nargs != 4) return python_path(self, self->fallback_register, args, nargs);
     Prepared p;
     int r = prepare(self, args[0], args[1], args[2], args[3], &p);
     if (r < 0) return NULL;
-    if (r == 0) return PyObject_Vectorcall(self->fallback_register, args, nargs, NULL);
+    if (r == 0) {
+        self->n_declined++;
+        return python_path(self, self->fallback_register, args, nargs);
+    }
     uint64_t generation = 0;
     int locked = own_identity(self) < 0 ? -1 : ready(self) ? lock(self) : 0;
     if (locked == 1 && p.head[3] == (self->self_pid | (p.head[3] & ~LO32)) &&
@@ -1148,7 +1186,11 @@ static PyObject *Fast_register(Fast *self, PyObject *const *args, Py_ssize_t nar
     Py_DECREF(p.record);
     Py_DECREF(p.info);
     if (locked < 0 || generation == (uint64_t)-1) return NULL;
-    if (generation == 0) return PyObject_Vectorcall(self->fallback_register, args, nargs, NULL);
+    if (generation == 0) {
+        self->n_declined++;
+        return python_path(self, self->fallback_register, args, nargs);
+    }
+    self->n_commits++;
     return PyLong_FromUnsignedLongLong(generation);
 }
 
@@ -1158,15 +1200,16 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     static char *names[] = {"store", "keys", "epoch", "unpackb", "crash_point", "lookup",
                             "lookup_with_metadata", "register", "pack", "str_tags", "type_tag",
                             "capability_mask", "max_metadata_bytes", "namespaces", "self_identity",
-                            "root_path", NULL};
+                            "root_path", "backend", NULL};
     PyObject *store, *keys, *epoch, *unpackb, *crash_point, *lookup, *lookup_meta, *reg, *pack,
-        *str_tags, *type_tag, *capability_mask, *namespaces, *self_identity, *root_path;
+        *str_tags, *type_tag, *capability_mask, *namespaces, *self_identity, *root_path,
+        *backend_ref;
     unsigned long long max_meta;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOOOOOOO!OOKO!OU", names, &store, &PyDict_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOOOOOOO!OOKO!OUO", names, &store, &PyDict_Type,
                                      &keys, &epoch, &unpackb, &crash_point, &lookup, &lookup_meta,
                                      &reg, &pack, &PyDict_Type, &str_tags, &type_tag,
                                      &capability_mask, &max_meta, &PyDict_Type, &namespaces,
-                                     &self_identity, &root_path))
+                                     &self_identity, &root_path, &backend_ref))
         return -1;
     Py_buffer view;
     if (PyObject_GetBuffer(epoch, &view, PyBUF_WRITABLE) < 0) return -1;
@@ -1182,6 +1225,11 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     Py_INCREF(epoch); Py_XSETREF(self->epoch_obj, epoch);
     Py_INCREF(unpackb); Py_XSETREF(self->unpackb, unpackb);
     Py_INCREF(crash_point); Py_XSETREF(self->crash_point, crash_point);
+    if (!PyWeakref_CheckRef(backend_ref)) {
+        PyErr_SetString(PyExc_TypeError, "backend must be a weakref.ref");
+        return -1;
+    }
+    Py_INCREF(backend_ref); Py_XSETREF(self->backend_ref, backend_ref);
     Py_INCREF(lookup); Py_XSETREF(self->fallback_lookup, lookup);
     Py_INCREF(lookup_meta); Py_XSETREF(self->fallback_lookup_meta, lookup_meta);
     Py_INCREF(reg); Py_XSETREF(self->fallback_register, reg);
@@ -1207,6 +1255,7 @@ static int Fast_traverse(Fast *self, visitproc visit, void *arg) {
     Py_VISIT(self->epoch_obj);
     Py_VISIT(self->unpackb);
     Py_VISIT(self->crash_point);
+    Py_VISIT(self->backend_ref);
     Py_VISIT(self->fallback_lookup);
     Py_VISIT(self->fallback_lookup_meta);
     Py_VISIT(self->fallback_register);
@@ -1226,6 +1275,7 @@ static int Fast_clear(Fast *self) {
     Py_CLEAR(self->keys);
     Py_CLEAR(self->unpackb);
     Py_CLEAR(self->crash_point);
+    Py_CLEAR(self->backend_ref);
     Py_CLEAR(self->fallback_lookup);
     Py_CLEAR(self->fallback_lookup_meta);
     Py_CLEAR(self->fallback_register);
@@ -1290,7 +1340,15 @@ static PyObject *Fast_claim(Fast *self, PyObject *owner) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Fast_counts(Fast *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("{sKsKsK}", "reads", self->n_reads, "commits", self->n_commits,
+                         "declined", self->n_declined);
+}
+
 static PyMethodDef Fast_methods[] = {
+    {"counts", (PyCFunction)Fast_counts, METH_NOARGS,
+     "{'reads', 'commits', 'declined'}: calls this handle answered here or handed to Python"},
     {"claim", (PyCFunction)Fast_claim, METH_O,
      "claim(owner): with the writer lock held, claim this process's liveness slot"},
     {"lookup", (PyCFunction)(void (*)(void))Fast_lookup, METH_FASTCALL,

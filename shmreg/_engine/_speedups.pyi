@@ -16,9 +16,9 @@ class Fast:
         epoch: array[int],
         unpackb: Callable[[bytes], Any],
         crash_point: Callable[[str], None] | None,
-        lookup: Callable[[str, Any], int | None],
-        lookup_with_metadata: Callable[[str, Any], tuple[int, dict[str, Any]] | None],
-        register: Callable[[str, Any, Any, Any], int],
+        lookup: Callable[..., int | None],
+        lookup_with_metadata: Callable[..., tuple[int, dict[str, Any]] | None],
+        register: Callable[..., int],
         pack: Callable[[Any], bytes],
         str_tags: dict[str, int],
         type_tag: Callable[[dict[str, Any]], int],
@@ -27,6 +27,7 @@ class Fast:
         namespaces: dict[str, tuple[bytes, int, int]],
         self_identity: Callable[[], Any],
         root_path: str,
+        backend: Any,
     ) -> None: ...
     def lookup(self, namespace: str, service: Any, /) -> int | None: ...
     def lookup_with_metadata(
@@ -36,5 +37,6 @@ class Fast:
     def register(self, namespace: str, service: Any, owner: Any, metadata: Any, /) -> int: ...
     def invalidate(self) -> None: ...
     def release(self) -> None: ...
+    def counts(self) -> dict[str, int]: ...
     def claim(self, owner: Any, /) -> None: ...
     def life_verdict(self, pid: int, start_ticks: int, /) -> int: ...

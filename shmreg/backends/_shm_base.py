@@ -7,6 +7,7 @@ liveness and events (``_shm_liveness.py``).
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -54,9 +55,9 @@ def compiled_path(backend: ShmBase) -> Any:
         backend._store.remap_epoch,
         _codec.unpack_metadata,
         crashpoints.crash_point if crashpoints.ARMED else None,
-        cls.lookup.__get__(backend, cls),
-        cls.lookup_with_metadata.__get__(backend, cls),
-        cls.register.__get__(backend, cls),
+        cls.lookup,
+        cls.lookup_with_metadata,
+        cls.register,
         _codec._pack,
         _codec._STR_TAGS,
         _codec.type_tag,
@@ -65,6 +66,7 @@ def compiled_path(backend: ShmBase) -> Any:
         _NAMESPACES,
         _identity.self_identity,
         segment_path(L.root_name(backend._name)),
+        weakref.ref(backend),
     )
     backend.lookup = fast.lookup  # type: ignore[method-assign]
     backend.lookup_with_metadata = fast.lookup_with_metadata  # type: ignore[method-assign]
