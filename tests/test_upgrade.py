@@ -37,7 +37,12 @@ def test_an_older_layout_is_refused_then_upgraded_in_place(registry: shmreg.Regi
     assert f"shmreg upgrade {registry.name}" in str(refused.value)
     done = _shmreg("upgrade", registry.name, "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"from": 0, "to": L.LAYOUT_VERSION, "upgraded": True, "entries": 50}
+    assert json.loads(done.stdout) == {
+        "from": 0,
+        "to": L.LAYOUT_VERSION,
+        "upgraded": True,
+        "entries": 50,
+    }
     with shmreg.Registry.attach(registry.name) as again:
         assert again.backend.store.gen > data_gen  # type: ignore[attr-defined]
         for i in range(50):
@@ -46,7 +51,9 @@ def test_an_older_layout_is_refused_then_upgraded_in_place(registry: shmreg.Regi
         again.register("jobs", "after")  # writable at the new layout
     # The handle attached before the upgrade follows the swap, as it follows growth.
     assert registry.lookup("jobs", "after") is not None
-    assert _shmreg("upgrade", registry.name).stdout.strip() == f"already at layout {L.LAYOUT_VERSION}"
+    assert (
+        _shmreg("upgrade", registry.name).stdout.strip() == f"already at layout {L.LAYOUT_VERSION}"
+    )
 
 
 def test_a_newer_layout_is_refused_and_not_upgraded(registry: shmreg.Registry) -> None:
@@ -63,9 +70,7 @@ def test_a_newer_layout_is_refused_and_not_upgraded(registry: shmreg.Registry) -
 def _as_layout_1(reg: shmreg.Registry) -> None:
     """What a layout-1 shmreg (writer lock: flock) left: the version, no mutex bytes."""
     store = reg.backend.store  # type: ignore[attr-defined]
-    store._root.buf[L.R_MUTEX_OFFSET : L.R_MUTEX_OFFSET + L.R_MUTEX_BYTES] = bytes(
-        L.R_MUTEX_BYTES
-    )
+    store._root.buf[L.R_MUTEX_OFFSET : L.R_MUTEX_OFFSET + L.R_MUTEX_BYTES] = bytes(L.R_MUTEX_BYTES)
     _stamp(reg, 1)
 
 
@@ -122,7 +127,7 @@ def test_the_upgrade_waits_for_the_old_flock(registry: shmreg.Registry) -> None:
             raise
     finally:
         os.close(fd)  # the old writer is done
-    out, err = upgrading.communicate(timeout=300)
+    _, err = upgrading.communicate(timeout=300)
     assert upgrading.returncode == 0, err
     assert registry.backend.store.rq[L.R_VERSION] == L.LAYOUT_VERSION  # type: ignore[attr-defined]
     registry.register("jobs", "after")
