@@ -200,7 +200,7 @@ class WriterLock:
     def _acquire_slow(self, rc: int, timeout: float | None) -> None:
         start = time.monotonic()
         deadline = None if timeout is None else start + max(timeout, 0.0)
-        seen: tuple[int, int] | None = None  # (futex word, since) while it looks stuck
+        seen: tuple[int, float] | None = None  # (futex word, since) while it looks stuck
         while True:
             if rc == errno.EOWNERDEAD:
                 # Its holder died inside. We hold it now; the owner words tell Store.begin
@@ -237,7 +237,7 @@ class WriterLock:
             return f"type word {self._words[KIND_OFFSET // 4]:#x}, not {KIND:#x}"
         return None
 
-    def _check_stuck(self, seen: tuple[int, int] | None, now: float) -> tuple[int, int] | None:
+    def _check_stuck(self, seen: tuple[int, float] | None, now: float) -> tuple[int, float] | None:
         """Raise ``CorruptRegistry`` if the mutex is damaged; the new stuck observation."""
         bad = self.problem()
         if bad:
@@ -247,8 +247,8 @@ class WriterLock:
         if self._holder_is_plausible(word):
             return None
         if seen is None or seen[0] != word:
-            return (word, int(now * 1000))
-        if now * 1000 - seen[1] >= _STUCK_AFTER * 1000:
+            return (word, now)
+        if now - seen[1] >= _STUCK_AFTER:
             self.damage = self._describe(word)
             raise _damaged(self._registry, self.damage)
         return seen
