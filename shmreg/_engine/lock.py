@@ -185,6 +185,7 @@ class WriterLock:
         self._held = False
         self._closed = False
         self.damage = ""  # why the last acquire called the mutex damaged
+        self._stuck_word = -1  # the futex word it last judged stuck
         _LIVE_LOCKS.add(self)
 
     def acquire(self, timeout: float | None = None) -> None:
@@ -246,10 +247,13 @@ class WriterLock:
         word = self._words[0] & 0xFFFFFFFF
         if self._holder_is_plausible(word):
             return None
-        if seen is None or seen[0] != word:
+        # A word this lock already judged stuck, still there: no second wait for it.
+        judged = word == self._stuck_word
+        if not judged and (seen is None or seen[0] != word):
             return (word, now)
-        if now - seen[1] >= _STUCK_AFTER:
+        if judged or now - (seen[1] if seen else now) >= _STUCK_AFTER:
             self.damage = self._describe(word)
+            self._stuck_word = word
             raise _damaged(self._registry, self.damage)
         return seen
 
