@@ -17,6 +17,14 @@ A pthread mutex excludes threads too, so no thread lock sits in front. It record
 holder's thread id, so a forked child never inherits its parent's hold: the child waits
 like any other process until the parent releases.
 
+Contract for any other locker of these bytes (a compiled extension): lock with
+``pthread_mutex_lock`` / ``pthread_mutex_timedlock`` / ``pthread_mutex_trylock`` on
+``root + 2048``; on ``EOWNERDEAD`` call ``pthread_mutex_consistent`` and go on (the caller
+then finds the owner words set and recovers, as ``Store.begin`` does); write the owner words
+right after taking the mutex and clear the pid word right before unlocking; treat
+``EINVAL`` / ``ENOTRECOVERABLE`` as ``CorruptRegistry``. Never initialise the bytes outside
+creation, ``shmreg upgrade`` and ``fsck --repair``.
+
 Damage (a stray write into the mutex bytes) must never hang a writer. A blocking acquire
 waits in slices of ``_SLICE`` seconds; between slices it looks at the futex word. A word
 that names no live thread, or a thread of a process that is not the recorded writer, and
