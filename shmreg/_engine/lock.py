@@ -317,8 +317,13 @@ class WriterLock:
             else:
                 self.release()
                 return None
-        initialise(self._ptr.value or 0)
+        self.initialise()
         return f"writer lock re-initialised ({why})"
+
+    def initialise(self) -> None:
+        """(Re-)initialise the mutex bytes: only where no process can hold them (``repair``,
+        and ``shmreg upgrade`` under the old flock, before the version stamp)."""
+        initialise(self._ptr.value or 0)
 
     def inspect(self) -> str | None:
         """For ``fsck``: what is wrong with the mutex, or None; never waits.
