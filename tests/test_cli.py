@@ -11,6 +11,7 @@ import pytest
 
 import shmreg
 from shmreg._cli import build_parser
+from shmreg._engine.layout import LAYOUT_VERSION
 from shmreg._engine.segment import list_segments
 
 
@@ -49,7 +50,7 @@ def test_info_json(filled: shmreg.Registry) -> None:
     info = json.loads(run("info", filled.name, "--json").stdout)
     assert info["entries"] == 3 and info["namespaces"] == 2
     assert info["health"]["status"] == "healthy"
-    assert info["engine"]["layout_version"] == 1
+    assert info["engine"]["layout_version"] == LAYOUT_VERSION
 
 
 def test_sweep_removes_dead(filled: shmreg.Registry) -> None:
@@ -182,7 +183,7 @@ def test_info_text_is_a_table_not_reprs(filled: shmreg.Registry) -> None:
     assert "{" not in text and "}" not in text
     rows = dict(line.split(None, 1) for line in text.splitlines())
     assert rows["health.status"] == "healthy" and rows["entries"] == "3"
-    assert rows["engine.layout_version"] == "1"
+    assert rows["engine.layout_version"] == str(LAYOUT_VERSION)
 
 
 def test_bench_says_which_peers_it_left_out_and_why() -> None:

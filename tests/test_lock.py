@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from helpers import DEADLINE_S, Children, children, read_line
+from helpers import DEADLINE_S, Children, alarm_after, children, read_line
 
 import shmreg
 from shmreg._engine import fsck
@@ -211,3 +211,23 @@ def test_repair_leaves_a_mutex_held_by_a_live_writer_alone(
     repaired = fsck.check(registry.name, repair=True).repaired
     assert any("writer lock re-initialised" in r for r in repaired), repaired
     registry.register("jobs", "after-repair")
+
+
+@pytest.mark.parametrize("damage", ["all-ones", "bit-0"])
+@pytest.mark.parametrize("word", range(M.MUTEX_SIZE // 4))
+def test_any_damaged_int_of_the_mutex_fails_cleanly_and_is_repaired(
+    registry: shmreg.Registry, word: int, damage: str
+) -> None:
+    buf = _store(registry)._root.buf
+    assert buf is not None
+    old = struct.unpack_from("<I", buf, L.R_MUTEX_OFFSET + 4 * word)[0]
+    _mutex_word(registry, 4 * word, 0xFFFFFFFF if damage == "all-ones" else old ^ 1)
+    with alarm_after(DEADLINE_S, AssertionError, "a write hung on a damaged mutex"):
+        try:
+            registry.register("jobs", "while-damaged")
+        except shmreg.CorruptRegistry as exc:
+            assert exc.detail == "writer lock damaged"
+        fsck.check(registry.name, repair=True)
+        assert fsck.check(registry.name).ok
+        registry.register("jobs", "after-repair")
+    assert registry.lookup("jobs", "after-repair") == os.getpid()

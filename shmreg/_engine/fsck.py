@@ -1,7 +1,9 @@
 """``shmreg fsck``: check a registry's segments, and with ``repair`` fix what can be fixed.
 
-Reading needs no lock, so a check works on a registry whose writers are all dead. A
-repair takes the writer lock (which first runs the ordinary crash recovery: journal replay,
+Reading needs no lock, so a check works on a registry whose writers are all dead; it
+also looks at the writer mutex (``WriterLock.inspect``), and a repair re-initialises a
+damaged one first (``WriterLock.repair`` holds the rule that keeps a live writer safe). A
+repair then takes the writer lock (which first runs the ordinary crash recovery: journal replay,
 half-written slots tombstoned), then drops every entry that fails a check and rebuilds the
 table into a fresh generation, which resets probe chains, counters and the arena. What it
 dropped is listed in the report.

@@ -17,6 +17,14 @@ A pthread mutex excludes threads too, so no thread lock sits in front. It record
 holder's thread id, so a forked child never inherits its parent's hold: the child waits
 like any other process until the parent releases.
 
+Contract for any other locker of these bytes (a compiled extension): lock with
+``pthread_mutex_lock`` / ``pthread_mutex_timedlock`` / ``pthread_mutex_trylock`` on
+``root + 2048``; on ``EOWNERDEAD`` call ``pthread_mutex_consistent`` and go on (the caller
+then finds the owner words set and recovers, as ``Store.begin`` does); write the owner words
+right after taking the mutex and clear the pid word right before unlocking; treat
+``EINVAL`` / ``ENOTRECOVERABLE`` as ``CorruptRegistry``. Never initialise the bytes outside
+creation, ``shmreg upgrade`` and ``fsck --repair``.
+
 Damage (a stray write into the mutex bytes) must never hang a writer. A blocking acquire
 waits in slices of ``_SLICE`` seconds; between slices it looks at the futex word. A word
 that names no live thread, or a thread of a process that is not the recorded writer, and
@@ -185,6 +193,7 @@ class WriterLock:
         self._held = False
         self._closed = False
         self.damage = ""  # why the last acquire called the mutex damaged
+        self._stuck_word = -1  # the futex word it last judged stuck
         _LIVE_LOCKS.add(self)
 
     def acquire(self, timeout: float | None = None) -> None:
@@ -200,7 +209,7 @@ class WriterLock:
     def _acquire_slow(self, rc: int, timeout: float | None) -> None:
         start = time.monotonic()
         deadline = None if timeout is None else start + max(timeout, 0.0)
-        seen: tuple[int, int] | None = None  # (futex word, since) while it looks stuck
+        seen: tuple[int, float] | None = None  # (futex word, since) while it looks stuck
         while True:
             if rc == errno.EOWNERDEAD:
                 # Its holder died inside. We hold it now; the owner words tell Store.begin
@@ -237,7 +246,7 @@ class WriterLock:
             return f"type word {self._words[KIND_OFFSET // 4]:#x}, not {KIND:#x}"
         return None
 
-    def _check_stuck(self, seen: tuple[int, int] | None, now: float) -> tuple[int, int] | None:
+    def _check_stuck(self, seen: tuple[int, float] | None, now: float) -> tuple[int, float] | None:
         """Raise ``CorruptRegistry`` if the mutex is damaged; the new stuck observation."""
         bad = self.problem()
         if bad:
@@ -246,10 +255,13 @@ class WriterLock:
         word = self._words[0] & 0xFFFFFFFF
         if self._holder_is_plausible(word):
             return None
-        if seen is None or seen[0] != word:
-            return (word, int(now * 1000))
-        if now * 1000 - seen[1] >= _STUCK_AFTER * 1000:
+        # A word this lock already judged stuck, still there: no second wait for it.
+        judged = word == self._stuck_word
+        if not judged and (seen is None or seen[0] != word):
+            return (word, now)
+        if judged or now - (seen[1] if seen else now) >= _STUCK_AFTER:
             self.damage = self._describe(word)
+            self._stuck_word = word
             raise _damaged(self._registry, self.damage)
         return seen
 
@@ -305,8 +317,13 @@ class WriterLock:
             else:
                 self.release()
                 return None
-        initialise(self._ptr.value or 0)
+        self.initialise()
         return f"writer lock re-initialised ({why})"
+
+    def initialise(self) -> None:
+        """(Re-)initialise the mutex bytes: only where no process can hold them (``repair``,
+        and ``shmreg upgrade`` under the old flock, before the version stamp)."""
+        initialise(self._ptr.value or 0)
 
     def inspect(self) -> str | None:
         """For ``fsck``: what is wrong with the mutex, or None; never waits.

@@ -317,29 +317,36 @@ class Store:
     def begin(self, timeout: float | None = None) -> Table:
         self.rq[L.R_GEN]  # raises RegistryClosed / RegistryDestroyed on a finished handle
         self.lock.acquire(timeout)
+        previous = -1
         try:
             rq = self.rq
             # A set owner word means the previous writer died inside: the robust mutex
             # handed it to us with EOWNERDEAD (made consistent by the lock), and this is
-            # where the damage it left is repaired.
-            if rq[L.R_OWNER_PID] != 0 or rq[L.R_GEN] != self.gen:
-                self._begin_slow()
+            # where the damage it left is repaired. The word only has to stay non-zero
+            # until that repair is done, so we record ourselves first: if we die while
+            # recovering the next writer recovers, and meanwhile waiters see the mutex
+            # held by the recorded writer (the lock's test for a damaged mutex).
+            previous = int(rq[L.R_OWNER_PID])
             me = _identity.self_identity()
             rq[L.R_OWNER_START] = me.start_ticks
             rq[L.R_OWNER_PID] = me.pid
             if ARMED:
                 crash_point("lock.owner_set")
+            if previous != 0 or rq[L.R_GEN] != self.gen:
+                self._begin_slow(previous)
         except BaseException:
+            if previous == 0 and not isinstance(self.rq, _Closed):
+                self.rq[L.R_OWNER_PID] = 0  # nothing was due or done: no recovery for the next
             self.lock.release()
             raise
         return self.table
 
-    def _begin_slow(self) -> None:
+    def _begin_slow(self, previous: int) -> None:
         rq = self.rq
         if rq[L.R_GEN] == L.DESTROYED:
             raise RegistryDestroyed(f"registry {self.name!r} was destroyed", name=self.name)
-        if rq[L.R_OWNER_PID] != 0:
-            self._recover_locked()
+        if previous != 0:
+            self._recover_locked(previous)
         if rq[L.R_GEN] != self.gen:
             self.refresh()
 
@@ -357,9 +364,8 @@ class Store:
                 rq[L.R_OWNER_PID] = 0
             self.lock.release()
 
-    def _recover_locked(self) -> None:
+    def _recover_locked(self, dead_writer: int) -> None:
         rq = self.rq
-        dead_writer = int(rq[L.R_OWNER_PID])
         notes: list[str] = []
         building = rq[L.R_BUILDING]
         if building:

@@ -27,7 +27,6 @@ import os
 from typing import Any
 
 from shmreg._engine import layout as L
-from shmreg._engine.lock import initialise_in
 from shmreg._engine.segment import segment_path
 from shmreg._engine.store import Store
 from shmreg._errors import IncompatibleRegistry
@@ -62,8 +61,7 @@ def upgrade(name: str) -> dict[str, Any]:
 
 
 def _upgrade_locked(store: Store, version: int) -> int:
-    assert store._root.buf is not None
-    initialise_in(store._root.buf)
+    store.lock.initialise()
     store.begin()  # under the new mutex; recovers if an older writer died inside
     failed = True
     try:
