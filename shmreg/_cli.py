@@ -110,6 +110,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from shmreg._engine import fastpath
+
     with _open(args.name) as reg:
         stats = reg.stats()
         health = reg.health_check()
@@ -133,6 +135,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "unknown": health.unknown,
         },
         "engine": stats.extra,
+        "engine_path": fastpath.describe(),
     }
     if args.json:
         _print_json(info)
@@ -296,6 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from shmreg import __version__
+    from shmreg._engine import fastpath
 
     parser = _Parser(
         prog="shmreg",
@@ -303,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 problems found (fsck), 2 shmreg error, 64 usage, "
         "130 interrupted. With --json an error prints {\"error\": {code, name, message, ...}}.",
     )
-    parser.add_argument("--version", action="version", version=f"shmreg {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"shmreg {__version__}; engine: {fastpath.describe()}",
+    )
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND",
         help="one of these; `shmreg COMMAND --help` lists its options",

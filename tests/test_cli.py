@@ -144,7 +144,10 @@ def test_fsck_exit_1_only_for_problems_found(filled: shmreg.Registry) -> None:
 
 
 def test_version() -> None:
-    assert run("--version").stdout.strip() == f"shmreg {shmreg.__version__}"
+    from shmreg._engine import fastpath
+
+    expected = f"shmreg {shmreg.__version__}; engine: {fastpath.describe()}"
+    assert run("--version").stdout.strip() == expected
 
 
 def test_every_option_has_help() -> None:

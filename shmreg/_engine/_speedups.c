@@ -1396,7 +1396,20 @@ static PyObject *py_crc32(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromUnsignedLong(c);
 }
 
+static PyObject *py_pack(PyObject *mod, PyObject *obj) {
+    (void)mod;
+    Buf b = {.p = b.local, .len = 0, .cap = sizeof b.local};
+    int r = pack_plain(&b, obj, 0);
+    PyObject *out = r < 0 ? PyErr_NoMemory()
+                    : r   ? Py_NewRef(Py_None)
+                          : PyBytes_FromStringAndSize((const char *)b.p, (Py_ssize_t)b.len);
+    if (b.p != b.local) PyMem_Free(b.p);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"pack", (PyCFunction)py_pack, METH_O,
+     "pack(value) -> msgpack bytes as the compiled path writes them, or None where it declines"},
     {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_FASTCALL,
      "crc32(data, seed=0): zlib's crc32, as the compiled path computes it (for tests)"},
     {NULL}};

@@ -5,7 +5,14 @@ from typing import Any
 
 LAYOUT_VERSION: int
 LIVENESS_WORDS: int
+TYPE_ABSENT: int
+TYPE_ANY: int
+MAX_METADATA_DEPTH: int
+MAX_KEY_BYTES: int
+KEY_CACHE_LIMIT: int
+EVENT_REGISTERED: int
 
+def pack(value: Any, /) -> bytes | None: ...
 def crc32(data: bytes | bytearray | memoryview, seed: int = 0, /) -> int: ...
 
 class Fast:

@@ -1,0 +1,357 @@
+"""The compiled fast path: same bytes, same answers, same crash behaviour as pure Python.
+
+``shmreg._engine._speedups`` answers point reads and registrations of new names in C and
+hands everything else to the Python path; both read and write one layout under one lock,
+so processes with and without it share registries. These tests check the pieces it
+reimplements (crc32, the msgpack encoder, the rules it copies), that it is really the path
+taken, that mixed processes agree, that crash points fire inside it, and the liveness words
+it adds: a death is seen from memory, at once, zombie or not.
+
+The whole suite also runs on each path (CI sets ``SHMREG_PUREPYTHON=1`` for a second run of
+the engine proofs), so this file is about what only the compiled path has.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import zlib
+from typing import Any
+
+import msgpack
+import pytest
+from helpers import (
+    CHILD_PRELUDE,
+    DEADLINE_S,
+    REPO,
+    child_env,
+    finish_ok,
+    proc_state,
+    read_line,
+    send_line,
+    wait_until,
+)
+
+import shmreg
+from shmreg import _codec
+from shmreg._engine import events as _ev
+from shmreg._engine import fastpath
+from shmreg._engine import fsck as _fsck
+from shmreg._engine import layout as L
+from shmreg._engine.crashpoints import POINTS
+from shmreg.backends import _shm_base
+
+pytestmark = pytest.mark.skipif(not fastpath.ACTIVE, reason=fastpath.describe())
+
+if fastpath.ACTIVE:
+    from shmreg._engine import _speedups
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _fast(reg: shmreg.Registry) -> Any:
+    fast = reg.backend._fast  # type: ignore[attr-defined]
+    assert fast is not None
+    return fast
+
+
+def _spawn(code: str, *, pure: bool = False) -> subprocess.Popen[str]:
+    extra = {"SHMREG_PUREPYTHON": "1"} if pure else {}
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD_PRELUDE + "\n" + code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(**extra),
+        cwd=str(REPO),
+        text=True,
+        start_new_session=True,
+    )
+
+
+# ------------------------------------------------------------------ copied rules
+
+
+def test_the_rules_it_copies_match_their_python_originals() -> None:
+    assert _speedups.LAYOUT_VERSION == L.LAYOUT_VERSION
+    assert _speedups.TYPE_ABSENT == _codec.TYPE_ABSENT
+    assert _speedups.TYPE_ANY == _codec.TYPE_ANY
+    assert _speedups.MAX_METADATA_DEPTH == _codec.MAX_METADATA_DEPTH
+    assert _speedups.MAX_KEY_BYTES == _codec.MAX_KEY_BYTES
+    assert _speedups.KEY_CACHE_LIMIT == _shm_base._KEY_CACHE_LIMIT
+    assert _speedups.EVENT_REGISTERED == _ev.REGISTERED
+
+
+@hypothesis.given(st.binary(max_size=600), st.integers(0, 2**32 - 1))
+def test_crc32_is_zlibs(data: bytes, seed: int) -> None:
+    assert _speedups.crc32(data, seed) == zlib.crc32(data, seed)
+
+
+_ints = st.one_of(
+    st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from([-(2**63), -(2**31) - 1, -(2**31), -32769, -32768, -129, -128, -33, -32,
+                     -1, 0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]),
+)
+_scalars = st.one_of(
+    st.none(), st.booleans(), _ints, st.floats(allow_nan=False), st.text(max_size=300),
+    st.binary(max_size=300),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=20), inner,
+                                                                   max_size=20),
+    max_leaves=60,
+)
+
+
+@hypothesis.given(st.dictionaries(st.text(max_size=40), _values, max_size=20))
+def test_its_msgpack_bytes_are_msgpack_pythons(metadata: dict[str, Any]) -> None:
+    assert _speedups.pack(metadata) == msgpack.packb(metadata, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"nan": math.nan},
+        {1: "int key"},
+        {"big": 2**64},
+        {"small": -(2**63) - 1},
+        {"tuple": (1, 2)},
+        {"surrogate": "\ud800"},
+        {"nested": _nested(40)},
+        {"object": object()},
+    ],
+    ids=["nan", "int-key", "2**64", "below-int64", "tuple", "surrogate", "too-deep", "object"],
+)
+def test_what_it_cannot_store_it_hands_to_python(value: dict[str, Any], registry: Any) -> None:
+    assert _speedups.pack(value) is None
+    registry.register("warm", "up")  # the namespace is known: only the metadata declines
+    with pytest.raises(shmreg.InvalidMetadata):
+        registry.register("warm", "x", metadata=value)
+    assert registry.lookup("warm", "x") is None
+
+
+# ------------------------------------------------------------------ the path taken
+
+
+def test_reads_and_new_names_take_the_compiled_path(registry: shmreg.Registry) -> None:
+    fast = _fast(registry)
+    registry.register("jobs", "first", metadata={"type": "w"})  # a new namespace: Python
+    before = fast.counts()
+    for i in range(200):
+        registry.register("jobs", f"w{i}", metadata={"type": "w", "capabilities": ["x"], "i": i})
+    for i in range(200):
+        assert registry.lookup("jobs", f"w{i}") == os.getpid()
+        assert registry.lookup_with_metadata("jobs", f"w{i}") == (
+            os.getpid(),
+            {"type": "w", "capabilities": ["x"], "i": i},
+        )
+    after = fast.counts()
+    assert after["commits"] - before["commits"] == 200
+    assert after["reads"] - before["reads"] == 400
+    # The query columns it wrote are the codec's: find uses them to skip decoding.
+    assert len(registry.find_by_metadata("jobs", type="w")) == 201
+    assert len(registry.find_by_metadata("jobs", capabilities="x")) == 200
+    assert _fsck.check(registry.name).problems == []
+
+
+def test_a_held_name_or_a_full_table_goes_to_python(reg_name: str) -> None:
+    with shmreg.Registry.create(reg_name, capacity=8) as reg:
+        fast = _fast(reg)
+        reg.register("n", "a")
+        declined = fast.counts()["declined"]
+        reg.register("n", "a", metadata={"again": True})  # same owner: an update
+        for i in range(40):  # past the load limit: growth
+            reg.register("n", f"g{i}")
+        assert fast.counts()["declined"] > declined
+        assert reg.get_metadata("n", "a") == {"again": True}
+        assert len(reg.list_services("n")) == 41
+        assert _fsck.check(reg_name).problems == []
+        reg.destroy()
+
+
+# ------------------------------------------------------------------ mixed processes
+
+_WRITER = r"""
+from shmreg._engine import fastpath
+name, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+reg = shmreg.Registry.attach(name)
+report({"compiled": fastpath.ACTIVE})
+for i in range(n):
+    reg.register("mix", f"{tag}{i}", metadata={"by": tag, "i": i, "capabilities": [tag]})
+    other = "c" if tag == "p" else "p"
+    found = reg.lookup_with_metadata("mix", f"{other}{i // 2}")
+    if found is not None:
+        assert found[1]["by"] == other, found
+report({"done": n})
+sys.stdin.readline()
+"""
+
+
+def test_processes_with_and_without_it_share_one_registry(registry: shmreg.Registry) -> None:
+    n = 400
+    kids = {
+        "p": _spawn(_WRITER.replace("sys.argv[1], sys.argv[2], int(sys.argv[3])",
+                                    f"{registry.name!r}, 'p', {n}"), pure=True),
+        "c": _spawn(_WRITER.replace("sys.argv[1], sys.argv[2], int(sys.argv[3])",
+                                    f"{registry.name!r}, 'c', {n}")),
+    }
+    try:
+        assert read_line(kids["p"]) == {"compiled": False}
+        assert read_line(kids["c"]) == {"compiled": True}
+        for kid in kids.values():
+            assert read_line(kid) == {"done": n}
+        for tag, kid in kids.items():
+            for i in range(n):
+                assert registry.lookup_with_metadata("mix", f"{tag}{i}") == (
+                    kid.pid,
+                    {"by": tag, "i": i, "capabilities": [tag]},
+                )
+            assert len(registry.find_by_metadata("mix", capabilities=tag)) == n
+        assert _fsck.check(registry.name).problems == []
+        events = [e for e in registry.backend.read_events(0, 10_000)[0] if e.namespace == "mix"]
+        assert len(events) == 2 * n  # one per registration, whichever path wrote it
+    finally:
+        for kid in kids.values():
+            if kid.poll() is None:
+                send_line(kid, {})
+            finish_ok(kid)
+
+
+# ------------------------------------------------------------------ crash points
+
+_CRASHER = r"""
+from shmreg._engine import fastpath
+reg = shmreg.Registry.attach(sys.argv[1])
+owner = int(sys.argv[2])  # a process that outlives this one: the entry stays readable
+reg.register("crash", "warm", pid=owner)  # the namespace is now cached: the next is in C
+report({"compiled": fastpath.ACTIVE, "commits": reg.backend._fast.counts()["commits"]})
+reg.register("crash", "target", pid=owner, metadata={"x": 1})
+report({"survived": True})
+"""
+COMMIT_POINTS = [p for p in POINTS if p.startswith("commit.")]
+
+
+@pytest.mark.parametrize("point", ["lock.owner_set", *COMMIT_POINTS])
+def test_crash_points_fire_inside_the_compiled_path(registry: shmreg.Registry, point: str) -> None:
+    # Hit 1 is the warm-up registration (the Python path: its namespace is not cached yet);
+    # hit 2 is the target, inside the C commit.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD_PRELUDE + _CRASHER, registry.name, str(os.getpid())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(SHMREG_CRASH_AT=f"{point}:2"),
+        cwd=str(REPO),
+        text=True,
+        start_new_session=True,
+    )
+    assert read_line(proc) == {"compiled": True, "commits": 0}
+    out, err = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == -signal.SIGKILL, (out, err)
+    registry.register("crash", "after")  # the next writer recovers
+    # The redo journal's promise: applied exactly when the kill came after it was valid.
+    applied = point not in ("lock.owner_set", "commit.staged")
+    assert (registry.lookup_with_metadata("crash", "target") == (os.getpid(), {"x": 1})) is applied
+    assert _fsck.check(registry.name).problems == []
+    kinds = [e.kind for e in registry.backend.read_events(0)[0] if e.service == "target"]
+    assert kinds == (["registered"] if applied else [])
+
+
+# ------------------------------------------------------------------ liveness words
+
+_HOLDER = r"""
+reg = shmreg.Registry.attach(sys.argv[1])
+reg.register("live", "warm")
+reg.register("live", f"p{os.getpid()}")
+report({"pid": os.getpid()})
+line = sys.stdin.readline()
+if line.strip().strip('"') == "close":
+    reg.close()
+    report({"closed": True})
+    sys.stdin.readline()
+"""
+
+
+def _holder(name: str) -> subprocess.Popen[str]:
+    proc = _spawn(_HOLDER.replace("sys.argv[1]", repr(name)))
+    return proc
+
+
+def test_a_death_is_read_from_memory_even_before_the_reaping(registry: shmreg.Registry) -> None:
+    fast = _fast(registry)
+    child = _holder(registry.name)
+    try:
+        pid = read_line(child)["pid"]
+        start = shmreg._identity.identity_of(pid).start_ticks  # type: ignore[attr-defined]
+        assert fast.life_verdict(pid, start) == 1
+        assert registry.lookup("live", f"p{pid}") == pid
+        os.kill(pid, signal.SIGKILL)
+        # Not reaped: the child is a zombie, and kill(pid, 0) would still succeed.
+        wait_until(lambda: proc_state(pid) == "Z", what=f"pid {pid} to be a zombie")
+        assert fast.life_verdict(pid, start) == 0
+        assert registry.lookup("live", f"p{pid}") is None
+        assert registry.lookup_with_metadata("live", f"p{pid}") is None
+    finally:
+        child.kill()
+        child.communicate()
+
+
+def test_closing_gives_the_claim_back(registry: shmreg.Registry) -> None:
+    fast = _fast(registry)
+    child = _holder(registry.name)
+    try:
+        pid = read_line(child)["pid"]
+        start = shmreg._identity.identity_of(pid).start_ticks  # type: ignore[attr-defined]
+        assert fast.life_verdict(pid, start) == 1
+        send_line(child, "close")  # a JSON string: the child strips the quotes below
+        assert read_line(child) == {"closed": True}
+        assert fast.life_verdict(pid, start) == -1  # unknown: lookups ask the kernel again
+        assert registry.lookup("live", f"p{pid}") == pid
+    finally:
+        child.kill()
+        child.communicate()
+
+
+def test_a_forked_child_claims_its_own_slot(registry: shmreg.Registry) -> None:
+    fast = _fast(registry)
+    registry.register("fork", "warm")
+    registry.register("fork", "parent")
+    me = shmreg._identity.self_identity()  # type: ignore[attr-defined]
+    assert fast.life_verdict(me.pid, me.start_ticks) == 1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            registry.register("fork", "child")
+            os.write(w, b"1")
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"1"
+        child = shmreg._identity.identity_of(pid)  # type: ignore[attr-defined]
+        assert fast.life_verdict(pid, child.start_ticks) == 1
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert fast.life_verdict(pid, child.start_ticks) == 0
+        assert fast.life_verdict(me.pid, me.start_ticks) == 1  # the parent's hold is its own
+        assert registry.lookup("fork", "child") is None
+        assert registry.lookup("fork", "parent") == me.pid
+    finally:
+        os.close(r)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
