@@ -45,6 +45,8 @@ def build(rebuild: bool) -> dict[str, Any]:
         if rebuild or not built:
             for stale in built:
                 stale.unlink()
+            shutil.rmtree(where / "build", ignore_errors=True)
+            (where / "spike_cy.c").unlink(missing_ok=True)
             started = time.perf_counter()
             subprocess.run(
                 [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
@@ -205,6 +207,21 @@ def run(
             lookup(NS, s)
         return len(services)
 
+    pids = [backend.lookup(NS, s) or 0 for s in services]
+    metas = [bytes(backend.store.table.meta_bytes(backend._locate(NS, s)[1])) for s in services]
+
+    def kill_alone() -> int:
+        kill = os.kill
+        for pid in pids:
+            kill(pid, 0)
+        return len(pids)
+
+    def unpackb_alone() -> int:
+        unpackb = msgpack.unpackb
+        for raw in metas:
+            unpackb(raw, raw=False, strict_map_key=True)
+        return len(metas)
+
     def fast_lookup(fast: Any, meta: bool) -> Callable[[], int]:
         def go() -> int:
             lookup = fast.lookup_meta if meta else fast.lookup
@@ -260,13 +277,13 @@ def run(
         for impl, fn in (
             [("python", py_lookup)]
             + [(n, fast_lookup(f, False)) for n, f in fasts.items()]
-            + [("lmdb get", lmdb_get(False))]
+            + [("lmdb get", lmdb_get(False)), ("os.kill alone", kill_alone)]
         ):
             results.setdefault(("lookup", impl), []).append(timed(fn))
         for impl, fn in (
             [("python", py_meta)]
             + [(n, fast_lookup(f, True)) for n, f in fasts.items()]
-            + [("lmdb get+unpackb", lmdb_get(True))]
+            + [("lmdb get+unpackb", lmdb_get(True)), ("unpackb alone", unpackb_alone)]
         ):
             results.setdefault(("lookup_meta", impl), []).append(timed(fn))
         for impl in ["python", *fasts, "lmdb put"]:
