@@ -139,9 +139,11 @@ def check_writes(mods: dict[str, Any], count: int = 300) -> None:
 
 
 def timed(fn: Callable[[], int]) -> float:
-    started = time.perf_counter_ns()
+    """ns per operation of one batch, in this thread's CPU time: on a shared machine wall
+    time also counts the slices other processes got, and a long batch is cut more often."""
+    started = time.thread_time_ns()
     n = fn()
-    return (time.perf_counter_ns() - started) / n
+    return (time.thread_time_ns() - started) / n
 
 
 def main() -> None:
@@ -298,19 +300,24 @@ def run(
 
 
 def report(results: dict[tuple[str, str], list[float]], loads: list[float], args: Any) -> None:
+    """Medians over rounds, and the ratio to Python paired within each round: neighbours in
+    one round share the machine's mood, so the paired ratio drifts less than the medians."""
     print(
         f"\n{args.entries} entries, {args.rounds} rounds x {args.batch} ops, Python "
         f"{sys.version.split()[0]}, load average {min(loads):.2f}-{max(loads):.2f}"
     )
-    print(
-        f"{'operation':<16} {'implementation':<17} {'median ns':>9} {'min ns':>7} {'vs python':>9}"
-    )
+    head = f"{'operation':<16} {'implementation':<17} {'median ns':>9} {'min ns':>7}"
+    print(f"{head} {'vs python':>9} {'paired':>7}")
     for op in ("lookup", "lookup_meta", "register_locked"):
-        base = statistics.median(results[(op, "python")])
+        base = results[(op, "python")]
         for (o, impl), times in results.items():
             if o == op:
                 med = statistics.median(times)
-                print(f"{op:<16} {impl:<17} {med:>9.0f} {min(times):>7.0f} {base / med:>8.1f}x")
+                paired = statistics.median(b / t for b, t in zip(base, times, strict=True))
+                print(
+                    f"{op:<16} {impl:<17} {med:>9.0f} {min(times):>7.0f} "
+                    f"{statistics.median(base) / med:>8.1f}x {paired:>6.1f}x"
+                )
 
 
 if __name__ == "__main__":
