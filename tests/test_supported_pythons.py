@@ -67,8 +67,8 @@ def test_tox_has_an_env_per_classified_version() -> None:
 def test_ci_runs_the_oldest_and_newest_on_the_builds_tox_uses() -> None:
     builds = _pyenv_builds()
     classified = _classified()
-    loop = re.search(r"^for version in ([\d. ]+); do$", (REPO / ".ci" / "run").read_text(), re.M)
-    assert loop, "the version loop in .ci/run"
+    loop = re.search(r'^ci_pythons="([\d. ]+)"', (REPO / ".ci" / "run").read_text(), re.M)
+    assert loop, "the list of versions in .ci/run"
     assert loop.group(1).split() == [builds[classified[0]], builds[classified[-1]]]
 
 
