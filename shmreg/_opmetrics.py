@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from shmreg._engine import fastpath
+
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
@@ -84,7 +86,13 @@ def enabled() -> bool:
 def _wrap_read(fn: Callable[[Any, Any], Any], stats: OpStats) -> Callable[[Any, Any], Any]:
     """A point read (bound to the backend) counted on every call, timed on one in
     ``READ_SAMPLE``. Calls are counted in blocks, added when the block's timed call runs and
-    topped up at export from ``left``: the untimed path is a decrement and a test."""
+    topped up at export from ``left``: the untimed path is a decrement and a test.
+
+    With the compiled path the wrapper is its C twin (``_speedups.Counted``): the same
+    figures, for ~0.05 µs a call instead of ~0.2 (a compiled lookup takes ~0.3)."""
+    if fastpath.speedups is not None:
+        counted: Any = fastpath.speedups.Counted(fn, stats, READ_SAMPLE, FIRST_SHIFT, NBUCKETS)
+        return counted  # type: ignore[no-any-return]
     left = READ_SAMPLE
     buckets, total, last = stats.buckets, stats.sum_ns, NBUCKETS - 1
 

@@ -269,7 +269,15 @@ class Registry:
         for item in batch:
             if type(item) not in (tuple, list) or len(item) != 3:
                 raise _bad_argument("items", item, "(service, pid, metadata) triples")
-        resolved = [(service, self._owner(pid), metadata) for service, pid, metadata in batch]
+        me = _identity.self_identity()  # once: each lookup of it is a getpid() call
+        resolved = [
+            (
+                service,
+                me if pid is None or (pid == me.pid and type(pid) is int) else self._owner(pid),
+                metadata,
+            )
+            for service, pid, metadata in batch
+        ]
         return self._backend.register_many(namespace, resolved)
 
     @staticmethod

@@ -305,7 +305,14 @@ class Table:
 
     def stage(self, record: bytes, top: int) -> int:
         """Copy a record above arena ``top``; return its offset. Caller checked the room."""
-        end = top + len(record)
+        self.allocate_to(top + len(record))
+        start = self.arena_off + top
+        self.buf[start : start + len(record)] = record
+        return top
+
+    def allocate_to(self, end: int) -> None:
+        """Under the lock: make arena bytes up to ``end`` real memory (fallocate'd in
+        ARENA_CHUNK steps, so a full /dev/shm fails here, cleanly, not as SIGBUS later)."""
         allocated = self.q[L.D_ALLOCATED]
         if end > allocated:
             from shmreg._engine.segment import allocate
@@ -313,9 +320,6 @@ class Table:
             grow_to = min(self.arena_size, max(end, allocated + L.ARENA_CHUNK))
             allocate(self.shm, self.arena_off + allocated, grow_to - allocated, self.registry)
             self.q[L.D_ALLOCATED] = grow_to
-        start = self.arena_off + top
-        self.buf[start : start + len(record)] = record
-        return top
 
     def room_for(self, nbytes: int) -> bool:
         return bool(self.q[L.D_TOP] + nbytes <= self.arena_size)

@@ -67,10 +67,12 @@ def compiled_path(backend: ShmBase) -> Any:
         _identity.self_identity,
         segment_path(L.root_name(backend._name)),
         weakref.ref(backend),
+        cls.register_many,
     )
     backend.lookup = fast.lookup  # type: ignore[method-assign]
     backend.lookup_with_metadata = fast.lookup_with_metadata  # type: ignore[method-assign]
     backend.register = fast.register  # type: ignore[attr-defined]
+    backend.register_many = fast.register_many  # type: ignore[attr-defined]
     return fast
 
 
