@@ -296,9 +296,12 @@ def test_a_death_is_read_from_memory_even_before_the_reaping(registry: shmreg.Re
         assert fast.life_verdict(pid, start) == 1
         assert registry.lookup("live", f"p{pid}") == pid
         os.kill(pid, signal.SIGKILL)
-        # Not reaped: the child is a zombie, and kill(pid, 0) would still succeed.
-        wait_until(lambda: proc_state(pid) == "Z", what=f"pid {pid} to be a zombie")
-        assert fast.life_verdict(pid, start) == 0
+        # Each thread hands its robust mutexes to the kernel as it exits, the holder among
+        # the last: the mark lands a moment after the kill. The child is never reaped
+        # here, so it stays a zombie, which kill(pid, 0) would still call alive.
+        wait_until(lambda: fast.life_verdict(pid, start) == 0, what="the death mark")
+        assert proc_state(pid) == "Z"
+        os.kill(pid, 0)  # the kernel's answer for a zombie: it exists
         assert registry.lookup("live", f"p{pid}") is None
         assert registry.lookup_with_metadata("live", f"p{pid}") is None
     finally:
@@ -355,3 +358,34 @@ def test_a_forked_child_claims_its_own_slot(registry: shmreg.Registry) -> None:
             os.waitpid(pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def test_fsck_clears_a_liveness_slot_that_names_a_stranger(registry: shmreg.Registry) -> None:
+    from shmreg._engine import liveness
+
+    fast = _fast(registry)
+    registry.register("fsck", "warm")
+    registry.register("fsck", "me")
+    me = shmreg._identity.self_identity()  # type: ignore[attr-defined]
+    assert fast.life_verdict(me.pid, me.start_ticks) == 1
+    assert _fsck.check(registry.name).problems == []
+    # Damage: a claimed slot for a dead pid whose word names a live thread (pid 1's).
+    store = registry.backend.store  # type: ignore[attr-defined]
+    mine = next(s for s in liveness.slots(store._root.buf) if s.pid == me.pid)
+    fake = L.life_home(999_999, store.rq[L.R_LIFE_SLOTS])  # where a reader looks first
+    assert fake != mine.slot
+    base = L.LIFE_OFFSET + fake * L.LIFE_SLOT_SIZE
+    store.rq[base // 8 + L.LIFE_PID] = 999_999
+    store.rq[base // 8 + L.LIFE_START] = 7
+    store._root.buf[base + L.LIFE_MUTEX_AT : base + L.LIFE_MUTEX_AT + 4] = (1).to_bytes(4, "little")
+    assert fast.life_verdict(999_999, 7) == 1  # the lie a reader would believe
+    report = _fsck.check(registry.name)
+    assert [p for p in report.problems if "liveness slot" in p] == [
+        f"liveness slot {fake}: says pid 999999 is alive through thread 1, which is not a "
+        "thread of it"
+    ]
+    repaired = _fsck.check(registry.name, repair=True)
+    assert any("liveness slot" in r for r in repaired.repaired)
+    assert fast.life_verdict(999_999, 7) == -1
+    assert fast.life_verdict(me.pid, me.start_ticks) == 1  # a true claim is left alone
+    assert _fsck.check(registry.name).problems == []

@@ -227,12 +227,14 @@ decline:
     return -1;
 }
 
-/* Pointers usable now, and the table the root names? Call with nothing shared in flight. */
+/* Pointers usable now (mapped), and the table the root names (ready)? Call with nothing
+ * shared in flight. */
+static inline int mapped(Fast *self) {
+    return (self->valid && *self->epoch == self->seen_epoch) || reload(self) == 0;
+}
+
 static inline int ready(Fast *self) {
-    if (!self->valid || *self->epoch != self->seen_epoch) {
-        if (reload(self) < 0) return 0;
-    }
-    return load_acquire(self->root + SHMREG_R_GEN) == self->gen;
+    return mapped(self) && load_acquire(self->root + SHMREG_R_GEN) == self->gen;
 }
 
 static inline uint64_t *slot_at(Fast *self, uint64_t index) {
@@ -1436,7 +1438,7 @@ static PyObject *Fast_life_verdict(Fast *self, PyObject *const *args, Py_ssize_t
     }
     uint64_t pid = PyLong_AsUnsignedLongLong(args[0]), start = PyLong_AsUnsignedLongLong(args[1]);
     if (PyErr_Occurred()) return NULL;
-    if (!ready(self)) return PyLong_FromLong(-1);
+    if (!mapped(self)) return PyLong_FromLong(-1); /* the root alone: any generation will do */
     return PyLong_FromLong(life_verdict(self, pid, start));
 }
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from shmreg import _codec, _identity
 from shmreg._engine import layout as L
+from shmreg._engine import liveness
 from shmreg._engine.segment import list_segments
 from shmreg._engine.store import Store
 from shmreg._engine.table import COUNTER_LIMIT, StuckSlot, Table
@@ -149,6 +150,11 @@ def _check_store(store: Store, report: FsckReport) -> None:
         elif state != L.EMPTY:
             report.problem(f"slot {index}: unknown state {state}")
     report.entries = live
+    assert store._root.buf is not None
+    for slot in liveness.slots(store._root.buf):
+        problem = liveness.problem(slot)
+        if problem:
+            report.problem(problem)
     if live != table.counter(L.D_LIVE) or tombs != table.counter(L.D_TOMBS):
         report.problem(
             f"counters say {table.counter(L.D_LIVE)} live / "
@@ -234,6 +240,12 @@ def _repair(store: Store, report: FsckReport) -> None:
             if problem:
                 table.drop_damaged(index, words)  # journaled: a killed repair is replayed
                 report.repaired.append(f"dropped {problem}")
+        assert store._root.buf is not None
+        for slot in list(liveness.slots(store._root.buf)):
+            problem = liveness.problem(slot)
+            if problem:
+                store.clear_life_slot(slot.slot)
+                report.repaired.append(f"cleared {problem}")
         store.rebuild(0, 0)  # recounts from the slots; restarts damaged counters
         report.repaired.append(f"rebuilt into generation {store.gen}")
         for seg in list_segments(f"shmreg-{store.name}."):

@@ -164,7 +164,7 @@ def _damaged(registry: str, why: str) -> CorruptRegistry:
     )
 
 
-def _thread_process(tid: int) -> int:
+def thread_process(tid: int) -> int:
     """The process (thread group) of thread ``tid``, 0 if no such thread exists."""
     try:
         with open(f"/proc/{tid}/status", "rb") as fh:
@@ -272,7 +272,7 @@ class WriterLock:
             return True  # the next locker recovers it
         if not tid:
             return word == 0
-        process = _thread_process(tid)
+        process = thread_process(tid)
         if not process:
             return False
         owner = int(self._root[L.R_OWNER_PID])
@@ -284,7 +284,7 @@ class WriterLock:
         tid = word & _FUTEX_TID_MASK
         if not tid:
             return f"futex word {word:#x} names no thread"
-        if not _thread_process(tid):
+        if not thread_process(tid):
             return f"held by thread {tid}, which does not exist"
         return f"held by thread {tid}, which is not the recorded writer"
 

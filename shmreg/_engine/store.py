@@ -535,6 +535,21 @@ class Store:
         """Restart the event numbering at ``seq`` (``fsck --repair`` of a damaged word)."""
         self.rq[L.R_EVENT_SEQ] = seq
 
+    def clear_life_slot(self, index: int) -> None:
+        """Under the lock (fsck): make liveness slot ``index`` answer "unknown" (readers then
+        ask kill()), and free for the next claim. Only for a slot ``liveness.problem``
+        found untrustworthy: a slot held by a live process is never cleared."""
+        base = L.LIFE_OFFSET + index * L.LIFE_SLOT_SIZE
+        w = base // 8
+        seq = int(self.rq[w + L.LIFE_SEQ])
+        self.rq[w + L.LIFE_SEQ] = seq | 1
+        buf = self._root.buf
+        assert buf is not None
+        buf[base + L.LIFE_MUTEX_AT : base + L.LIFE_SLOT_SIZE] = bytes(
+            L.LIFE_SLOT_SIZE - L.LIFE_MUTEX_AT
+        )
+        self.rq[w + L.LIFE_SEQ] = (seq | 1) + 1
+
     def stamp_version(self) -> None:
         """Stamp the root with this layout version (``upgrade``, once the data is new)."""
         self.rq[L.R_VERSION] = L.LAYOUT_VERSION
