@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgpack
@@ -282,18 +284,24 @@ if line.strip().strip('"') == "close":
 """
 
 
-def _holder(name: str) -> subprocess.Popen[str]:
-    proc = _spawn(_HOLDER.replace("sys.argv[1]", repr(name)))
-    return proc
+@contextmanager
+def _holder(registry: shmreg.Registry) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """A compiled-path child that registered itself and holds its liveness claim:
+    ``(process, pid, start ticks)``, the claim checked as alive; killed at the end."""
+    child = _spawn(_HOLDER.replace("sys.argv[1]", repr(registry.name)))
+    try:
+        pid = read_line(child)["pid"]
+        start = shmreg._identity.identity_of(pid).start_ticks  # type: ignore[attr-defined]
+        assert _fast(registry).life_verdict(pid, start) == 1
+        yield child, pid, start
+    finally:
+        child.kill()
+        child.communicate()
 
 
 def test_a_death_is_read_from_memory_even_before_the_reaping(registry: shmreg.Registry) -> None:
     fast = _fast(registry)
-    child = _holder(registry.name)
-    try:
-        pid = read_line(child)["pid"]
-        start = shmreg._identity.identity_of(pid).start_ticks  # type: ignore[attr-defined]
-        assert fast.life_verdict(pid, start) == 1
+    with _holder(registry) as (_, pid, start):
         assert registry.lookup("live", f"p{pid}") == pid
         os.kill(pid, signal.SIGKILL)
         # Each thread hands its robust mutexes to the kernel as it exits, the holder among
@@ -304,25 +312,14 @@ def test_a_death_is_read_from_memory_even_before_the_reaping(registry: shmreg.Re
         os.kill(pid, 0)  # the kernel's answer for a zombie: it exists
         assert registry.lookup("live", f"p{pid}") is None
         assert registry.lookup_with_metadata("live", f"p{pid}") is None
-    finally:
-        child.kill()
-        child.communicate()
 
 
 def test_closing_gives_the_claim_back(registry: shmreg.Registry) -> None:
-    fast = _fast(registry)
-    child = _holder(registry.name)
-    try:
-        pid = read_line(child)["pid"]
-        start = shmreg._identity.identity_of(pid).start_ticks  # type: ignore[attr-defined]
-        assert fast.life_verdict(pid, start) == 1
+    with _holder(registry) as (child, pid, start):
         send_line(child, "close")  # a JSON string: the child strips the quotes below
         assert read_line(child) == {"closed": True}
-        assert fast.life_verdict(pid, start) == -1  # unknown: lookups ask the kernel again
+        assert _fast(registry).life_verdict(pid, start) == -1  # unknown: ask the kernel
         assert registry.lookup("live", f"p{pid}") == pid
-    finally:
-        child.kill()
-        child.communicate()
 
 
 def test_a_forked_child_claims_its_own_slot(registry: shmreg.Registry) -> None:
