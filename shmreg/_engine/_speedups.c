@@ -982,7 +982,10 @@ static void *holder_main(void *unused) {
         while (holder_served == holder_asked) pthread_cond_wait(&holder_cond, &holder_lock);
         int rc;
         if (holder_op == 1) {
-            rc = pthread_mutex_lock(holder_request);
+            /* trylock: the claimer just initialised this mutex under the writer lock, so it
+             * is free; if damage says otherwise, the claim fails rather than wait (the
+             * claimer holds the writer lock). */
+            rc = pthread_mutex_trylock(holder_request);
             if (rc == EOWNERDEAD) rc = pthread_mutex_consistent(holder_request);
         } else {
             rc = pthread_mutex_unlock(holder_request);
