@@ -26,6 +26,7 @@
 #include <math.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -58,7 +59,8 @@
 /* glibc keeps a robust mutex's futex word first in pthread_mutex_t (checked at import). */
 static int life_usable;
 
-#define SPINS 256 /* seqlock retries before handing the read to Python (which waits, repairs) */
+#define SPINS 256
+#define LOCK_SPINS 8 /* yields before a busy writer lock is left to Python's blocking wait */ /* seqlock retries before handing the read to Python (which waits, repairs) */
 
 /* ------------------------------------------------------------------------------ crc32 */
 
@@ -910,6 +912,13 @@ static inline pthread_mutex_t *writer_mutex(Fast *self) {
 static int lock(Fast *self) {
     pthread_mutex_t *m = writer_mutex(self);
     int rc = pthread_mutex_trylock(m);
+    /* Another writer inside: commits take well under a microsecond, so wait briefly
+     * (yielding the CPU: on a busy machine the holder may need it) before handing the
+     * call to Python's blocking acquire. */
+    for (int spin = 0; rc == EBUSY && spin < LOCK_SPINS; spin++) {
+        sched_yield();
+        rc = pthread_mutex_trylock(m);
+    }
     if (rc == EOWNERDEAD) {
         /* The holder died. The mutex is ours and made consistent; what the holder left
          * half-done is found below through the owner words, and repaired by Python. */
