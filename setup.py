@@ -5,6 +5,7 @@ in pure Python (``shmreg info`` says which path is active). ``SHMREG_REQUIRE_SPE
 makes that failure fatal, as CI sets it; ``SHMREG_PUREPYTHON=1`` skips the build.
 """
 
+import glob
 import os
 
 from setuptools import Extension, setup
@@ -20,7 +21,7 @@ if not _flag("SHMREG_PUREPYTHON"):
         Extension(
             "shmreg._engine._speedups",
             ["shmreg/_engine/_speedups.c"],
-            depends=["shmreg/_engine/_layout.h"],
+            depends=["shmreg/_engine/_layout.h", *glob.glob("shmreg/_engine/_speedups_src/*.c.h")],
             extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE"],
             libraries=["pthread"],
             optional=not _flag("SHMREG_REQUIRE_SPEEDUPS"),

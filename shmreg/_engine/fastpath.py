@@ -31,10 +31,11 @@ def _load() -> tuple[ModuleType | None, str]:
         from shmreg._engine import _speedups
     except ImportError as exc:
         return None, f"pure Python (compiled path not built: {exc})"
-    if _speedups.LAYOUT_VERSION != L.LAYOUT_VERSION:
+    built_for = getattr(_speedups, "LAYOUT_VERSION", None)
+    if built_for != L.LAYOUT_VERSION:
         # A stale build in a source checkout: its bytes would not be this layout's.
         return None, (
-            f"pure Python (compiled path built for layout {_speedups.LAYOUT_VERSION}, "
+            f"pure Python (compiled path built for layout {built_for}, "
             f"this is {L.LAYOUT_VERSION}: rebuild with `pip install -e .`)"
         )
     return _speedups, "compiled (C extension shmreg._engine._speedups)"
