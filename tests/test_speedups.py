@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -386,3 +387,88 @@ def test_fsck_clears_a_liveness_slot_that_names_a_stranger(registry: shmreg.Regi
     assert fast.life_verdict(999_999, 7) == -1
     assert fast.life_verdict(me.pid, me.start_ticks) == 1  # a true claim is left alone
     assert _fsck.check(registry.name).problems == []
+
+
+# ------------------------------------------------------------------ found by review
+
+
+def test_a_close_in_another_thread_never_pulls_memory_from_under_a_read(reg_name: str) -> None:
+    owner = shmreg.Registry.create(reg_name)
+    owner.register("ns", "svc")
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for _ in range(100):
+            reader = shmreg.Registry.attach(reg_name)
+            stop = threading.Event()
+
+            def spin(reg: shmreg.Registry = reader, stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    try:
+                        reg.lookup("ns", "svc")
+                    except Exception:  # RegistryClosed, or a view released mid-read: no crash
+                        pass
+
+            thread = threading.Thread(target=spin)
+            thread.start()
+            sum(range(2000))
+            reader.close()
+            stop.set()
+            thread.join()
+    finally:
+        sys.setswitchinterval(old)
+        owner.destroy()
+
+
+def test_register_many_copes_with_a_list_changed_underneath(registry: shmreg.Registry) -> None:
+    registry.register("many", "warm")
+    me = shmreg._identity.self_identity()  # type: ignore[attr-defined]
+    backend = registry.backend
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    registered = 1
+    try:
+        for rnd in range(5):
+            items = [(rnd * 10_000 + i, me, {"type": f"t{rnd}-{i}"}) for i in range(2000)]
+            clearer = threading.Thread(target=items.clear)
+            clearer.start()
+            out = backend.register_many("many", items)  # the list as it was at the call
+            clearer.join()
+            assert len(out) in (0, 2000)
+            registered += len(out)
+    finally:
+        sys.setswitchinterval(old)
+    assert len(registry.list_services("many")) == registered
+
+
+@pytest.mark.parametrize("owner", [(1,), (1, 2), (1, 2, "", "extra")], ids=["1", "2", "4"])
+def test_an_owner_that_is_not_a_triple_is_refused_as_python_refuses_it(
+    registry: shmreg.Registry, owner: tuple[Any, ...]
+) -> None:
+    registry.register("o", "warm")
+    with pytest.raises((ValueError, TypeError)):
+        registry.backend.register("o", "x", owner, None)
+    assert registry.lookup("o", "x") is None
+
+
+def test_counted_reads_time_only_calls_that_returned() -> None:
+    from shmreg import _opmetrics
+
+    stats = _opmetrics.OpStats(_opmetrics.READ_SAMPLE)
+
+    def fails(namespace: str, service: str) -> None:
+        raise KeyError(service)
+
+    read = _opmetrics._wrap_read(fails, stats)
+    for _ in range(_opmetrics.READ_SAMPLE):
+        with pytest.raises(KeyError):
+            read("a", "b")
+    assert stats.calls == _opmetrics.READ_SAMPLE
+    assert sum(stats.buckets) == 0 and stats.sum_ns[0] == 0
+    assert stats.errors == {"KeyError": _opmetrics.READ_SAMPLE}
+
+
+def test_an_uninitialised_fast_object_raises_instead_of_crashing() -> None:
+    fast = _speedups.Fast.__new__(_speedups.Fast)
+    with pytest.raises(RuntimeError):
+        fast.lookup("a", "b")

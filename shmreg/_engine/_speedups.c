@@ -64,8 +64,8 @@
 /* glibc keeps a robust mutex's futex word first in pthread_mutex_t (checked at import). */
 static int life_usable;
 
-#define SPINS 256
-#define LOCK_SPINS 8 /* yields before a busy writer lock is left to Python's blocking wait */ /* seqlock retries before handing the read to Python (which waits, repairs) */
+#define SPINS 256 /* seqlock retries before handing the read to Python (which waits, repairs) */
+#define LOCK_SPINS 8 /* yields before a busy writer lock is left to Python's blocking wait */
 
 /* The pieces, in dependency order (one job each; see each file's first lines). */
 #include "_speedups_src/crc32.c.h"
@@ -83,17 +83,17 @@ static int life_usable;
 /* --------------------------------------------------------------------- boilerplate */
 
 static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
-    static char *names[] = {"store", "keys", "epoch", "unpackb", "crash_point", "lookup",
-                            "lookup_with_metadata", "register", "pack", "str_tags", "type_tag",
+    static char *names[] = {"store", "epoch", "unpackb", "crash_point", "lookup",
+                            "lookup_with_metadata", "register", "str_tags", "type_tag",
                             "capability_mask", "max_metadata_bytes", "namespaces", "self_identity",
                             "root_path", "backend", "register_many", NULL};
-    PyObject *store, *keys, *epoch, *unpackb, *crash_point, *lookup, *lookup_meta, *reg, *pack,
+    PyObject *store, *epoch, *unpackb, *crash_point, *lookup, *lookup_meta, *reg,
         *str_tags, *type_tag, *capability_mask, *namespaces, *self_identity, *root_path,
         *backend_ref, *reg_many;
     unsigned long long max_meta;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOOOOOOO!OOKO!OUOO", names, &store, &PyDict_Type,
-                                     &keys, &epoch, &unpackb, &crash_point, &lookup, &lookup_meta,
-                                     &reg, &pack, &PyDict_Type, &str_tags, &type_tag,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOO!OOKO!OUOO", names, &store, &epoch,
+                                     &unpackb, &crash_point, &lookup, &lookup_meta, &reg,
+                                     &PyDict_Type, &str_tags, &type_tag,
                                      &capability_mask, &max_meta, &PyDict_Type, &namespaces,
                                      &self_identity, &root_path, &backend_ref, &reg_many))
         return -1;
@@ -107,7 +107,6 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     Py_INCREF(store); Py_XSETREF(self->store, store);
-    Py_INCREF(keys); Py_XSETREF(self->keys, keys);
     Py_INCREF(epoch); Py_XSETREF(self->epoch_obj, epoch);
     Py_INCREF(unpackb); Py_XSETREF(self->unpackb, unpackb);
     Py_INCREF(crash_point); Py_XSETREF(self->crash_point, crash_point);
@@ -120,7 +119,6 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     Py_INCREF(lookup_meta); Py_XSETREF(self->fallback_lookup_meta, lookup_meta);
     Py_INCREF(reg); Py_XSETREF(self->fallback_register, reg);
     Py_INCREF(reg_many); Py_XSETREF(self->fallback_register_many, reg_many);
-    Py_INCREF(pack); Py_XSETREF(self->pack, pack);
     Py_INCREF(str_tags); Py_XSETREF(self->str_tags, str_tags);
     Py_INCREF(type_tag); Py_XSETREF(self->type_tag, type_tag);
     Py_INCREF(capability_mask); Py_XSETREF(self->capability_mask, capability_mask);
@@ -129,7 +127,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     Py_INCREF(self_identity); Py_XSETREF(self->self_identity, self_identity);
     Py_INCREF(root_path); Py_XSETREF(self->root_path, root_path);
     self->life_claim_forks = UINT64_MAX;
-    self->claimed = 0;
+    self->claim = NULL;
     self->self_pid = 0;
     self->epoch = p;
     self->valid = 0;
@@ -138,7 +136,6 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
 
 static int Fast_traverse(Fast *self, visitproc visit, void *arg) {
     Py_VISIT(self->store);
-    Py_VISIT(self->keys);
     Py_VISIT(self->epoch_obj);
     Py_VISIT(self->unpackb);
     Py_VISIT(self->crash_point);
@@ -147,7 +144,6 @@ static int Fast_traverse(Fast *self, visitproc visit, void *arg) {
     Py_VISIT(self->fallback_lookup_meta);
     Py_VISIT(self->fallback_register);
     Py_VISIT(self->fallback_register_many);
-    Py_VISIT(self->pack);
     Py_VISIT(self->str_tags);
     Py_VISIT(self->type_tag);
     Py_VISIT(self->capability_mask);
@@ -158,9 +154,10 @@ static int Fast_traverse(Fast *self, visitproc visit, void *arg) {
 }
 
 static int Fast_clear(Fast *self) {
-    self->valid = 0;
+    life_release(self); /* needs root_path: before anything is cleared */
+    self->released = 1;
+    drop_views(self);
     Py_CLEAR(self->store);
-    Py_CLEAR(self->keys);
     Py_CLEAR(self->unpackb);
     Py_CLEAR(self->crash_point);
     Py_CLEAR(self->backend_ref);
@@ -168,7 +165,6 @@ static int Fast_clear(Fast *self) {
     Py_CLEAR(self->fallback_lookup_meta);
     Py_CLEAR(self->fallback_register);
     Py_CLEAR(self->fallback_register_many);
-    Py_CLEAR(self->pack);
     Py_CLEAR(self->str_tags);
     Py_CLEAR(self->type_tag);
     Py_CLEAR(self->capability_mask);
@@ -191,19 +187,19 @@ static void Fast_dealloc(Fast *self) {
 static PyObject *Fast_release(Fast *self, PyObject *unused) {
     (void)unused;
     life_release(self);
-    self->valid = 0;
-    Py_CLEAR(self->table);
+    self->released = 1; /* for good: the store is closing, every later call declines */
+    drop_views(self);
     Py_RETURN_NONE;
 }
 
 static PyObject *Fast_invalidate(Fast *self, PyObject *unused) {
     (void)unused;
-    self->valid = 0;
-    Py_CLEAR(self->table);
+    drop_views(self);
     Py_RETURN_NONE;
 }
 
 static PyObject *Fast_life_verdict(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    REQUIRE_INIT(self);
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "life_verdict(pid, start_ticks)");
         return NULL;
@@ -217,6 +213,7 @@ static PyObject *Fast_life_verdict(Fast *self, PyObject *const *args, Py_ssize_t
 /* claim(owner): the caller (Python's register path) holds the writer lock and registers
  * for ``owner``; when that is this process, claim its liveness slot as Fast_register does. */
 static PyObject *Fast_claim(Fast *self, PyObject *owner) {
+    REQUIRE_INIT(self);
     if (!PyTuple_Check(owner) || PyTuple_GET_SIZE(owner) < 2) Py_RETURN_NONE;
     if (own_identity(self) < 0) return NULL;
     uint64_t pid = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(owner, 0));
@@ -321,6 +318,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
 #define INTERN(var, s) \
     if (!(var = PyUnicode_InternFromString(s))) return NULL
     INTERN(str_table, "table");
+    INTERN(str_root, "_root");
     INTERN(str_buf, "buf");
     INTERN(str_rq, "rq");
     INTERN(str_nslots, "nslots");

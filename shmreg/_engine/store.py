@@ -492,6 +492,9 @@ class Store:
     def close(self) -> None:
         if isinstance(self.rq, _Closed):
             return
+        # First, before any view goes: the compiled path checks this word on entry and
+        # stops using its pointers into these mappings.
+        self.remap_epoch[0] += 1
         table: Table | None = getattr(self, "table", None)
         if table is not None:
             shm = table.shm

@@ -51,14 +51,12 @@ def compiled_path(backend: ShmBase) -> Any:
     cls: Any = type(backend)
     fast = fastpath.speedups.Fast(
         backend._store,
-        backend._keys,
         backend._store.remap_epoch,
         _codec.unpack_metadata,
         crashpoints.crash_point if crashpoints.ARMED else None,
         cls.lookup,
         cls.lookup_with_metadata,
         cls.register,
-        _codec._pack,
         _codec._STR_TAGS,
         _codec.type_tag,
         _codec.capability_mask,

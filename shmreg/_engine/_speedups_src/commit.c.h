@@ -29,6 +29,7 @@ static void emit(Fast *self, uint64_t seq, uint64_t kind, uint64_t reason, const
     uint64_t *e = ring + (seq % SHMREG_RING_EVENTS) * (SHMREG_EVENT_SIZE / 8);
     size_t cut = key_len < SHMREG_KEY_ROOM ? (size_t)key_len : SHMREG_KEY_ROOM;
     store_release(e, 0);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* the zero lands before any word after it */
     store_relaxed(e + 1, kind | (reason << 8) | ((uint64_t)cut << 16) | (pid << 32));
     store_relaxed(e + 2, generation);
     store_relaxed(e + 3, t);
@@ -123,6 +124,7 @@ static uint64_t commit_new(Fast *self, const char *key, Py_ssize_t key_len, uint
     store_release(hdr + SHMREG_J_STATE, SHMREG_J_VALID);
     CRASH("commit.journal_valid");
     store_release(slot, target - 1); /* odd: readers retry */
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* ...before any slot word changes */
     CRASH("commit.slot_odd");
     for (int k = 0; k < 7; k++) store_relaxed(slot + 1 + k, body[k]);
     CRASH("commit.slot_words");

@@ -20,6 +20,8 @@
 
 typedef struct Claim {
     char path[512];
+    dev_t dev; /* with ino: the segment itself, so a registry destroyed and made again */
+    ino_t ino; /* under the same name is a new claim, not the old one's */
     uint8_t *map;
     size_t len;
     pthread_mutex_t *mutex;
@@ -28,6 +30,11 @@ typedef struct Claim {
 } Claim;
 
 static Claim *claims; /* this process's claims; touched with the GIL held */
+static int nclaims;
+/* The kernel walks at most 2048 entries of a thread's robust list when it exits, and marks
+ * none past them: the holder must never hold more, or a dead process could read as alive.
+ * Registries past this many in one process fall back to kill() for its entries. */
+#define MAX_CLAIMS 1024
 
 /* The holder thread, one per process, started on the first claim. */
 static pthread_mutex_t holder_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -100,6 +107,7 @@ static void life_after_fork_in_child(void) {
         free(c);
     }
     claims = NULL;
+    nclaims = 0;
 }
 
 static inline uint64_t *life_slot(uint8_t *root, uint64_t i) {
@@ -149,20 +157,24 @@ static void life_claim(Fast *self) {
         PyErr_Clear();
         return;
     }
+    struct stat seg;
+    if (stat(path, &seg)) return;
     for (Claim *c = claims; c; c = c->next) {
-        if (!strcmp(c->path, path)) {
+        if (!strcmp(c->path, path) && c->dev == seg.st_dev && c->ino == seg.st_ino) {
             c->refs++;
-            self->claimed = 1;
+            self->claim = c;
             return;
         }
     }
+    if (nclaims >= MAX_CLAIMS) return;
     size_t len = SHMREG_LIFE_OFFSET + self->life_slots * SHMREG_LIFE_SLOT_SIZE;
     if (strlen(path) >= sizeof(((Claim *)0)->path)) return;
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0) return;
     struct stat st;
     uint8_t *map = MAP_FAILED;
-    if (!fstat(fd, &st) && (size_t)st.st_size >= len)
+    if (!fstat(fd, &st) && (size_t)st.st_size >= len && st.st_dev == seg.st_dev &&
+        st.st_ino == seg.st_ino)
         map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (map == MAP_FAILED) return;
@@ -186,6 +198,7 @@ static void life_claim(Fast *self) {
     pthread_mutex_t *m = (pthread_mutex_t *)((uint8_t *)slot + SHMREG_LIFE_MUTEX_AT);
     uint64_t seq = load_relaxed(slot + SHMREG_LIFE_SEQ);
     store_release(slot + SHMREG_LIFE_SEQ, seq | 1);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* odd before any word of the claim changes */
     store_relaxed(slot + SHMREG_LIFE_PID, pid);
     store_relaxed(slot + SHMREG_LIFE_START, start);
     pthread_mutexattr_t attr;
@@ -203,30 +216,29 @@ static void life_claim(Fast *self) {
     Claim *c = calloc(1, sizeof *c);
     if (!c) return; /* held until exit, unreleased: harmless */
     strcpy(c->path, path);
+    c->dev = seg.st_dev;
+    c->ino = seg.st_ino;
     c->map = map;
     c->len = len;
     c->mutex = m;
     c->refs = 1;
     c->next = claims;
     claims = c;
-    self->claimed = 1;
+    nclaims++;
+    self->claim = c;
 }
 
 /* Let go of this handle's claim; the last handle to the registry unlocks and unmaps. */
 static void life_release(Fast *self) {
-    if (!self->claimed) return;
-    self->claimed = 0;
-    if (self->life_claim_forks != forks_seen) return; /* claimed by the parent */
-    const char *path = self->root_path ? PyUnicode_AsUTF8(self->root_path) : NULL;
-    if (!path) {
-        PyErr_Clear();
-        return;
-    }
+    Claim *mine = self->claim;
+    self->claim = NULL;
+    if (!mine || self->life_claim_forks != forks_seen) return; /* none, or the parent's */
     for (Claim **pc = &claims; *pc; pc = &(*pc)->next) {
         Claim *c = *pc;
-        if (strcmp(c->path, path)) continue;
+        if (c != mine) continue;
         if (--c->refs > 0) return;
         *pc = c->next;
+        nclaims--;
         if (!holder_do(c->mutex, 2)) munmap(c->map, c->len);
         /* An unlock that failed leaves the mapping: a held mutex must stay mapped. */
         free(c);

@@ -7,7 +7,6 @@
 typedef struct {
     PyObject_HEAD
     PyObject *store;      /* shmreg._engine.store.Store */
-    PyObject *keys;       /* the backend's key cache: (namespace, service) -> KeyInfo */
     PyObject *namespaces; /* the namespace cache: namespace -> (prefix, crc32, length) */
     PyObject *epoch_obj;  /* Store.remap_epoch, a one-word array */
     PyObject *unpackb;    /* metadata decoder: bytes -> dict */
@@ -20,7 +19,6 @@ typedef struct {
     PyObject *fallback_lookup_meta;
     PyObject *fallback_register;
     PyObject *fallback_register_many;
-    PyObject *pack;       /* metadata encoder (the codec's reused msgpack Packer.pack) */
     PyObject *str_tags;   /* the codec's cache: str -> 32-bit tag */
     PyObject *type_tag;   /* codec.type_tag(metadata), for what the cache cannot answer */
     PyObject *capability_mask; /* codec.capability_mask(metadata), likewise */
@@ -31,8 +29,17 @@ typedef struct {
     uint64_t life_slots;  /* 0: no liveness table (an upgraded registry) or not usable */
     uint64_t life_claim_forks; /* forks_seen when this handle last tried to claim */
     uint64_t n_reads, n_commits, n_declined; /* answered here / committed here / handed on */
-    int claimed;
-    PyObject *table;      /* the Table the cached data pointers belong to (keeps it mapped) */
+    struct Claim *claim;  /* this handle's liveness claim (liveness.c.h), or NULL */
+    PyObject *table;      /* the Table the cached data pointers belong to */
+    /* The root and data views the cached pointers point into, and, while the writer lock
+     * is held (pin/unpin), buffer exports of both: a mapping with an export is not
+     * unmapped (close() leaves it to the last view), so a close() in another thread while
+     * a commit calls into Python cannot pull memory out from under it. Reads need no
+     * export: they run no Python code between checking the epoch and their last access. */
+    PyObject *root_buf, *data_buf;
+    Py_buffer root_view, data_view;
+    int pinned;
+    int released;         /* release() ran: the store is closing, every call declines */
     const volatile uint64_t *epoch;
     uint64_t seen_epoch;
     uint64_t *root;       /* root words */
@@ -44,23 +51,59 @@ typedef struct {
 static PyObject *str_table, *str_buf, *str_rq, *str_nslots, *str_arena_off, *str_arena_size,
     *str_gen;
 
+/* Every method's first line: a Fast made with __new__ alone (or cleared by the collector)
+ * has no store to read. */
+#define REQUIRE_INIT(self)                                                        \
+    do {                                                                          \
+        if (!(self)->store) {                                                     \
+            PyErr_SetString(PyExc_RuntimeError, "Fast object is not initialised"); \
+            return NULL;                                                          \
+        }                                                                         \
+    } while (0)
+
+static void unpin(Fast *self) {
+    if (!self->pinned) return;
+    PyBuffer_Release(&self->data_view);
+    PyBuffer_Release(&self->root_view);
+    self->pinned = 0;
+}
+
+/* Exports of both mappings, for the locked section. 0 when the views are gone (closed). */
+static int pin(Fast *self) {
+    if (self->pinned) return 1;
+    if (PyObject_GetBuffer(self->root_buf, &self->root_view, PyBUF_SIMPLE) < 0) goto fail;
+    if (PyObject_GetBuffer(self->data_buf, &self->data_view, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&self->root_view);
+        goto fail;
+    }
+    if (self->root_view.buf != (void *)self->root || self->data_view.buf != (void *)self->data) {
+        PyBuffer_Release(&self->data_view);
+        PyBuffer_Release(&self->root_view);
+        goto fail;
+    }
+    self->pinned = 1;
+    return 1;
+fail:
+    PyErr_Clear();
+    return 0;
+}
+
+static void drop_views(Fast *self) {
+    self->valid = 0;
+    unpin(self);
+    Py_CLEAR(self->root_buf);
+    Py_CLEAR(self->data_buf);
+    Py_CLEAR(self->table);
+}
+
+/* The address and length of ``obj``'s buffer, without keeping an export. */
 static void *buffer_address_len(PyObject *obj, Py_ssize_t *out_len) {
     Py_buffer view;
     if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
     void *p = view.buf;
-    Py_ssize_t len = view.len;
+    *out_len = view.len;
     PyBuffer_Release(&view);
-    *out_len = len;
-    if (len < SHMREG_HEADER_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "mapping too small");
-        return NULL;
-    }
     return p;
-}
-
-static void *buffer_address(PyObject *obj) {
-    Py_ssize_t len;
-    return buffer_address_len(obj, &len);
 }
 
 static int attr_u64(PyObject *obj, PyObject *name, uint64_t *out) {
@@ -73,43 +116,50 @@ static int attr_u64(PyObject *obj, PyObject *name, uint64_t *out) {
 
 /* Re-read the Store's current mapping. 0 when usable; -1 (no exception set) when this path
  * must decline: the store is closed, or the Python side has not followed a growth yet. */
+static PyObject *str_root;
+
 static int reload(Fast *self) {
-    self->valid = 0;
-    Py_CLEAR(self->table);
+    drop_views(self);
+    if (self->released) return -1;
     uint64_t epoch = *self->epoch;
-    PyObject *rq = PyObject_GetAttr(self->store, str_rq);
-    if (!rq) goto decline;
-    Py_ssize_t root_len = 0;
-    self->root = buffer_address_len(rq, &root_len);
-    Py_DECREF(rq);
-    if (!self->root) goto decline;
+    PyObject *root = PyObject_GetAttr(self->store, str_root); /* the root SharedMemory */
+    self->root_buf = root ? PyObject_GetAttr(root, str_buf) : NULL;
+    Py_XDECREF(root);
+    if (!self->root_buf) goto decline;
+    Py_ssize_t root_len = 0, data_len = 0;
+    self->root = buffer_address_len(self->root_buf, &root_len);
+    /* The root must reach past the event ring (every layout has it); the liveness table
+     * is used only where the root is long enough for all its slots. */
+    if (!self->root || (uint64_t)root_len < SHMREG_LIFE_OFFSET) goto decline;
     self->life_slots = load_relaxed(self->root + SHMREG_R_LIFE_SLOTS);
     if (!life_usable || self->life_slots > (1u << 20) ||
         (uint64_t)root_len < SHMREG_LIFE_OFFSET + self->life_slots * SHMREG_LIFE_SLOT_SIZE)
         self->life_slots = 0;
     PyObject *table = PyObject_GetAttr(self->store, str_table);
     if (!table) goto decline;
-    PyObject *buf = PyObject_GetAttr(table, str_buf);
-    if (!buf) {
-        Py_DECREF(table);
-        goto decline;
-    }
-    self->data = buffer_address(buf);
-    Py_DECREF(buf);
-    if (!self->data || attr_u64(table, str_gen, &self->gen) || attr_u64(table, str_nslots, &self->nslots) ||
-        attr_u64(table, str_arena_off, &self->arena_off) ||
-        attr_u64(table, str_arena_size, &self->arena_size) || self->nslots == 0) {
-        Py_DECREF(table);
-        goto decline;
-    }
     self->table = table;
+    self->data_buf = PyObject_GetAttr(table, str_buf);
+    if (!self->data_buf) goto decline;
+    self->data = buffer_address_len(self->data_buf, &data_len);
+    if (!self->data) goto decline;
+    if (attr_u64(table, str_gen, &self->gen) || attr_u64(table, str_nslots, &self->nslots) ||
+        attr_u64(table, str_arena_off, &self->arena_off) ||
+        attr_u64(table, str_arena_size, &self->arena_size) || self->nslots == 0)
+        goto decline;
+    /* The Table checked these against the segment; check again here, where a wrong value
+     * would be a read out of bounds rather than an exception. */
+    uint64_t len = (uint64_t)data_len;
+    if (len < SHMREG_HEADER_SIZE || self->nslots > (len - SHMREG_HEADER_SIZE) / SHMREG_SLOT_SIZE ||
+        self->arena_off < SHMREG_HEADER_SIZE + self->nslots * SHMREG_SLOT_SIZE ||
+        self->arena_off > len || self->arena_size > len - self->arena_off)
+        goto decline;
     if (*self->epoch != epoch) goto decline; /* a getattr ran Python code that remapped */
     self->seen_epoch = epoch;
     self->valid = 1;
     return 0;
 decline:
     PyErr_Clear();
-    self->valid = 0;
+    drop_views(self);
     return -1;
 }
 
@@ -141,7 +191,9 @@ static int find(Fast *self, const char *key, Py_ssize_t len, uint32_t hash, uint
     uint64_t n = self->nslots, i = hash % n;
     for (uint64_t probes = 0; probes < n; probes++) {
         if (!read_slot(slot_at(self, i), words)) return -1;
-        uint64_t w2 = words[SHMREG_S_REC], state = SHMREG_REC_STATE(w2);
+        /* The state as table.py find reads it: the whole top of the word, so a damaged
+         * bit above the state field reads as neither empty nor used (probe on). */
+        uint64_t w2 = words[SHMREG_S_REC], state = w2 >> SHMREG_S_STATE_SHIFT;
         if (state == SHMREG_EMPTY) return 0;
         if (state == SHMREG_USED && (words[SHMREG_S_HASH] & LO32) == hash && key_equals(self, w2, key, len))
             return 1;

@@ -14,6 +14,15 @@ typedef struct {
     uint8_t local[512];
 } Buf;
 
+#define BUF_INIT(name) {.p = (name).local, .len = 0, .cap = sizeof (name).local}
+
+static void buf_free(Buf *b) {
+    if (b->p != b->local) PyMem_Free(b->p);
+    b->p = b->local;
+    b->len = 0;
+    b->cap = sizeof b->local;
+}
+
 static int buf_room(Buf *b, size_t n) {
     if (b->len + n <= b->cap) return 0;
     size_t cap = b->cap * 2;

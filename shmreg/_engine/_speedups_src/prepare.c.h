@@ -66,76 +66,70 @@ static int query_tags(Fast *self, PyObject *meta, uint64_t *type_tag, uint64_t *
 }
 
 typedef struct {
-    PyObject *info;   /* owned: the key cache entry; key bytes are its first item */
-    PyObject *key;
+    PyObject *record; /* owned: key bytes + packed metadata + padding to RECORD_ALIGN */
+    Py_ssize_t key_len; /* the key is the record's first key_len bytes */
     uint32_t hash;
-    PyObject *record; /* owned: key + packed metadata + padding */
     uint64_t head[5];
     uint64_t caps;
 } Prepared;
 
-/* backends/_shm.py _prepare. 1 prepared, 0 decline, -1 error. */
+/* backends/_shm.py _prepare: the record and slot words of a registration (``w2`` still
+ * without the record offset), for an owner given as (pid, start ticks, host). 1 prepared,
+ * 0 decline, -1 error. The metadata is only read here: its tags may call into the codec
+ * (Python), which happens before the lock, as in _prepare. */
 static int prepare(Fast *self, PyObject *ns, PyObject *service, PyObject *owner, PyObject *metadata,
                    Prepared *out) {
     out->record = NULL;
-    out->info = NULL;
-    if (!PyTuple_Check(owner) || PyTuple_GET_SIZE(owner) < 2) return 0;
+    if (!PyTuple_Check(owner) || PyTuple_GET_SIZE(owner) != 3) return 0; /* as ``pid, start, _`` */
     if (metadata != Py_None && !PyDict_CheckExact(metadata)) return 0;
-    PyObject *info = cached_key(self, ns, service, 0);
-    if (!info) return 0;
-    out->info = info;
     uint64_t pid = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(owner, 0));
     uint64_t start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(owner, 1));
-    uint64_t key_hash = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(info, 1));
-    uint64_t ns_hash = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(info, 2));
     if (PyErr_Occurred() || pid == 0 || pid > LO32) {
         PyErr_Clear();
-        Py_CLEAR(out->info);
         return 0;
     }
     PyObject *meta = metadata;
     if (meta == Py_None) {
         meta = PyDict_New();
-        if (!meta) {
-            Py_CLEAR(out->info);
-            return -1;
-        }
+        if (!meta) return -1;
     } else {
         Py_INCREF(meta);
     }
     int result = 0;
-    Buf packed = {.p = packed.local, .len = 0, .cap = sizeof packed.local};
-    int r = pack_plain(&packed, meta, 0);
-    if (r) {
-        result = r < 0 ? -1 : 0; /* declined: Python's codec names what cannot be stored */
-        if (r < 0) PyErr_NoMemory();
-        goto done;
+    Buf rec = BUF_INIT(rec);
+    uint32_t key_hash, ns_hash;
+    int r = encode_key(self, ns, service, &rec, &key_hash, &ns_hash);
+    Py_ssize_t key_len = (Py_ssize_t)rec.len;
+    if (r == 1) r = pack_plain(&rec, meta, 0) ? 0 : 1; /* the metadata right after the key */
+    if (r != 1) {
+        if (r < 0 || PyErr_Occurred()) {
+            PyErr_Clear();
+        }
+        goto done; /* declined: Python's codec names what cannot be stored */
     }
-    Py_ssize_t meta_len = (Py_ssize_t)packed.len;
+    Py_ssize_t meta_len = (Py_ssize_t)rec.len - key_len;
     if ((uint64_t)meta_len > self->max_meta) goto done; /* MetadataTooLarge, from Python */
     uint64_t type_tag, caps;
     if (query_tags(self, meta, &type_tag, &caps) < 0) {
         PyErr_Clear();
         goto done;
     }
-    PyObject *key = PyTuple_GET_ITEM(info, 0);
-    Py_ssize_t key_len = PyBytes_GET_SIZE(key);
-    Py_ssize_t len = key_len + meta_len, padded = (len + SHMREG_RECORD_ALIGN - 1) & ~(Py_ssize_t)(SHMREG_RECORD_ALIGN - 1);
+    Py_ssize_t len = (Py_ssize_t)rec.len;
+    Py_ssize_t padded = (len + SHMREG_RECORD_ALIGN - 1) & ~(Py_ssize_t)(SHMREG_RECORD_ALIGN - 1);
     PyObject *record = PyBytes_FromStringAndSize(NULL, padded);
     if (!record) {
         result = -1;
         goto done;
     }
-    char *rec = PyBytes_AS_STRING(record);
-    memcpy(rec, PyBytes_AS_STRING(key), (size_t)key_len);
-    memcpy(rec + key_len, packed.p, (size_t)meta_len);
-    memset(rec + len, 0, (size_t)(padded - len));
+    char *bytes = PyBytes_AS_STRING(record);
+    memcpy(bytes, rec.p, (size_t)len);
+    memset(bytes + len, 0, (size_t)(padded - len));
     uint32_t seed = (uint32_t)((pid ^ start ^ (start >> 32)) & LO32);
-    uint32_t crc = crc32_seeded(seed, (const uint8_t *)rec, (size_t)len);
-    out->key = key;
-    out->hash = (uint32_t)key_hash;
+    uint32_t crc = crc32_seeded(seed, (const uint8_t *)bytes, (size_t)len);
     out->record = record;
-    out->head[0] = (key_hash & LO32) | (ns_hash << 32);
+    out->key_len = key_len;
+    out->hash = key_hash;
+    out->head[0] = (uint64_t)key_hash | ((uint64_t)ns_hash << 32);
     out->head[1] = ((uint64_t)key_len << 32) | ((uint64_t)SHMREG_USED << 48);
     out->head[2] = (uint64_t)meta_len | (type_tag << 32);
     out->head[3] = pid | ((uint64_t)crc << 32);
@@ -143,8 +137,7 @@ static int prepare(Fast *self, PyObject *ns, PyObject *service, PyObject *owner,
     out->caps = caps;
     result = 1;
 done:
-    if (packed.p != packed.local) PyMem_Free(packed.p);
+    buf_free(&rec);
     Py_DECREF(meta);
-    if (result != 1) Py_CLEAR(out->info);
     return result;
 }

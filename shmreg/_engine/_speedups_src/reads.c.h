@@ -36,20 +36,21 @@ static inline int owner_alive(Fast *self, uint64_t pid, uint64_t start);
 
 
 static int locate(Fast *self, PyObject *ns, PyObject *service, uint64_t words[8]) {
-    PyObject *info = cached_key(self, ns, service, 1);
-    if (!info) return DECLINE;
-    PyObject *key = PyTuple_GET_ITEM(info, 0);
-    uint64_t hash = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(info, 1));
-    int r = DECLINE;
-    if (hash == (uint64_t)-1 && PyErr_Occurred())
-        PyErr_Clear();
-    else if (ready(self)) /* from here to the end of find(): no Python code (file header) */
-        r = find(self, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), (uint32_t)hash, words);
-    Py_DECREF(info); /* the key cache (or nothing else) holds it: the bytes were used above */
+    Buf key = BUF_INIT(key);
+    uint32_t hash, ns_hash;
+    int r = encode_key(self, ns, service, &key, &hash, &ns_hash);
+    if (r == 1) /* from here to the end of find(): no Python code (see _speedups.c) */
+        r = ready(self) ? find(self, (const char *)key.p, (Py_ssize_t)key.len, hash, words)
+                        : DECLINE;
+    else
+        r = DECLINE;
+    buf_free(&key);
+    PyErr_Clear(); /* out of memory while encoding: the Python path reports it */
     return r;
 }
 
 static PyObject *Fast_lookup(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    REQUIRE_INIT(self);
     if (nargs != 2) return python_path(self, self->fallback_lookup, args, nargs);
     uint64_t words[8];
     int r = locate(self, args[0], args[1], words);
@@ -100,6 +101,7 @@ static PyObject *entry(Fast *self, PyObject *const *args, Py_ssize_t nargs, int 
 }
 
 static PyObject *Fast_lookup_with_metadata(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    REQUIRE_INIT(self);
     PyObject *out = entry(self, args, nargs, 0);
     if (out || PyErr_Occurred()) {
         self->n_reads += out != NULL;
@@ -111,6 +113,7 @@ static PyObject *Fast_lookup_with_metadata(Fast *self, PyObject *const *args, Py
 
 /* entry(namespace, service) -> (pid, generation, metadata) | None | NotImplemented */
 static PyObject *Fast_entry(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    REQUIRE_INIT(self);
     PyObject *out = entry(self, args, nargs, 1);
     if (out || PyErr_Occurred()) return out;
     Py_RETURN_NOTIMPLEMENTED;
