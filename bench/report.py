@@ -365,6 +365,13 @@ def render(data: dict[str, Any], md: bool) -> str:
             if k > 1:
                 out += [f"Medians of {k} interleaved rounds.", ""]
             out += _table(BAR_HEAD, rows, md)
+            loads = [
+                f"{r['peer']} {r['loadavg_1min'][0]:.1f}-{r['loadavg_1min'][1]:.1f}"
+                for r in runs
+                if r["size"] == n and r["peer"] in ("lmdb", *SHMREG) and r.get("loadavg_1min")
+            ]
+            if loads:
+                out += ["", "1-minute load average during these runs: " + ", ".join(loads) + "."]
     return "\n".join(out)
 
 
@@ -463,7 +470,7 @@ def bars(data: dict[str, Any], n: int = 100_000) -> list[list[str]]:
         "us",
         False,
         None if sp is None else sp >= 2 and h <= 0.6,
-        None if sp is None else sp >= 2 / 1.5,
+        None if sp is None else sp >= 2 / 1.5 and h <= 0.6 * 1.5,
     )
     sp = speedup(get(c, *meta), get(lm, *meta), False)
     add(
