@@ -472,46 +472,25 @@ def bars(data: dict[str, Any], n: int = 100_000) -> list[list[str]]:
         None if sp is None else sp >= 2 and h <= 0.6,
         None if sp is None else sp >= 2 / 1.5 and h <= 0.6 * 1.5,
     )
-    sp = speedup(get(c, *meta), get(lm, *meta), False)
-    add(
-        "lookup with metadata",
-        "faster than lmdb",
-        [meta],
-        "us",
-        False,
-        None if sp is None else sp > 1,
-        None if sp is None else sp > 1 / 1.5,
-    )
-    sp = speedup(get(c, *reg), get(lm, *reg), True)
-    add(
-        "register, one at a time",
-        ">= 1.0x lmdb",
-        [reg],
-        "rate",
-        True,
-        None if sp is None else sp >= 1,
-        None if sp is None else sp >= 1 / 1.5,
-    )
-    sp = speedup(get(c, *batch), get(lm, *batch), True)
-    add(
-        "register, batched",
-        ">= 1.0x lmdb's one-transaction batch",
-        [batch],
-        "rate",
-        True,
-        None if sp is None else sp >= 1,
-        None if sp is None else sp >= 1 / 1.5,
-    )
-    sp = speedup(get(c, *mixed), get(lm, *mixed), True)
-    add(
-        "mixed 90/10, 2 processes",
-        ">= 1.5x lmdb",
-        [mixed],
-        "rate",
-        True,
-        None if sp is None else sp >= 1.5,
-        None if sp is None else sp >= 1.0,
-    )
+    # (figure, bar, path, unit, higher is better, speed-up over lmdb needed, strictly above)
+    against_lmdb = [
+        ("lookup with metadata", "faster than lmdb", meta, "us", False, 1.0, True),
+        ("register, one at a time", ">= 1.0x lmdb", reg, "rate", True, 1.0, False),
+        (
+            "register, batched",
+            ">= 1.0x lmdb's one-transaction batch",
+            batch,
+            "rate",
+            True,
+            1.0,
+            False,
+        ),
+        ("mixed 90/10, 2 processes", ">= 1.5x lmdb", mixed, "rate", True, 1.5, False),
+    ]
+    for figure, bar, path, unit, higher, need, strict in against_lmdb:
+        sp = speedup(get(c, *path), get(lm, *path), higher)
+        met = None if sp is None else sp > need if strict else sp >= need
+        add(figure, bar, [path], unit, higher, met, None if sp is None else sp >= need / 1.5)
     v = get(c, *vis)
     add(
         "visible in another process",
@@ -540,7 +519,12 @@ def bars(data: dict[str, Any], n: int = 100_000) -> list[list[str]]:
         b <= 128 + META_BYTES if _num(b) else None,
     )
     f = [_faults(r) for r in (c, py, lm)]
-    ok = None if f[0] is None else f[0][:3] == (0, 0, 0) and "stuck 0, unusable 0" in f[0][3]
+    # Judged only where the kill -9 phase ran at this size; without it the row says so.
+    ok = (
+        None
+        if f[0] is None or not (c or {}).get("kill")
+        else f[0][:3] == (0, 0, 0) and "stuck 0, unusable 0" in f[0][3]
+    )
     rows.append(
         [
             "lost / exceptions / wrong reads, kill -9 included",
