@@ -381,4 +381,10 @@ PEERS: dict[str, tuple[type[Store], Any]] = {
     ),
     "shared-memory-dict": (SmdStore, lambda: _missing("shared_memory_dict")),
     "shmreg": (ShmregStore, _shmreg_missing),
+    # The same adapter on the pure-Python engine path: the orchestrator starts this peer's
+    # interpreter with SHMREG_PUREPYTHON=1, which its spawned workers inherit.
+    "shmreg-py": (ShmregStore, _shmreg_missing),
 }
+
+PURE_PYTHON_PEERS = frozenset({"shmreg-py"})
+"""Peers whose interpreter (and every process it spawns) runs shmreg's pure-Python path."""

@@ -36,7 +36,17 @@ PANELS = [
 ]
 
 
-ORDER = ["dict", "lmdb", "sqlite", "ultradict", "manager", "redis", "shared-memory-dict", "shmreg"]
+ORDER = [
+    "dict",
+    "lmdb",
+    "sqlite",
+    "ultradict",
+    "manager",
+    "redis",
+    "shared-memory-dict",
+    "shmreg",
+    "shmreg-py",
+]
 
 
 def _peers(runs: list[dict[str, Any]]) -> list[str]:
@@ -48,6 +58,8 @@ def _style(peer: str) -> dict[str, Any]:
     """One colour per peer in every plot; shmreg drawn heavier, in black."""
     if peer == "shmreg":
         return {"color": "black", "lw": 2.5, "zorder": 5}
+    if peer == "shmreg-py":  # the same engine on its pure-Python path: grey, dashed
+        return {"color": "dimgray", "lw": 2.0, "ls": "--", "zorder": 4}
     i = ORDER.index(peer) if peer in ORDER else len(ORDER)
     return {"color": plt.get_cmap("tab10")(i % 10), "lw": 1.5}
 

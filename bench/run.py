@@ -2,6 +2,7 @@
 """The peer benchmark: shmreg and every peer, same workloads, same run, same machine.
 
     python bench/run.py --sizes 1000,100000 --procs 1,2 --peers all --budget 60
+    python bench/run.py --sizes 100000 --peers lmdb,shmreg,shmreg-py --rounds 3  # interleaved
     python bench/run.py --report bench/results/latest.json --markdown   # tables only
 
 Each (peer, size) runs in its own interpreter (a fresh session, killed whole on timeout),
@@ -40,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._core import core  # noqa: E402
-from bench.peers import PEERS  # noqa: E402
+from bench.peers import PEERS, PURE_PYTHON_PEERS  # noqa: E402
 
 _pc = time.perf_counter_ns
 SHM = "/dev/shm"
@@ -475,6 +476,12 @@ def worker_main(cfg: dict[str, Any]) -> int:
     peer, n, budget, runid = cfg["peer"], cfg["size"], cfg["budget"], cfg["runid"]
     cls, pid, t_start = PEERS[peer][0], os.getpid(), time.monotonic()
     res: dict[str, Any] = {"peer": peer, "size": n, "status": "running", "notes": []}
+    if cfg.get("round") is not None:
+        res["round"] = cfg["round"]
+    if peer.startswith("shmreg"):  # which engine path this interpreter (and its workers) ran
+        from shmreg._engine import fastpath
+
+        res["engine"] = fastpath.describe()
 
     def save() -> None:
         res["wall_s"] = round(time.monotonic() - t_start, 2)
@@ -512,7 +519,7 @@ def worker_main(cfg: dict[str, Any]) -> int:
             res["notes"].append(f"capped: {n_eff} of {n} entries within the time budget")
         mb = r["memory_bytes"]
         res["memory"] = {"bytes": mb, "per_entry": mb / n_eff if mb is not None else None}
-        if peer == "shmreg":
+        if peer.startswith("shmreg"):
             s = store.reg.stats()
             res["memory"].update(capacity=s.capacity, per_slot=s.memory_bytes / s.capacity)
         save()
@@ -541,7 +548,7 @@ def worker_main(cfg: dict[str, Any]) -> int:
                 save()
         else:
             res["notes"].append("not shared between processes: no multi-process figures")
-        if peer == "shmreg":
+        if peer.startswith("shmreg"):
             try:
                 res["liveness"] = run_shmreg_liveness(store, n, op_s, note)
             except Exception as exc:
@@ -574,7 +581,13 @@ def worker_main(cfg: dict[str, Any]) -> int:
 def run_worker(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     load = os.getloadavg()[0]  # the machine may be shared: keep the evidence with the figures
-    p = subprocess.Popen(cmd, start_new_session=True)
+    # The engine path is chosen once, at import, from the environment: the pure-Python peer's
+    # interpreter gets SHMREG_PUREPYTHON=1 (inherited by every process it spawns); every other
+    # peer runs with it removed, so a stray setting cannot turn the compiled peer pure.
+    env = {k: v for k, v in os.environ.items() if k != "SHMREG_PUREPYTHON"}
+    if cfg["peer"] in PURE_PYTHON_PEERS:
+        env["SHMREG_PUREPYTHON"] = "1"
+    p = subprocess.Popen(cmd, start_new_session=True, env=env)
     status = None
     try:
         p.wait(timeout)
@@ -633,7 +646,7 @@ def orchestrate(a: argparse.Namespace) -> int:
         else:
             available.append(name)
     redis = RedisServer(tmpdir) if "redis" in available else None
-    runs: list[dict[str, Any]] = []
+    round_runs: list[dict[str, Any]] = []
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -648,9 +661,10 @@ def orchestrate(a: argparse.Namespace) -> int:
             "kill_rounds": a.kill_rounds,
             "runid": runid,
             "quiet_wait": a.quiet_wait,
+            "rounds": a.rounds,
         },
         "skipped": skipped,
-        "runs": runs,
+        "runs": round_runs,
     }
     try:
         if redis:
@@ -661,39 +675,49 @@ def orchestrate(a: argparse.Namespace) -> int:
                 print(f"skip redis: {skipped['redis']}")
                 available.remove("redis")
                 port = None
-        for i, n in enumerate(sizes):
-            for name in available:
-                print(f"== {name}, N = {n}", flush=True)
-                cfg = {
-                    "peer": name,
-                    "size": n,
-                    "budget": a.budget,
-                    "runid": runid,
-                    "tmpdir": tmpdir,
-                    "procs": procs,
-                    "mixed_seconds": a.mixed_seconds,
-                    "kill_rounds": a.kill_rounds if i == 0 else 0,
-                    "redis_port": port if name == "redis" else None,
-                    "out": f"{tmpdir}/{name}-{n}.json",
-                }
-                idle = wait_quiet(a.quiet_wait) if a.quiet_wait > 0 else None
-                t0 = time.monotonic()
-                res = run_worker(cfg, timeout=3 * a.budget + 240)
-                res["cpu_idle_before"] = idle
-                runs.append(res)
-                print(
-                    f"   {res['status']} in {time.monotonic() - t0:.0f} s"
-                    + "".join(f"\n   note: {x}" for x in res.get("notes", []))
-                    + (
-                        f"\n   {res.get('reason') or res.get('error')}"
-                        if res["status"] != "ok"
-                        else ""
-                    ),
-                    flush=True,
-                )
-                for path in glob.glob(f"{SHM}/*sb{runid}*"):  # segments named by ident
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+        # Rounds interleave the peers (a, b, c, a, b, c, ...) so a drift in the machine's
+        # speed lands on every peer alike; the report takes each figure's median over rounds.
+        schedule = [
+            (i, n, k, name)
+            for i, n in enumerate(sizes)
+            for k in range(a.rounds)
+            for name in available
+        ]
+        for i, n, k, name in schedule:
+            tag = f"{name}-{n}" + (f"-r{k}" if a.rounds > 1 else "")
+            print(
+                f"== {name}, N = {n}" + (f", round {k + 1}/{a.rounds}" if a.rounds > 1 else ""),
+                flush=True,
+            )
+            cfg = {
+                "peer": name,
+                "size": n,
+                "budget": a.budget,
+                "runid": runid,
+                "tmpdir": tmpdir,
+                "procs": procs,
+                "mixed_seconds": a.mixed_seconds,
+                "kill_rounds": a.kill_rounds if i == 0 and k == 0 else 0,
+                "redis_port": port if name == "redis" else None,
+                "out": f"{tmpdir}/{tag}.json",
+                "round": k if a.rounds > 1 else None,
+            }
+            idle = wait_quiet(a.quiet_wait) if a.quiet_wait > 0 else None
+            t0 = time.monotonic()
+            res = run_worker(cfg, timeout=3 * a.budget + 240)
+            res["cpu_idle_before"] = idle
+            round_runs.append(res)
+            print(
+                f"   {res['status']} in {time.monotonic() - t0:.0f} s"
+                + "".join(f"\n   note: {x}" for x in res.get("notes", []))
+                + (
+                    f"\n   {res.get('reason') or res.get('error')}" if res["status"] != "ok" else ""
+                ),
+                flush=True,
+            )
+            for path in glob.glob(f"{SHM}/*sb{runid}*"):  # segments named by ident
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
     finally:
         if redis:
             redis.stop()
@@ -701,9 +725,12 @@ def orchestrate(a: argparse.Namespace) -> int:
         left = [x for x in left if x != tmpdir]
         if left:
             print(f"removed {len(left)} leftover /dev/shm entries: {left[:5]}")
-        from bench.report import ratios
+        from bench.report import median_runs, ratios
 
-        data["ratios"] = ratios(runs)
+        if a.rounds > 1:  # every round's figures stay in the file; the tables use medians
+            data["round_runs"] = round_runs
+            data["runs"] = median_runs(round_runs)
+        data["ratios"] = ratios(data["runs"])
         path = out_dir / f"{stamp}.json"
         path.write_text(json.dumps(data, indent=1, default=str))
         (out_dir / "latest.json").write_text(json.dumps(data, indent=1, default=str))
@@ -734,6 +761,14 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds per peer per size; slower peers are capped (default 60)",
     )
     ap.add_argument("--mixed-seconds", type=float, default=2.0)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run the peers K times, interleaved, at each size; tables use per-figure "
+        "medians over the rounds (default 1)",
+    )
     ap.add_argument(
         "--quiet-wait",
         type=float,

@@ -376,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 note = noter(name)
                 r = results[name] = run_ops(st, a.size, pid, a.seconds, 3.0, 5000, note)
+                if name == "shmreg":  # compiled or pure Python: the figures depend on it
+                    from shmreg._engine import fastpath
+
+                    r["engine"] = fastpath.describe()
                 r.update(
                     wrong=r["wrong_reads"],
                     lost=0,
@@ -402,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=1, default=str))
     else:
         print(f"N = {a.size}: median per operation (rate where /s); {os.cpu_count()} CPUs")
+        if "shmreg" in results:
+            print(f"shmreg engine: {results['shmreg']['engine']}")
         print(table(results))
     for name, why in left_out.items():
         # On stderr under --json, so the JSON on stdout stays the results alone.
