@@ -74,7 +74,15 @@ static int holder_do(pthread_mutex_t *m, int op) {
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         pthread_attr_setstacksize(&attr, 64 * 1024);
+        /* The holder blocks every signal (a new thread inherits the creator's mask): a
+         * signal for the process must reach a Python thread. Were it delivered here, the
+         * main thread, asleep in a system call, would not wake to run its handler (an
+         * agent's SIGTERM handler, say) until its sleep ended on its own. */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
         int rc = pthread_create(&t, &attr, holder_main, NULL);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
         pthread_attr_destroy(&attr);
         if (rc) {
             pthread_mutex_unlock(&holder_lock);
