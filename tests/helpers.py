@@ -71,11 +71,13 @@ def run_py(
     stdin: Any = subprocess.DEVNULL,
     stdout: Any = subprocess.PIPE,
     stderr: Any = subprocess.PIPE,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """Start ``sys.executable -c code *args`` as an independent interpreter.
 
     Its own session (so no terminal signal reaches it), the repository on ``PYTHONPATH``,
-    text-mode pipes for stdout and stderr by default.
+    text-mode pipes for stdout and stderr by default; ``env`` adds variables to its
+    environment.
     """
     source = (CHILD_PRELUDE + "\n" + code) if prelude else code
     return subprocess.Popen(
@@ -83,7 +85,7 @@ def run_py(
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
-        env=child_env(),
+        env=child_env(**(env or {})),
         cwd=str(REPO),
         text=True,
         start_new_session=True,

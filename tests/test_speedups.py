@@ -27,13 +27,11 @@ from typing import Any
 import msgpack
 import pytest
 from helpers import (
-    CHILD_PRELUDE,
     DEADLINE_S,
-    REPO,
-    child_env,
     finish_ok,
     proc_state,
     read_line,
+    run_py,
     send_line,
     wait_until,
 )
@@ -69,17 +67,8 @@ def _fast(reg: shmreg.Registry) -> Any:
 
 
 def _spawn(code: str, *, pure: bool = False) -> subprocess.Popen[str]:
-    extra = {"SHMREG_PUREPYTHON": "1"} if pure else {}
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD_PRELUDE + "\n" + code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_env(**extra),
-        cwd=str(REPO),
-        text=True,
-        start_new_session=True,
-    )
+    """A child interpreter with CHILD_PRELUDE, stdin a pipe; ``pure``: no compiled path."""
+    return run_py(code, stdin=subprocess.PIPE, env={"SHMREG_PUREPYTHON": "1"} if pure else None)
 
 
 # ------------------------------------------------------------------ copied rules
@@ -249,14 +238,8 @@ COMMIT_POINTS = [p for p in POINTS if p.startswith("commit.")]
 def test_crash_points_fire_inside_the_compiled_path(registry: shmreg.Registry, point: str) -> None:
     # Hit 1 is the warm-up registration (the Python path: its namespace is not cached yet);
     # hit 2 is the target, inside the C commit.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD_PRELUDE + _CRASHER, registry.name, str(os.getpid())],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_env(SHMREG_CRASH_AT=f"{point}:2"),
-        cwd=str(REPO),
-        text=True,
-        start_new_session=True,
+    proc = run_py(
+        _CRASHER, registry.name, str(os.getpid()), env={"SHMREG_CRASH_AT": f"{point}:2"}
     )
     assert read_line(proc) == {"compiled": True, "commits": 0}
     out, err = proc.communicate(timeout=DEADLINE_S)

@@ -192,12 +192,6 @@ static PyObject *Fast_release(Fast *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Fast_invalidate(Fast *self, PyObject *unused) {
-    (void)unused;
-    drop_views(self);
-    Py_RETURN_NONE;
-}
-
 static PyObject *Fast_life_verdict(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
     REQUIRE_INIT(self);
     if (nargs != 2) {
@@ -241,13 +235,10 @@ static PyMethodDef Fast_methods[] = {
      "lookup(namespace, service) -> pid | None (the Python path answers what this declines)"},
     {"lookup_with_metadata", (PyCFunction)(void (*)(void))Fast_lookup_with_metadata, METH_FASTCALL,
      "lookup_with_metadata(namespace, service) -> (pid, metadata) | None"},
-    {"entry", (PyCFunction)(void (*)(void))Fast_entry, METH_FASTCALL,
-     "entry(namespace, service) -> (pid, generation, metadata) | None | NotImplemented"},
     {"register_many", (PyCFunction)(void (*)(void))Fast_register_many, METH_FASTCALL,
      "register_many(namespace, [(service, owner, metadata), ...]) -> [generation, ...]"},
     {"register", (PyCFunction)(void (*)(void))Fast_register, METH_FASTCALL,
      "register(namespace, service, owner, metadata) -> generation"},
-    {"invalidate", (PyCFunction)Fast_invalidate, METH_NOARGS, "forget the cached mapping"},
     {"release", (PyCFunction)Fast_release, METH_NOARGS,
      "before the store closes: give up this handle's liveness claim and cached mapping"},
     {"life_verdict", (PyCFunction)(void (*)(void))Fast_life_verdict, METH_FASTCALL,

@@ -65,8 +65,8 @@ static PyObject *Fast_lookup(Fast *self, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromUnsignedLongLong(pid);
 }
 
-/* (pid, generation, metadata) of the live entry, None, or the fallback's answer. */
-static PyObject *entry(Fast *self, PyObject *const *args, Py_ssize_t nargs, int with_gen) {
+/* (pid, metadata) of the live entry, None, or NULL to decline (no exception set). */
+static PyObject *entry(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) return NULL; /* decline: the caller's fallback reports the misuse */
     uint64_t w[8];
     int r = locate(self, args[0], args[1], w);
@@ -87,11 +87,7 @@ static PyObject *entry(Fast *self, PyObject *const *args, Py_ssize_t nargs, int 
                 if (!raw) return NULL;
                 PyObject *meta = PyObject_CallOneArg(self->unpackb, raw);
                 Py_DECREF(raw);
-                if (meta && PyDict_CheckExact(meta)) {
-                    PyObject *out = with_gen ? Py_BuildValue("(KKN)", pid, w[SHMREG_S_NAMEGEN], meta)
-                                             : Py_BuildValue("(KN)", pid, meta);
-                    return out;
-                }
+                if (meta && PyDict_CheckExact(meta)) return Py_BuildValue("(KN)", pid, meta);
                 Py_XDECREF(meta);
                 PyErr_Clear(); /* undecodable: the Python path raises CorruptRegistry */
             }
@@ -102,19 +98,11 @@ static PyObject *entry(Fast *self, PyObject *const *args, Py_ssize_t nargs, int 
 
 static PyObject *Fast_lookup_with_metadata(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
     REQUIRE_INIT(self);
-    PyObject *out = entry(self, args, nargs, 0);
+    PyObject *out = entry(self, args, nargs);
     if (out || PyErr_Occurred()) {
         self->n_reads += out != NULL;
         return out;
     }
     self->n_declined++;
     return python_path(self, self->fallback_lookup_meta, args, nargs);
-}
-
-/* entry(namespace, service) -> (pid, generation, metadata) | None | NotImplemented */
-static PyObject *Fast_entry(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
-    REQUIRE_INIT(self);
-    PyObject *out = entry(self, args, nargs, 1);
-    if (out || PyErr_Occurred()) return out;
-    Py_RETURN_NOTIMPLEMENTED;
 }
