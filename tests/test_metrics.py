@@ -82,12 +82,16 @@ def test_served_endpoint_follows_writers_in_other_processes(
         writer.kill()
         writer.wait(timeout=DEADLINE_S)
         # The died events are visible the moment the removal commits, a moment before the
-        # monitor's thread adds the removal to its own figures: wait for both.
+        # monitor's thread adds the removal to its own figures. One scrape reads the stored
+        # entries (dead ones among them) before the events, so a scrape can also count the
+        # died events of a removal that committed after it read the entries: wait for a scrape
+        # that has all three settled.
         died = wait_until(
             lambda: (s := scrape(url))[("shmreg_deaths_total", ())] == 4
             and s[("shmreg_monitor_removed_total", ())] == 4
+            and s[("shmreg_dead_entries", ())] == 0
             and s,
-            "deaths, and the monitor's count of them",
+            "deaths, the monitor's count of them, and no dead entry left stored",
         )
         assert ("shmreg_entries", (("namespace", "web"),)) not in died
         assert died[("shmreg_monitor_deaths_total", ())] >= 1
