@@ -3,7 +3,8 @@
  *
  * Scope, on purpose narrow: lock-free point reads (pid; pid, generation and metadata), the
  * registration of names nobody holds (one, or a batch under one lock hold), liveness words
- * (a death read from memory instead of kill()), and the operation metrics' counted reads.
+ * (a death read from memory instead of kill()), scans of one namespace by type and
+ * capabilities (find, listings, counts), and the operation metrics' counted reads.
  * Anything unusual -- a tuple service, metadata that needs checking, a slot that stays odd,
  * a table that must grow, a name already held, a busy lock, damaged bytes, a generation
  * that moved -- is handed to the Python path, which does the whole operation again from
@@ -79,6 +80,8 @@ static int life_usable;
 #include "_speedups_src/lock.c.h"
 #include "_speedups_src/liveness.c.h"
 #include "_speedups_src/register.c.h"
+#include "_speedups_src/unpack.c.h"
+#include "_speedups_src/scan.c.h"
 
 /* --------------------------------------------------------------------- boilerplate */
 
@@ -222,13 +225,17 @@ static PyObject *Fast_claim(Fast *self, PyObject *owner) {
 
 static PyObject *Fast_counts(Fast *self, PyObject *unused) {
     (void)unused;
-    return Py_BuildValue("{sKsKsK}", "reads", self->n_reads, "commits", self->n_commits,
-                         "declined", self->n_declined);
+    return Py_BuildValue("{sKsKsKsK}", "reads", self->n_reads, "commits", self->n_commits,
+                         "scans", self->n_scans, "declined", self->n_declined);
 }
 
 static PyMethodDef Fast_methods[] = {
     {"counts", (PyCFunction)Fast_counts, METH_NOARGS,
-     "{'reads', 'commits', 'declined'}: calls this handle answered here or handed to Python"},
+     "{'reads', 'commits', 'scans', 'declined'}: calls this handle answered here or handed to "
+     "Python"},
+    {"scan", (PyCFunction)(void (*)(void))Fast_scan, METH_FASTCALL,
+     "scan(prefix, type_tag, caps, what, entry_type) -> entries, services or a count; None "
+     "when declined (the Python scan answers)"},
     {"claim", (PyCFunction)Fast_claim, METH_O,
      "claim(owner): with the writer lock held, claim this process's liveness slot"},
     {"lookup", (PyCFunction)(void (*)(void))Fast_lookup, METH_FASTCALL,
@@ -291,6 +298,8 @@ static PyObject *py_pack(PyObject *mod, PyObject *obj) {
 static PyMethodDef module_methods[] = {
     {"pack", (PyCFunction)py_pack, METH_O,
      "pack(value) -> msgpack bytes as the compiled path writes them, or None where it declines"},
+    {"unpack", (PyCFunction)(void (*)(void))py_unpack, METH_FASTCALL,
+     "unpack(data, use_list=True) -> the value a scan decodes, ValueError where it declines"},
     {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_FASTCALL,
      "crc32(data, seed=0): zlib's crc32, as the compiled path computes it (for tests)"},
     {NULL}};
@@ -344,7 +353,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         PyModule_AddIntConstant(m, "MAX_METADATA_DEPTH", SHMREG_MAX_METADATA_DEPTH) < 0 ||
         PyModule_AddIntConstant(m, "MAX_KEY_BYTES", SHMREG_MAX_KEY_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "KEY_CACHE_LIMIT", SHMREG_KEY_CACHE_LIMIT) < 0 ||
-        PyModule_AddIntConstant(m, "EVENT_REGISTERED", SHMREG_EVENT_REGISTERED) < 0)
+        PyModule_AddIntConstant(m, "EVENT_REGISTERED", SHMREG_EVENT_REGISTERED) < 0 ||
+        PyModule_AddIntConstant(m, "SCAN_ENTRIES", SCAN_ENTRIES) < 0 ||
+        PyModule_AddIntConstant(m, "SCAN_SERVICES", SCAN_SERVICES) < 0 ||
+        PyModule_AddIntConstant(m, "SCAN_COUNT", SCAN_COUNT) < 0)
         return NULL;
     return m;
 }

@@ -2,7 +2,10 @@
 
 Every scan filters the slot table with numpy first (state, namespace hash, type tag,
 capabilities mask), validates the candidates' slots in bulk, and decodes all the survivors'
-keys and metadata in one msgpack call each.
+keys and metadata in one msgpack call each. Where the compiled path is active, find,
+listings and namespace counts are answered by its scan instead (``_speedups_src/scan.c.h``:
+the same filters and checks in one pass, in C), which hands back to this one whatever it would
+have to skip, count and log.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from shmreg.backends._shm_base import ShmBase
 
 _crc32 = zlib.crc32
 _unpackb = msgpack.unpackb
+# What the compiled scan (_speedups_src/scan.c.h) returns; a test checks the C side's values.
+SCAN_ENTRIES, SCAN_SERVICES, SCAN_COUNT = 0, 1, 2
 
 
 class _Rows(NamedTuple):
@@ -81,6 +86,17 @@ def _array_header(n: int) -> bytes:
 
 
 class ShmScans(ShmBase):
+    def _compiled_scan(
+        self, ns_raw: bytes, what: int, type_tag: int | None = None, caps: int = 0
+    ) -> Any:
+        """The compiled scan's answer for the checked namespace ``ns_raw``: entries, services
+        or a count; None when this process runs pure Python or the compiled scan declines (a
+        damaged or busy slot, a moved table), and the Python scan must answer."""
+        fast = self._fast
+        if fast is None:
+            return None
+        return fast.scan(ns_raw + b"\x00", type_tag, caps, what, Entry)
+
     def _scan(
         self,
         namespace: str | None,
@@ -243,8 +259,11 @@ class ShmScans(ShmBase):
             return list(map(_new_entry, zip(services, rows.pids, metas, strict=True)))
 
     def list_entries(self, namespace: str) -> list[Entry]:
-        ns_len = len(_codec.check_namespace(namespace))
-        return self._entries(self._scan(namespace), ns_len)
+        ns_raw = _codec.check_namespace(namespace)
+        entries: list[Entry] | None = self._compiled_scan(ns_raw, SCAN_ENTRIES)
+        if entries is not None:
+            return entries
+        return self._entries(self._scan(namespace), len(ns_raw))
 
     def namespace_owners(self, namespace: str) -> list[tuple[Service, ProcessIdentity, int]]:
         """(service, owner identity, generation) of every live entry in ``namespace``."""
@@ -254,8 +273,11 @@ class ShmScans(ShmBase):
         return list(zip(self._services(rows, ns_len), owners, rows.generations, strict=True))
 
     def list_services(self, namespace: str) -> list[Service]:
-        ns_len = len(_codec.check_namespace(namespace))
-        return self._services(self._scan(namespace), ns_len)
+        ns_raw = _codec.check_namespace(namespace)
+        services: list[Service] | None = self._compiled_scan(ns_raw, SCAN_SERVICES)
+        if services is not None:
+            return services
+        return self._services(self._scan(namespace), len(ns_raw))
 
     def find(
         self,
@@ -263,7 +285,7 @@ class ShmScans(ShmBase):
         equals: Mapping[str, Any] | None = None,
         predicate: Callable[[Metadata], bool] | None = None,
     ) -> list[Entry]:
-        ns_len = len(_codec.check_namespace(namespace))
+        ns_raw = _codec.check_namespace(namespace)
         type_tag: int | None = None
         caps = 0
         if equals:
@@ -278,7 +300,9 @@ class ShmScans(ShmBase):
                         caps |= _codec.capability_bit(cap)
                 elif type(wanted) is not dict:
                     caps = _codec.capability_bit(wanted)
-        entries = self._entries(self._scan(namespace, type_tag, caps), ns_len)
+        entries: list[Entry] | None = self._compiled_scan(ns_raw, SCAN_ENTRIES, type_tag, caps)
+        if entries is None:
+            entries = self._entries(self._scan(namespace, type_tag, caps), len(ns_raw))
         if equals:
             entries = _codec.select(entries, equals)  # tags only narrowed it: confirm
         if predicate is not None:
@@ -300,6 +324,9 @@ class ShmScans(ShmBase):
                 )
 
             return self._read(scan)
+        counted: int | None = self._compiled_scan(_codec.check_namespace(namespace), SCAN_COUNT)
+        if counted is not None:
+            return counted
         return len(self._scan(namespace, with_records=False).pids)
 
     def namespace_counts(self) -> dict[str, int]:

@@ -28,7 +28,8 @@ typedef struct {
     PyObject *root_path;  /* the root segment's file, for the liveness holder's own mapping */
     uint64_t life_slots;  /* 0: no liveness table (an upgraded registry) or not usable */
     uint64_t life_claim_forks; /* forks_seen when this handle last tried to claim */
-    uint64_t n_reads, n_commits, n_declined; /* answered here / committed here / handed on */
+    uint64_t n_reads, n_commits, n_scans, n_declined; /* answered here / committed here / scans
+                                                      * answered here / handed on */
     struct Claim *claim;  /* this handle's liveness claim (liveness.c.h), or NULL */
     PyObject *table;      /* the Table the cached data pointers belong to */
     /* The root and data views the cached pointers point into, and, while the writer lock

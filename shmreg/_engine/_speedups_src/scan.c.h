@@ -1,0 +1,220 @@
+/* Part of _speedups.c, included once into its single translation unit (so every helper
+ * stays static and inlinable); the order of inclusion there is the order of definition.
+ * Scans: the live entries of one namespace, filtered by type tag and capabilities. */
+
+/* What ShmScans._scan and _entries do with numpy and two msgpack calls, done in one pass:
+ *
+ * 1. Over shared memory, with no Python code running (see _speedups.c on memory safety):
+ *    each slot's words are tested with plain loads first (state, namespace hash, type tag,
+ *    capabilities); a candidate is then read under its seqlock, tested again on that copy,
+ *    its owner judged (liveness words, else kill(); one verdict per owner run), its record
+ *    bounds- and checksum-checked and its key compared with the namespace prefix (two
+ *    namespaces may share a hash), and the record copied out with the owner's pid.
+ * 2. Over the copies: services and metadata decoded (unpack.c.h) into the result.
+ *
+ * Anything the Python scan would have to skip, count and log -- a record out of bounds or
+ * failing its checksum, a slot that stays odd, bytes that do not decode -- and a table that
+ * has moved on (growth) make this return None: the caller runs the Python scan, which alone
+ * repairs, counts and logs. So both paths return the same entries, except that this one
+ * judges owners as compiled lookups do (a zombie or an exec'd owner is dead). */
+
+enum { SCAN_ENTRIES = 0, SCAN_SERVICES = 1, SCAN_COUNT = 2 };
+
+typedef struct {
+    uint64_t pid;
+    uint32_t key_len, meta_len;
+} ScanRow; /* followed by key_len + meta_len record bytes, padded to 8 */
+
+typedef struct {
+    uint64_t pid, start;
+    int verdict;
+} OwnerMemo;
+
+/* Does a slot (shared words, or a copy of them) hold an entry the scan wants? */
+static inline int scan_match(const uint64_t *w, uint32_t ns_hash, int by_type, uint64_t type_tag,
+                             uint64_t caps) {
+    if (SHMREG_REC_STATE(load_relaxed(w + SHMREG_S_REC)) != SHMREG_USED ||
+        (uint32_t)(load_relaxed(w + SHMREG_S_HASH) >> SHMREG_S_NS_HASH_SHIFT) != ns_hash)
+        return 0;
+    if (by_type) {
+        uint64_t tag = SLOT_FIELD(load_relaxed(w + SHMREG_S_META), TYPE_TAG);
+        if (tag != type_tag && tag != SHMREG_TYPE_ANY) return 0;
+    }
+    return !caps || (load_relaxed(w + SHMREG_S_CAPS) & caps) == caps;
+}
+
+/* Pass 1. 1 done (rows in ``out``, their number in ``*count``), 0 decline, -1 no memory. */
+static int scan_collect(Fast *self, const uint8_t *prefix, uint64_t prefix_len, int by_type,
+                        uint64_t type_tag, uint64_t caps, int want_records, Buf *out,
+                        Py_ssize_t *count) {
+    uint32_t ns_hash = crc32_seeded(0, prefix, prefix_len - 1);
+    uint64_t arena_end = self->arena_off + self->arena_size;
+    OwnerMemo memo[8] = {{0}};
+    unsigned memo_next = 0;
+    *count = 0;
+    for (uint64_t i = 0; i < self->nslots; i++) {
+        const uint64_t *slot = slot_at(self, i);
+        /* The tests on plain loads first, then again on the seqlock-validated copy. */
+        if (!scan_match(slot, ns_hash, by_type, type_tag, caps)) continue;
+        uint64_t w[SHMREG_SLOT_WORDS];
+        if (!read_slot(slot, w)) return 0; /* stuck: Python's scan repairs it */
+        if (!scan_match(w, ns_hash, by_type, type_tag, caps)) continue;
+        uint64_t w2 = w[SHMREG_S_REC];
+        uint64_t pid = w[SHMREG_S_OWNER] & LO32, start = w[SHMREG_S_START];
+        int verdict = -1;
+        for (unsigned m = 0; m < 8; m++)
+            if (memo[m].pid == pid && memo[m].start == start && memo[m].verdict >= 0)
+                verdict = memo[m].verdict;
+        if (verdict < 0) {
+            verdict = owner_alive(self, pid, start);
+            memo[memo_next++ % 8] = (OwnerMemo){pid, start, verdict};
+        }
+        if (!verdict) continue;
+        uint64_t key_len = SHMREG_REC_KEY_LEN(w2), meta_len = SLOT_FIELD(w[SHMREG_S_META], META_LEN);
+        uint64_t off = self->arena_off + SHMREG_REC_OFFSET(w2);
+        if (off > arena_end || key_len + meta_len > arena_end - off) return 0; /* damaged */
+        const uint8_t *rec = self->data + off;
+        uint32_t seed = (uint32_t)((pid ^ start ^ (start >> 32)) & LO32);
+        /* A count reads only the namespace from the record, as the Python count does. */
+        if (want_records &&
+            crc32_seeded(seed, rec, key_len + meta_len) != (uint32_t)(w[SHMREG_S_OWNER] >> 32))
+            return 0; /* damaged */
+        if (key_len < prefix_len || memcmp(rec, prefix, prefix_len) != 0) continue;
+        ++*count;
+        if (!want_records) continue;
+        ScanRow row = {pid, (uint32_t)key_len, (uint32_t)meta_len};
+        static const uint8_t pad[8] = {0};
+        size_t body = (size_t)(key_len + meta_len);
+        if (put(out, &row, sizeof row) || put(out, rec, body) || put(out, pad, (8 - body % 8) % 8))
+            return -1;
+    }
+    return 1;
+}
+
+/* A new instance of ``type`` (a tuple subclass with no fields of its own, as a NamedTuple)
+ * holding the three items, whose references it takes. */
+static PyObject *new_entry(PyTypeObject *type, PyObject *a, PyObject *b, PyObject *c) {
+    PyObject *e = type->tp_alloc(type, 3);
+    if (!e) {
+        Py_DECREF(a);
+        Py_DECREF(b);
+        Py_DECREF(c);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(e, 0, a);
+    PyTuple_SET_ITEM(e, 1, b);
+    PyTuple_SET_ITEM(e, 2, c);
+    return e;
+}
+
+/* Pass 2: the collected rows as Entry tuples (or services). NULL when a record does not
+ * decode (no exception set: decline) or on an error (exception set). */
+static PyObject *scan_build(const Buf *rows, Py_ssize_t count, uint64_t prefix_len, int what,
+                            PyTypeObject *entry_type) {
+    PyObject *out = PyList_New(count);
+    if (!out) return NULL;
+    CachedStr *strs = PyMem_Calloc(STR_CACHE_SLOTS, sizeof *strs);
+    if (!strs) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    Cursor meta = {.use_list = 1, .strs = strs}, key = {.use_list = 0};
+    const uint8_t *p = rows->p;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        ScanRow row;
+        memcpy(&row, p, sizeof row);
+        const uint8_t *rec = p + sizeof row;
+        size_t body = (size_t)row.key_len + row.meta_len;
+        p = rec + body + (8 - body % 8) % 8;
+        PyObject *service = unpack_exact(&key, rec + prefix_len, rec + row.key_len);
+        if (!service) goto fail;
+        if (what == SCAN_SERVICES) {
+            PyList_SET_ITEM(out, i, service);
+            continue;
+        }
+        PyObject *md = unpack_exact(&meta, rec + row.key_len, rec + body);
+        PyObject *pid = md ? new_int(&meta, (int64_t)row.pid) : NULL;
+        if (!pid || !PyDict_CheckExact(md)) {
+            Py_DECREF(service);
+            Py_XDECREF(md);
+            Py_XDECREF(pid);
+            goto fail;
+        }
+        PyObject *e = new_entry(entry_type, service, pid, md);
+        if (!e) goto fail;
+        PyList_SET_ITEM(out, i, e);
+    }
+    cursor_clear(&meta);
+    cursor_clear(&key);
+    PyMem_Free(strs);
+    return out;
+fail:
+    cursor_clear(&meta);
+    cursor_clear(&key);
+    PyMem_Free(strs);
+    Py_DECREF(out);
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_MemoryError)) PyErr_Clear();
+    return NULL;
+}
+
+/* scan(prefix, type_tag, caps, what, entry_type) -> list | int | None. ``prefix`` is the
+ * checked namespace's key prefix (namespace + NUL); ``type_tag`` None or a tag; ``caps`` a
+ * mask (0: any); ``what`` SCAN_ENTRIES, SCAN_SERVICES or SCAN_COUNT. None: declined. */
+static PyObject *Fast_scan(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    REQUIRE_INIT(self);
+    if (nargs != 5 || !PyBytes_Check(args[0]) || !PyLong_Check(args[2]) ||
+        !PyLong_Check(args[3]) || !PyType_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "scan(prefix, type_tag, caps, what, entry_type)");
+        return NULL;
+    }
+    PyTypeObject *entry_type = (PyTypeObject *)args[4];
+    if (!PyType_IsSubtype(entry_type, &PyTuple_Type) ||
+        entry_type->tp_basicsize != PyTuple_Type.tp_basicsize ||
+        entry_type->tp_itemsize != PyTuple_Type.tp_itemsize) {
+        PyErr_SetString(PyExc_TypeError, "entry_type must be a plain tuple subclass");
+        return NULL;
+    }
+    int by_type = args[1] != Py_None;
+    uint64_t type_tag = by_type ? PyLong_AsUnsignedLongLong(args[1]) : 0;
+    uint64_t caps = PyLong_AsUnsignedLongLong(args[2]);
+    long what = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (what < SCAN_ENTRIES || what > SCAN_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "what must be 0 (entries), 1 (services) or 2 (count)");
+        return NULL;
+    }
+    Py_ssize_t prefix_len = PyBytes_GET_SIZE(args[0]);
+    const uint8_t *prefix = (const uint8_t *)PyBytes_AS_STRING(args[0]);
+    if (prefix_len < 2 || prefix[prefix_len - 1] != 0) {
+        PyErr_SetString(PyExc_ValueError, "prefix must be a namespace followed by NUL");
+        return NULL;
+    }
+    Buf rows = BUF_INIT(rows);
+    Py_ssize_t count = 0;
+    /* From ready() to the end of scan_collect: no Python code (see _speedups.c). */
+    int r = ready(self) ? scan_collect(self, prefix, (uint64_t)prefix_len, by_type, type_tag, caps,
+                                       what != SCAN_COUNT, &rows, &count)
+                        : 0;
+    PyObject *out = NULL;
+    if (r < 0) {
+        out = PyErr_NoMemory();
+    } else if (r == 0) {
+        PyErr_Clear();
+    } else if (what == SCAN_COUNT) {
+        out = PyLong_FromSsize_t(count);
+    } else {
+        /* Thousands of dicts and lists, none of which can form a cycle: pause the collector,
+         * which would otherwise walk the young generation every few hundred of them. */
+        int gc_was_on = PyGC_Disable();
+        out = scan_build(&rows, count, (uint64_t)prefix_len, (int)what, entry_type);
+        if (gc_was_on) PyGC_Enable();
+    }
+    buf_free(&rows);
+    if (out) {
+        self->n_scans++;
+        return out;
+    }
+    if (PyErr_Occurred()) return NULL;
+    self->n_declined++;
+    Py_RETURN_NONE;
+}
