@@ -104,8 +104,10 @@ class RedisServer:
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + timeout
-        # Ours answering, not some other server that holds the port (then ours exits).
-        while self._serving_pid() != self.proc.pid:
+        # Ours answering, not some other server that holds the port (then ours exits), and
+        # done loading its data: a restarted server answers INFO, but every command with
+        # LOADING, until its dump or append-only file is read back.
+        while self._serving_pid() != self.proc.pid or not self.ping():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited: {self.log()[-2000:]}")
             if time.monotonic() > deadline:
