@@ -90,12 +90,15 @@ def remember(identity: ProcessIdentity, fd: int) -> None:
         os.close(fd)
         return
     with _lock:
+        # Forget processes that have exited since (at most LIMIT polls), then the oldest.
+        for pid in [pid for pid, known in _known.items() if not known.running()]:
+            _drop(_known.pop(pid))
         old = _known.pop(identity.pid, None)
+        if old is not None:
+            _drop(old)
         _known[identity.pid] = entry
         while len(_known) > LIMIT:
             _drop(_known.pop(next(iter(_known))))
-    if old is not None:
-        _drop(old)
 
 
 def known(pid: int) -> ProcessIdentity | None:
