@@ -43,6 +43,37 @@ static inline int scan_match(const uint64_t *w, uint32_t ns_hash, int by_type, u
     return !caps || (load_relaxed(w + SHMREG_S_CAPS) & caps) == caps;
 }
 
+/* A candidate whose slot passed its tests; its record is read a few candidates later. */
+typedef struct {
+    uint64_t pid, start, key_len, meta_len, crc;
+    const uint8_t *rec;
+} Pending;
+
+/* Records lie wherever the arena had room when they were written, so each candidate's
+ * record is a cache (and often a TLB) miss: the first read of it took most of a scan's
+ * time. Candidates wait in a ring of this many while their records are prefetched, so the
+ * misses overlap instead of following one another. */
+#define SCAN_AHEAD 16
+
+/* The record checks and the copy out of one candidate. 1 kept or skipped, 0 decline (damage),
+ * -1 out of memory. */
+static int scan_take(const Pending *c, const uint8_t *prefix, uint64_t prefix_len,
+                     int want_records, Buf *out, Py_ssize_t *count) {
+    uint32_t seed = (uint32_t)((c->pid ^ c->start ^ (c->start >> 32)) & LO32);
+    /* A count reads only the namespace from the record, as the Python count does. */
+    if (want_records && crc32_seeded(seed, c->rec, c->key_len + c->meta_len) != c->crc)
+        return 0; /* damaged */
+    if (c->key_len < prefix_len || memcmp(c->rec, prefix, prefix_len) != 0) return 1;
+    ++*count;
+    if (!want_records) return 1;
+    ScanRow row = {c->pid, (uint32_t)c->key_len, (uint32_t)c->meta_len};
+    static const uint8_t pad[8] = {0};
+    size_t body = (size_t)(c->key_len + c->meta_len);
+    if (put(out, &row, sizeof row) || put(out, c->rec, body) || put(out, pad, (8 - body % 8) % 8))
+        return -1;
+    return 1;
+}
+
 /* Pass 1. 1 done (rows in ``out``, their number in ``*count``), 0 decline, -1 no memory. */
 static int scan_collect(Fast *self, const uint8_t *prefix, uint64_t prefix_len, int by_type,
                         uint64_t type_tag, uint64_t caps, int want_records, Buf *out,
@@ -51,6 +82,8 @@ static int scan_collect(Fast *self, const uint8_t *prefix, uint64_t prefix_len, 
     uint64_t arena_end = self->arena_off + self->arena_size;
     OwnerMemo memo[8] = {{0}};
     unsigned memo_next = 0;
+    Pending ring[SCAN_AHEAD];
+    uint64_t queued = 0, taken = 0;
     *count = 0;
     for (uint64_t i = 0; i < self->nslots; i++) {
         const uint64_t *slot = slot_at(self, i);
@@ -73,20 +106,22 @@ static int scan_collect(Fast *self, const uint8_t *prefix, uint64_t prefix_len, 
         uint64_t key_len = SHMREG_REC_KEY_LEN(w2), meta_len = SLOT_FIELD(w[SHMREG_S_META], META_LEN);
         uint64_t off = self->arena_off + SHMREG_REC_OFFSET(w2);
         if (off > arena_end || key_len + meta_len > arena_end - off) return 0; /* damaged */
+        /* Published records are never rewritten (and the arena stays mapped: no Python code
+         * runs here), so reading this one a few candidates later reads the same bytes. */
         const uint8_t *rec = self->data + off;
-        uint32_t seed = (uint32_t)((pid ^ start ^ (start >> 32)) & LO32);
-        /* A count reads only the namespace from the record, as the Python count does. */
-        if (want_records &&
-            crc32_seeded(seed, rec, key_len + meta_len) != (uint32_t)(w[SHMREG_S_OWNER] >> 32))
-            return 0; /* damaged */
-        if (key_len < prefix_len || memcmp(rec, prefix, prefix_len) != 0) continue;
-        ++*count;
-        if (!want_records) continue;
-        ScanRow row = {pid, (uint32_t)key_len, (uint32_t)meta_len};
-        static const uint8_t pad[8] = {0};
-        size_t body = (size_t)(key_len + meta_len);
-        if (put(out, &row, sizeof row) || put(out, rec, body) || put(out, pad, (8 - body % 8) % 8))
-            return -1;
+        __builtin_prefetch(rec);
+        if (key_len + meta_len > 64) __builtin_prefetch(rec + key_len + meta_len - 1);
+        if (queued - taken == SCAN_AHEAD) {
+            int r = scan_take(&ring[taken++ % SCAN_AHEAD], prefix, prefix_len, want_records, out,
+                              count);
+            if (r <= 0) return r;
+        }
+        ring[queued++ % SCAN_AHEAD] =
+            (Pending){pid, start, key_len, meta_len, w[SHMREG_S_OWNER] >> 32, rec};
+    }
+    while (taken < queued) {
+        int r = scan_take(&ring[taken++ % SCAN_AHEAD], prefix, prefix_len, want_records, out, count);
+        if (r <= 0) return r;
     }
     return 1;
 }
