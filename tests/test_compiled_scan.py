@@ -223,14 +223,19 @@ def test_entries_are_the_public_entry_type_with_fresh_containers(registry: shmre
     assert all(e.metadata["tags"] == ["a"] for e in reg.find_by_metadata("ns", type="w"))
 
 
+def _first_of(reg: shmreg.Registry, n: int) -> tuple[Any, int]:
+    """Register ``n`` entries of type "w" in "ns"; the table and the index of a used slot."""
+    for i in range(n):
+        reg.register("ns", f"s{i}", metadata={"type": "w"})
+    table = reg.backend._table()  # type: ignore[attr-defined]
+    return table, int(table.used_indices()[0])
+
+
 def test_damage_sends_the_scan_to_python_which_skips_and_counts_it(
     registry: shmreg.Registry,
 ) -> None:
     reg = registry
-    for i in range(20):
-        reg.register("ns", f"s{i}", metadata={"type": "w"})
-    table = reg.backend._table()  # type: ignore[attr-defined]
-    index = table.used_indices().tolist()[0]
+    table, index = _first_of(reg, 20)
     words = table.read_slot(index)
     key, _ = table.record_bytes(words)
     table.buf[table.arena_off + L.slot_offset(words) + len(key)] ^= 0xFF
@@ -245,10 +250,7 @@ def test_a_slot_left_odd_sends_the_scan_to_python_which_repairs_it(
     registry: shmreg.Registry,
 ) -> None:
     reg = registry
-    for i in range(10):
-        reg.register("ns", f"s{i}", metadata={"type": "w"})
-    table = reg.backend._table()  # type: ignore[attr-defined]
-    index = table.used_indices().tolist()[0]
+    table, index = _first_of(reg, 10)
     seq_word = table.slot_word0 + index * L.SLOT_WORDS + L.S_SEQ
     table.q[seq_word] = int(table.q[seq_word]) | 1  # a writer that died mid-write
     fast = reg.backend._fast  # type: ignore[attr-defined]
