@@ -8,6 +8,7 @@ on the same registry, hold its decoder to msgpack-python's, and check it is the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import string
@@ -210,6 +211,48 @@ def test_it_answers_every_scan_as_the_python_scan_does(registry: shmreg.Registry
     assert compiled[first]["count"] == 300 and compiled[second]["count"] == 120
     assert compiled["absent"]["entries"] == []
     assert "'from-child'" not in " ".join(compiled[first]["services"])
+
+
+class _Grumpy:
+    """A wanted value whose ``==`` raises: both paths must raise it alike."""
+
+    def __eq__(self, other: object) -> bool:
+        raise ArithmeticError("no comparing me")
+
+    __hash__ = object.__hash__
+
+
+def test_its_confirmation_of_candidates_is_codec_selects(registry: shmreg.Registry) -> None:
+    reg = registry
+    metas: list[dict[str, Any]] = [
+        {"type": "w", "n": 1, "tags": ["a", "b"], "d": {"x": 1}},
+        {"type": "w", "n": 1.0, "tags": "a", "d": {"x": 2}},
+        {"type": ["w", "v"], "n": True, "tags": []},
+        {"type": "v", "n": 2, "nested": [["a"]]},
+        {"n": None},
+    ]
+    for i in range(60):
+        reg.register("ns", f"s{i}", metadata=metas[i % len(metas)])
+    queries: list[dict[str, Any]] = [
+        {"type": "w"},
+        {"type": "w", "n": 1},
+        {"n": 1},
+        {"n": None},
+        {"tags": "a"},
+        {"tags": ["a", "b"]},
+        {"tags": ["a"], "type": "w"},
+        {"d": {"x": 1}},
+        {"nested": ["a"]},
+        {"missing": 0},
+        {"type": "v", "n": 2.0},
+    ]
+    for equals in queries:
+        got = sorted(map(repr, reg.backend.find("ns", equals=equals)))
+        with _python_scans(reg):
+            assert got == sorted(map(repr, reg.backend.find("ns", equals=equals))), equals
+    for paths in (contextlib.nullcontext(), _python_scans(reg)):
+        with paths, pytest.raises(ArithmeticError):
+            reg.backend.find("ns", equals={"n": _Grumpy()})
 
 
 def test_entries_are_the_public_entry_type_with_fresh_containers(registry: shmreg.Registry) -> None:

@@ -234,8 +234,8 @@ static PyMethodDef Fast_methods[] = {
      "{'reads', 'commits', 'scans', 'declined'}: calls this handle answered here or handed to "
      "Python"},
     {"scan", (PyCFunction)(void (*)(void))Fast_scan, METH_FASTCALL,
-     "scan(prefix, type_tag, caps, what, entry_type) -> entries, services or a count; None "
-     "when declined (the Python scan answers)"},
+     "scan(prefix, type_tag, caps, what, entry_type, confirm=()) -> entries, services or a "
+     "count; None when declined (the Python scan answers)"},
     {"claim", (PyCFunction)Fast_claim, METH_O,
      "claim(owner): with the writer lock held, claim this process's liveness slot"},
     {"lookup", (PyCFunction)(void (*)(void))Fast_lookup, METH_FASTCALL,

@@ -87,15 +87,22 @@ def _array_header(n: int) -> bytes:
 
 class ShmScans(ShmBase):
     def _compiled_scan(
-        self, ns_raw: bytes, what: int, type_tag: int | None = None, caps: int = 0
+        self,
+        ns_raw: bytes,
+        what: int,
+        type_tag: int | None = None,
+        caps: int = 0,
+        confirm: tuple[tuple[Any, Any], ...] = (),
     ) -> Any:
-        """The compiled scan's answer for the checked namespace ``ns_raw``: entries, services
-        or a count; None when this process runs pure Python or the compiled scan declines (a
-        damaged or busy slot, a moved table), and the Python scan must answer."""
+        """The compiled scan's answer for the checked namespace ``ns_raw``: entries (those
+        whose metadata matches every ``confirm`` pair, by ``_codec.select``'s rule for values
+        that are not lists), services or a count; None when this process runs pure Python or
+        the compiled scan declines (a damaged or busy slot, a moved table), and the Python
+        scan must answer."""
         fast = self._fast
         if fast is None:
             return None
-        return fast.scan(ns_raw + b"\x00", type_tag, caps, what, Entry)
+        return fast.scan(ns_raw + b"\x00", type_tag, caps, what, Entry, confirm)
 
     def _scan(
         self,
@@ -300,11 +307,19 @@ class ShmScans(ShmBase):
                         caps |= _codec.capability_bit(cap)
                 elif type(wanted) is not dict:
                     caps = _codec.capability_bit(wanted)
-        entries: list[Entry] | None = self._compiled_scan(ns_raw, SCAN_ENTRIES, type_tag, caps)
+        # Tags only narrow the candidates: each is confirmed against its metadata, by the
+        # compiled scan as it decodes (values other than lists) or by _codec.select.
+        confirm = tuple((f, w) for f, w in equals.items() if type(w) is not list) if equals else ()
+        entries: list[Entry] | None = self._compiled_scan(
+            ns_raw, SCAN_ENTRIES, type_tag, caps, confirm
+        )
+        rest = equals
         if entries is None:
             entries = self._entries(self._scan(namespace, type_tag, caps), len(ns_raw))
-        if equals:
-            entries = _codec.select(entries, equals)  # tags only narrowed it: confirm
+        elif equals:
+            rest = {f: w for f, w in equals.items() if type(w) is list}
+        if rest:
+            entries = _codec.select(entries, rest)
         if predicate is not None:
             entries = [e for e in entries if predicate(e.metadata)]
         return entries

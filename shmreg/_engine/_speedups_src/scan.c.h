@@ -142,11 +142,33 @@ static PyObject *new_entry(PyTypeObject *type, PyObject *a, PyObject *b, PyObjec
     return e;
 }
 
-/* Pass 2: the collected rows as Entry tuples (or services). NULL when a record does not
- * decode (no exception set: decline) or on an error (exception set). */
+/* Does decoded metadata match every (field, wanted) pair of ``confirm``? codec.select's rule
+ * for a wanted value that is not a list: the field equals it, or is a list holding it.
+ * 1 yes, 0 no, -1 error (an ``==`` of the caller's value raised). */
+static int confirmed(PyObject *md, PyObject *confirm) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(confirm); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(confirm, i);
+        PyObject *v = PyDict_GetItemWithError(md, PyTuple_GET_ITEM(pair, 0));
+        if (!v) return PyErr_Occurred() ? -1 : 0;
+        PyObject *wanted = PyTuple_GET_ITEM(pair, 1);
+        Py_INCREF(v); /* the comparison may run the caller's code */
+        int eq = PyObject_RichCompareBool(v, wanted, Py_EQ);
+        if (eq == 0 && PyList_CheckExact(v)) eq = PySequence_Contains(v, wanted);
+        Py_DECREF(v);
+        if (eq <= 0) return eq;
+    }
+    return 1;
+}
+
+/* Pass 2: the collected rows as Entry tuples (or services), those of entries whose metadata
+ * is ``confirmed`` only. No shared memory is read here: the rows are private copies, so the
+ * caller's code run by a comparison cannot pull memory out from under this. NULL when a
+ * record does not decode (no exception set: decline) or on an error (exception set). */
 static PyObject *scan_build(const Buf *rows, Py_ssize_t count, uint64_t prefix_len, int what,
-                            PyTypeObject *entry_type) {
-    PyObject *out = PyList_New(count);
+                            PyTypeObject *entry_type, PyObject *confirm) {
+    /* Appended to, never pre-sized: the caller's code may run (comparisons) and must never
+     * meet a list with empty places in it. */
+    PyObject *out = PyList_New(0);
     if (!out) return NULL;
     CachedStr *strs = PyMem_Calloc(STR_CACHE_SLOTS, sizeof *strs);
     if (!strs) {
@@ -164,7 +186,9 @@ static PyObject *scan_build(const Buf *rows, Py_ssize_t count, uint64_t prefix_l
         PyObject *service = unpack_exact(&key, rec + prefix_len, rec + row.key_len);
         if (!service) goto fail;
         if (what == SCAN_SERVICES) {
-            PyList_SET_ITEM(out, i, service);
+            int r = PyList_Append(out, service);
+            Py_DECREF(service);
+            if (r < 0) goto fail;
             continue;
         }
         PyObject *md = unpack_exact(&meta, rec + row.key_len, rec + body);
@@ -175,9 +199,20 @@ static PyObject *scan_build(const Buf *rows, Py_ssize_t count, uint64_t prefix_l
             Py_XDECREF(pid);
             goto fail;
         }
+        int keep = confirm ? confirmed(md, confirm) : 1;
+        if (keep <= 0) {
+            Py_DECREF(service);
+            Py_DECREF(md);
+            Py_DECREF(pid);
+            if (keep < 0) goto fail;
+            continue;
+        }
         PyObject *e = new_entry(entry_type, service, pid, md);
-        if (!e) goto fail;
-        PyList_SET_ITEM(out, i, e);
+        if (!e || PyList_Append(out, e) < 0) {
+            Py_XDECREF(e);
+            goto fail;
+        }
+        Py_DECREF(e);
     }
     cursor_clear(&meta);
     cursor_clear(&key);
@@ -192,15 +227,30 @@ fail:
     return NULL;
 }
 
-/* scan(prefix, type_tag, caps, what, entry_type) -> list | int | None. ``prefix`` is the
- * checked namespace's key prefix (namespace + NUL); ``type_tag`` None or a tag; ``caps`` a
- * mask (0: any); ``what`` SCAN_ENTRIES, SCAN_SERVICES or SCAN_COUNT. None: declined. */
+/* scan(prefix, type_tag, caps, what, entry_type[, confirm]) -> list | int | None. ``prefix``
+ * is the checked namespace's key prefix (namespace + NUL); ``type_tag`` None or a tag;
+ * ``caps`` a mask (0: any); ``what`` SCAN_ENTRIES, SCAN_SERVICES or SCAN_COUNT; ``confirm``
+ * a tuple of (field, wanted) pairs entries must match (see confirmed()). None: declined. */
 static PyObject *Fast_scan(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
     REQUIRE_INIT(self);
-    if (nargs != 5 || !PyBytes_Check(args[0]) || !PyLong_Check(args[2]) ||
+    if (nargs < 5 || nargs > 6 || !PyBytes_Check(args[0]) || !PyLong_Check(args[2]) ||
         !PyLong_Check(args[3]) || !PyType_Check(args[4])) {
-        PyErr_SetString(PyExc_TypeError, "scan(prefix, type_tag, caps, what, entry_type)");
+        PyErr_SetString(PyExc_TypeError,
+                        "scan(prefix, type_tag, caps, what, entry_type, confirm=())");
         return NULL;
+    }
+    PyObject *confirm = nargs == 6 ? args[5] : NULL;
+    if (confirm) {
+        int ok = PyTuple_CheckExact(confirm);
+        for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(confirm); i++) {
+            PyObject *pair = PyTuple_GET_ITEM(confirm, i);
+            ok = PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2;
+        }
+        if (!ok) {
+            PyErr_SetString(PyExc_TypeError, "confirm must be a tuple of (field, wanted) pairs");
+            return NULL;
+        }
+        if (!PyTuple_GET_SIZE(confirm)) confirm = NULL;
     }
     PyTypeObject *entry_type = (PyTypeObject *)args[4];
     if (!PyType_IsSubtype(entry_type, &PyTuple_Type) ||
@@ -241,7 +291,7 @@ static PyObject *Fast_scan(Fast *self, PyObject *const *args, Py_ssize_t nargs) 
         /* Thousands of dicts and lists, none of which can form a cycle: pause the collector,
          * which would otherwise walk the young generation every few hundred of them. */
         int gc_was_on = PyGC_Disable();
-        out = scan_build(&rows, count, (uint64_t)prefix_len, (int)what, entry_type);
+        out = scan_build(&rows, count, (uint64_t)prefix_len, (int)what, entry_type, confirm);
         if (gc_was_on) PyGC_Enable();
     }
     buf_free(&rows);
