@@ -287,6 +287,7 @@ def test_a_death_is_read_from_memory_even_before_the_reaping(registry: shmreg.Re
     fast = _fast(registry)
     with _holder(registry) as (_, pid, start):
         assert registry.lookup("live", f"p{pid}") == pid
+        assert registry.count("live") == 2 and len(registry.backend.list_entries("live")) == 2
         os.kill(pid, signal.SIGKILL)
         # Each thread hands its robust mutexes to the kernel as it exits, the holder among
         # the last: the mark lands a moment after the kill. The child is never reaped
@@ -296,6 +297,9 @@ def test_a_death_is_read_from_memory_even_before_the_reaping(registry: shmreg.Re
         os.kill(pid, 0)  # the kernel's answer for a zombie: it exists
         assert registry.lookup("live", f"p{pid}") is None
         assert registry.lookup_with_metadata("live", f"p{pid}") is None
+        # The compiled scans judge owners the same way.
+        assert registry.count("live") == 0 and registry.list_services("live") == []
+        assert registry.find_by_metadata("live") == []
 
 
 def test_closing_gives_the_claim_back(registry: shmreg.Registry) -> None:
