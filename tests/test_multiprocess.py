@@ -30,6 +30,7 @@ from helpers import (
     json_lines,
     reach_minimum,
     read_line,
+    run_py,
     send_line,
     test_seed,
     touch,
@@ -919,3 +920,52 @@ def test_threads_refreshing_one_object_at_once(reg_name: str) -> None:
     assert result["found"] == [proc.pid, proc.pid]  # g1 was registered by the child
     assert result["leaked_fds"] == 0, result
     assert err == "", err
+
+
+_UPDATER = r"""
+import threading
+reg = shmreg.Registry.attach(sys.argv[1])
+reg.register("ns", "x", metadata={"type": "worker", "capabilities": ["gpu"], "n": 0})
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+report({"ready": True})
+n = 0
+while not stop.is_set():
+    n += 1
+    reg.update_metadata("ns", "x", {"type": "worker", "capabilities": ["gpu"], "n": n})
+reg.close()
+report({"updates": n})
+"""
+
+
+def test_scans_never_miss_an_entry_whose_metadata_is_being_rewritten(
+    registry: shmreg.Registry,
+) -> None:
+    # A writer zero-fills a slot's words while its sequence is odd: a scan that filtered on
+    # those words before checking the sequence skipped the entry as if it were not there.
+    for i in range(50):
+        registry.register("ns", f"other-{i}", metadata={"type": "worker"})
+    child = run_py(_UPDATER, registry.name, stdin=subprocess.PIPE)
+    try:
+        assert read_line(child)["ready"]
+        missed: list[str] = []
+        for _ in range(1500):  # ~0.5 % of these missed before the scans checked sequences
+            if not any(e.service == "x" for e in registry.backend.list_entries("ns")):
+                missed.append("list_entries")
+            if registry.count("ns") != 51:
+                missed.append("count(ns)")
+            if registry.count() != 51:
+                missed.append("count()")
+            found = registry.find_by_metadata("ns", type="worker", capabilities="gpu")
+            if not any(e.service == "x" for e in found):
+                missed.append("find")
+        assert child.stdin is not None
+        child.stdin.close()
+        assert read_line(child)["updates"] > 0  # the writer really wrote throughout
+        assert missed == []
+    finally:
+        child.kill()
+        child.wait(timeout=DEADLINE_S)
+        for pipe in (child.stdin, child.stdout, child.stderr):
+            if pipe is not None:
+                pipe.close()

@@ -124,15 +124,24 @@ class ShmScans(ShmBase):
 
         def scan(table: Table) -> _Rows:
             cols = table.columns()
-            mask = L.col_state(cols) == L.USED
-            if prefix:
-                mask &= L.col_ns_hash(cols) == np.uint64(_crc32(prefix[:-1]))
-            if type_tag is not None:
-                tags = L.col_type_tag(cols)
-                mask &= (tags == np.uint64(type_tag)) | (tags == np.uint64(_codec.TYPE_ANY))
-            if caps_mask:
-                want = np.uint64(caps_mask)
-                mask &= (L.col_caps(cols) & want) == want
+
+            def wanted(cols: Any) -> Any:
+                mask = L.col_state(cols) == L.USED
+                if prefix:
+                    mask &= L.col_ns_hash(cols) == np.uint64(_crc32(prefix[:-1]))
+                if type_tag is not None:
+                    tags = L.col_type_tag(cols)
+                    mask &= (tags == np.uint64(type_tag)) | (tags == np.uint64(_codec.TYPE_ANY))
+                if caps_mask:
+                    want = np.uint64(caps_mask)
+                    mask &= (L.col_caps(cols) & want) == want
+                return mask
+
+            seq0 = L.col_seq(cols).copy()  # a column without a shift is a live view
+            mask = wanted(cols)
+            seq1 = L.col_seq(cols)
+            # Rows being written while the filters read them: torn, so candidates too.
+            mask |= (seq0 != seq1) | ((seq0 & np.uint64(1)) == np.uint64(1))
             index = np.flatnonzero(mask)
             before = L.col_seq(cols, index)
             rows = cols[index]
@@ -143,7 +152,7 @@ class ShmScans(ShmBase):
             if not steady.all():  # being written: read those one by one, seqlock-validated
                 redo = [table.read_slot(i) for i in index[~steady].tolist()]
                 rows = np.concatenate([rows[steady], np.array(redo, dtype=np.uint64)])
-            rows = rows[L.col_state(rows) == L.USED]
+            rows = rows[wanted(rows)]
             pids = L.col_pid(rows)
             alive = [p for p in np.unique(pids).tolist() if self._alive(p)]
             rows = rows[np.isin(pids, alive)]
@@ -329,8 +338,19 @@ class ShmScans(ShmBase):
 
             def scan(table: Table) -> int:
                 cols = table.columns()
-                used = L.col_state(cols) == L.USED
-                pids = L.col_pid(cols, used)
+                # The seqlock over whole columns: sequence, the two fields (copies), sequence
+                # again. A slot written meanwhile may have read as empty (a writer zero-fills
+                # words while its sequence is odd): those slots are read again one by one.
+                seq0 = L.col_seq(cols).copy()  # a column without a shift is a live view
+                states, owners = L.col_state(cols), L.col_pid(cols)
+                torn = (seq0 != L.col_seq(cols)) | ((seq0 & np.uint64(1)) == np.uint64(1))
+                pids = owners[(states == L.USED) & ~torn]
+                if torn.any():
+                    redo = np.array(
+                        [table.read_slot(i) for i in np.flatnonzero(torn).tolist()],
+                        dtype=np.uint64,
+                    ).reshape(-1, L.SLOT_WORDS)
+                    pids = np.concatenate([pids, L.col_pid(redo, L.col_state(redo) == L.USED)])
                 uniq, counts = np.unique(pids, return_counts=True)
                 return sum(
                     int(c)

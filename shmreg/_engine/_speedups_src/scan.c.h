@@ -88,7 +88,13 @@ static int scan_collect(Fast *self, const uint8_t *prefix, uint64_t prefix_len, 
     for (uint64_t i = 0; i < self->nslots; i++) {
         const uint64_t *slot = slot_at(self, i);
         /* The tests on plain loads first, then again on the seqlock-validated copy. */
-        if (!scan_match(slot, ns_hash, by_type, type_tag, caps)) continue;
+        /* A slot being written (odd, or its sequence moved while its words were tested)
+         * may hold torn or zero-filled words: only a steady mismatch is skipped. */
+        uint64_t s1 = load_acquire(slot);
+        if (!(s1 & 1) && !scan_match(slot, ns_hash, by_type, type_tag, caps)) {
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (load_relaxed(slot) == s1) continue;
+        }
         uint64_t w[SHMREG_SLOT_WORDS];
         if (!read_slot(slot, w)) return 0; /* stuck: Python's scan repairs it */
         if (!scan_match(w, ns_hash, by_type, type_tag, caps)) continue;
