@@ -308,14 +308,21 @@ def identity_of(pid: int) -> ProcessIdentity:
     if other and (remembered := _known_pids.known(pid)) is not None:
         return remembered
     watch = _known_pids.watch(pid) if other else None  # opened before the stat is read
+    if watch is None:
+        return _read_identity(pid, thread_checked=False)
     try:
-        identity = _read_identity(pid, thread_checked=watch is not None)
+        identity = _read_identity(pid, thread_checked=True)
+        running = _known_pids.still_running(watch)
     except BaseException:
-        if watch is not None:
-            _close(watch)
+        _close(watch)
         raise
-    if watch is not None:
-        _known_pids.remember(identity, watch)
+    if not running:
+        # The process the pidfd was opened for exited before (or while) its stat was read,
+        # so the stat may be a later holder's of the pid, even a thread's: read it again,
+        # every check made, nothing remembered.
+        _close(watch)
+        return _read_identity(pid, thread_checked=False)
+    _known_pids.remember(identity, watch)
     return identity
 
 

@@ -289,6 +289,17 @@ def test_damage_sends_the_scan_to_python_which_skips_and_counts_it(
     assert reg.backend.damaged_skipped >= 1  # type: ignore[attr-defined]
 
 
+def test_a_damaged_key_length_is_left_to_the_python_scan(registry: shmreg.Registry) -> None:
+    reg = registry
+    table, index = _first_of(reg, 3)
+    word = table.slot_word0 + index * L.SLOT_WORDS + L.S_REC
+    key_len = L.F_KEY_LEN
+    table.q[word] = (int(table.q[word]) & ~(key_len.mask << key_len.shift)) | (1 << key_len.shift)
+    compiled = (reg.count("ns"), sorted(map(repr, reg.backend.list_entries("ns"))))
+    with _python_scans(reg):
+        assert compiled == (reg.count("ns"), sorted(map(repr, reg.backend.list_entries("ns"))))
+
+
 def test_a_slot_left_odd_sends_the_scan_to_python_which_repairs_it(
     registry: shmreg.Registry,
 ) -> None:

@@ -14,7 +14,8 @@ import shmreg
 from shmreg import _identity, _known_pids
 
 pytestmark = pytest.mark.skipif(
-    not hasattr(os, "pidfd_open") or not _identity._USE_PROC, reason="needs pidfds and /proc"
+    not _known_pids.enabled() or not _identity._USE_PROC,
+    reason="needs /proc and pidfds with an inode per process (Linux 6.9+)",
 )
 
 
@@ -129,3 +130,32 @@ def test_a_thread_id_is_still_refused() -> None:
     finally:
         done.set()
         t.join()
+
+
+def test_a_hit_keeps_a_process_from_being_the_next_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_known_pids, "LIMIT", 3)
+    children = [subprocess.Popen(SLEEP, stdin=subprocess.PIPE) for _ in range(4)]
+    try:
+        a, b, c, d = (child.pid for child in children)
+        for pid in (a, b, c):
+            _identity.identity_of(pid)
+        _identity.identity_of(a)  # a hit: now the most recently used
+        _identity.identity_of(d)
+        assert list(_known_pids._known) == [c, a, d]  # b, the least recently used, went
+    finally:
+        for child in children:
+            child.kill()
+            child.wait(timeout=DEADLINE_S)
+
+
+def test_where_pidfds_share_an_inode_nothing_is_remembered(
+    sleeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_known_pids, "_enabled", False)  # as before Linux 6.9
+    reads: list[int] = []
+    real = _identity._read_stat
+    monkeypatch.setattr(_identity, "_read_stat", lambda pid: reads.append(pid) or real(pid))
+    assert _identity.identity_of(sleeper.pid) == _identity.identity_of(sleeper.pid)
+    assert reads == [sleeper.pid, sleeper.pid] and _known_pids._known == {}

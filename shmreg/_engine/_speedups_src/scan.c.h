@@ -63,7 +63,14 @@ static int scan_take(const Pending *c, const uint8_t *prefix, uint64_t prefix_le
     /* A count reads only the namespace from the record, as the Python count does. */
     if (want_records && crc32_seeded(seed, c->rec, c->key_len + c->meta_len) != c->crc)
         return 0; /* damaged */
-    if (c->key_len < prefix_len || memcmp(c->rec, prefix, prefix_len) != 0) return 1;
+    if (c->key_len < prefix_len) {
+        /* Too short for this namespace's key, unless its key length is damaged: the record
+         * starting with the prefix all the same is that case, for the Python scan to judge
+         * (it compares the record's bytes, whatever the key length says). */
+        uint64_t n = c->key_len + c->meta_len < prefix_len ? c->key_len + c->meta_len : prefix_len;
+        return memcmp(c->rec, prefix, n) == 0 ? 0 : 1;
+    }
+    if (memcmp(c->rec, prefix, prefix_len) != 0) return 1;
     ++*count;
     if (!want_records) return 1;
     ScanRow row = {c->pid, (uint32_t)c->key_len, (uint32_t)c->meta_len};
