@@ -94,9 +94,9 @@ static int scan_collect(Fast *self, const uint8_t *prefix, uint64_t prefix_len, 
     *count = 0;
     for (uint64_t i = 0; i < self->nslots; i++) {
         const uint64_t *slot = slot_at(self, i);
-        /* The tests on plain loads first, then again on the seqlock-validated copy. */
-        /* A slot being written (odd, or its sequence moved while its words were tested)
-         * may hold torn or zero-filled words: only a steady mismatch is skipped. */
+        /* The tests on plain loads first, then again on the seqlock-validated copy. A slot
+         * being written (odd, or its sequence moved while its words were tested) may hold
+         * torn or zero-filled words: only a steady mismatch is skipped. */
         uint64_t s1 = load_acquire(slot);
         if (!(s1 & 1) && !scan_match(slot, ns_hash, by_type, type_tag, caps)) {
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -122,8 +122,8 @@ static int scan_collect(Fast *self, const uint8_t *prefix, uint64_t prefix_len, 
         /* Published records are never rewritten (and the arena stays mapped: no Python code
          * runs here), so reading this one a few candidates later reads the same bytes. */
         const uint8_t *rec = self->data + off;
-        __builtin_prefetch(rec);
-        if (key_len + meta_len > 64) __builtin_prefetch(rec + key_len + meta_len - 1);
+        __builtin_prefetch(rec); /* and its last byte: records are 8-aligned, not 64 */
+        if (key_len + meta_len > 1) __builtin_prefetch(rec + key_len + meta_len - 1);
         if (queued - taken == SCAN_AHEAD) {
             int r = scan_take(&ring[taken++ % SCAN_AHEAD], prefix, prefix_len, want_records, out,
                               count);
