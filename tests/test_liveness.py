@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import child_env, children, read_line, touch, wait_for_file, wait_zombie
+from helpers import DEADLINE_S, child_env, children, read_line, touch, wait_for_file, wait_zombie
 
 import shmreg
 from shmreg import _identity
@@ -45,7 +45,7 @@ from shmreg.testing import FakeClock
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
 
 #: Upper bound for anything these tests wait on; reached only when something is broken.
-DEADLINE = 30.0
+DEADLINE = DEADLINE_S
 
 #: A child that attaches, registers itself under each service named, reports, and sleeps.
 REGISTRANT = r"""
