@@ -39,7 +39,7 @@ def test_start_registers_the_agent_under_its_own_pid(registry: shmreg.Registry) 
         assert (info.status, info.pid, info.restarts, info.last_exit) == ("running", pid, 0, None)
         with pytest.raises(shmreg.AgentAlreadyRunning):
             sup.start_agent("w1")
-        sup.stop_agent("w1")
+        sup.stop_agent("w1", timeout=DEADLINE_S)  # a slow exit is no SIGKILL here
         info = sup.get_agent_info("w1")
         assert info.status == "stopped" and info.last_exit is not None
         assert info.last_exit.reason == "normal"  # TestWorker returns on SIGTERM
@@ -196,7 +196,7 @@ def test_output_goes_to_a_capped_rotated_log_file(registry: shmreg.Registry, tmp
     with supervisor(registry, log_dir=str(tmp_path)) as sup:
         sup.register_agent(worker_config("w"))
         sup.start_agent("w")
-        sup.stop_agent("w")
+        sup.stop_agent("w", timeout=DEADLINE_S)  # it must exit on its own to log its line
         log = tmp_path / "w.log"
         assert sup.get_agent_info("w").log == str(log)
         assert "worker w stopping" in log.read_text()
