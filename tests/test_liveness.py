@@ -727,7 +727,10 @@ def test_cleanup_namespace_terminates_kills_and_removes(
         registry.register("job", "caller")
         registry.register("elsewhere", "caller-keeps-this")
         seq = registry.backend.last_event_seq()  # type: ignore[attr-defined]
-        report = registry.cleanup_namespace("job", grace=0.5)
+        # The grace is what the polite ones get to die of their SIGTERM before a SIGKILL:
+        # seconds, not a fraction of one, or a loaded machine that has not yet run a polite
+        # child gets it SIGKILLed too. (The stubborn one makes the call last the whole grace.)
+        report = registry.cleanup_namespace("job", grace=5.0)
         assert report.namespace == "job"
         assert report.terminated == tuple(sorted(pids.values()))
         assert report.killed == (pids["stubborn"],)
