@@ -162,7 +162,8 @@ class Monitor:
         self._wake_r = self._wake_w = -1
 
     def request_stop(self) -> None:
-        """Ask the loop to end; safe from a signal handler (no join, no locks)."""
+        """Ask the loop to end; safe from a signal handler: no join, and the loop never
+        waits on the stop event itself (see ``_pause``), so ``set`` finds its lock free."""
         self._stop.set()
         try:
             os.write(self._wake_w, b"x")
@@ -203,7 +204,7 @@ class Monitor:
                     )
                     if self._clock.monotonic() - began > RETRY_MAX:
                         backoff = RETRY_FIRST  # it had been healthy: start small again
-                    self._stop.wait(backoff)
+                    self._pause(backoff)
                     backoff = min(backoff * 2, RETRY_MAX)
         except Exception as exc:  # keep the reason: a monitor that died silently is worse
             self._note_error(exc)
@@ -216,6 +217,16 @@ class Monitor:
                     pass
             if poller is not None:
                 poller.close()
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` or until a stop is asked for (a byte on the wake pipe).
+
+        Not ``self._stop.wait()``: under ``run_forever`` the loop is the main thread, where
+        a signal handler calling ``request_stop`` runs between two bytecodes, possibly while
+        ``wait`` holds the event's lock; ``set`` would then wait for that lock forever.
+        """
+        if not self._stop.is_set():
+            select.select([self._wake_r], [], [], seconds)
 
     def _note_error(self, exc: BaseException) -> None:
         self.stats.errors.append(f"{type(exc).__name__}: {exc}"[:500])
@@ -264,7 +275,7 @@ class Monitor:
                     self._backend.reconcile()
                 next_sweep = now + self._sweep_interval
             if poller is None:
-                self._stop.wait(self._poll)
+                self._pause(self._poll)
                 continue
             for fd, _mask in poller.poll(self._poll):
                 if fd == self._wake_r:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
 from agent_helpers import alive, restarted, settled, supervisor, wait_until
+from helpers import DEADLINE_S
 
 import shmreg
 from shmreg import agents
@@ -37,7 +39,7 @@ def test_start_registers_the_agent_under_its_own_pid(registry: shmreg.Registry) 
         assert (info.status, info.pid, info.restarts, info.last_exit) == ("running", pid, 0, None)
         with pytest.raises(shmreg.AgentAlreadyRunning):
             sup.start_agent("w1")
-        sup.stop_agent("w1")
+        sup.stop_agent("w1", timeout=DEADLINE_S)  # a slow exit is no SIGKILL here
         info = sup.get_agent_info("w1")
         assert info.status == "stopped" and info.last_exit is not None
         assert info.last_exit.reason == "normal"  # TestWorker returns on SIGTERM
@@ -194,7 +196,7 @@ def test_output_goes_to_a_capped_rotated_log_file(registry: shmreg.Registry, tmp
     with supervisor(registry, log_dir=str(tmp_path)) as sup:
         sup.register_agent(worker_config("w"))
         sup.start_agent("w")
-        sup.stop_agent("w")
+        sup.stop_agent("w", timeout=DEADLINE_S)  # it must exit on its own to log its line
         log = tmp_path / "w.log"
         assert sup.get_agent_info("w").log == str(log)
         assert "worker w stopping" in log.read_text()
@@ -234,6 +236,37 @@ def test_stop_kills_an_agent_that_ignores_sigterm(registry: shmreg.Registry, tmp
         assert info.status == "stopped" and info.last_exit is not None
         assert info.last_exit.reason == "killed by SIGKILL"
         assert not alive(pid)
+
+
+#: An agent that checks ``stopping`` as often as it can: nearly all its time is spent inside
+#: ``stopping.wait()``, where a handler that set the event itself would deadlock.
+_SPINNER = """\
+from shmreg.agents import current
+ctx = current()
+print("ready", flush=True)
+while not ctx.stopping.wait(0):
+    pass
+"""
+
+
+def test_sigterm_during_stopping_wait_ends_the_agent_normally(
+    registry: shmreg.Registry, tmp_path
+) -> None:
+    with supervisor(registry, log_dir=str(tmp_path)) as sup:
+        for attempt in range(8):  # each attempt lands the signal at another point of the loop
+            agent_id = f"spin{attempt}"
+            sup.register_agent(
+                {"id": agent_id, "type": "x", "command": [sys.executable, "-c", _SPINNER]}
+            )
+            pid = sup.start_agent(agent_id)
+            log = tmp_path / f"{agent_id}.log"
+            wait_until(lambda log=log: "ready" in log.read_text(), "the handler set")
+            sup.stop_agent(agent_id, timeout=DEADLINE_S)  # SIGKILL only if it hangs that long
+            info = sup.get_agent_info(agent_id)
+            assert info.last_exit is not None and info.last_exit.reason == "normal", (
+                f"attempt {attempt}: {info.last_exit}\n{log.read_text()}"
+            )
+            assert not alive(pid)
 
 
 def test_capability_and_type_queries_see_only_running_agents(registry: shmreg.Registry) -> None:

@@ -32,7 +32,7 @@ def pair(
     server: RedisServer, reg_name: str
 ) -> Iterator[tuple[shmreg.Registry, SharedMemoryBackend]]:
     """A registry on Redis (the primary) and a shared-memory standby of the same name."""
-    reg = shmreg.Registry(f"obs-{uuid.uuid4().hex[:8]}", url=f"{server.url}?timeout=0.5")
+    reg = shmreg.Registry(f"obs-{uuid.uuid4().hex[:8]}", url=f"{server.url}?timeout=5")
     standby = SharedMemoryBackend(reg_name, capacity=256)
     try:
         yield reg, standby

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import children, read_line, touch
+from helpers import DEADLINE_S, children, read_line, touch
 
 import shmreg
 from shmreg._engine.events import KEY_ROOM, Event
@@ -34,7 +34,7 @@ from shmreg.backends import MemoryBackend
 from shmreg.testing import FakeClock
 
 #: Upper bound for anything these tests wait on; reached only when something is broken.
-DEADLINE = 30.0
+DEADLINE = DEADLINE_S
 
 
 def drain(reg: shmreg.Registry, since: int, namespace: str | None = None) -> list[Event]:

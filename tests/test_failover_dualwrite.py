@@ -34,7 +34,7 @@ def sides(server: RedisServer, reg_name: str) -> Iterator[Sides]:
     """A registry on a dual-write backend: Redis the primary, shared memory the standby."""
     from shmreg.backends._redis import RedisBackend
 
-    primary = RedisBackend(f"fo-{uuid.uuid4().hex[:8]}", f"{server.url}?timeout=0.5", create=True)
+    primary = RedisBackend(f"fo-{uuid.uuid4().hex[:8]}", f"{server.url}?timeout=5", create=True)
     standby = SharedMemoryBackend(reg_name, capacity=8192)
     dual = DualWriteBackend(primary, standby)
     try:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import child_env, children, read_line, touch, wait_for_file, wait_zombie
+from helpers import DEADLINE_S, child_env, children, read_line, touch, wait_for_file, wait_zombie
 
 import shmreg
 from shmreg import _identity
@@ -45,7 +45,7 @@ from shmreg.testing import FakeClock
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
 
 #: Upper bound for anything these tests wait on; reached only when something is broken.
-DEADLINE = 30.0
+DEADLINE = DEADLINE_S
 
 #: A child that attaches, registers itself under each service named, reports, and sleeps.
 REGISTRANT = r"""
@@ -727,7 +727,10 @@ def test_cleanup_namespace_terminates_kills_and_removes(
         registry.register("job", "caller")
         registry.register("elsewhere", "caller-keeps-this")
         seq = registry.backend.last_event_seq()  # type: ignore[attr-defined]
-        report = registry.cleanup_namespace("job", grace=0.5)
+        # The grace is what the polite ones get to die of their SIGTERM before a SIGKILL:
+        # seconds, not a fraction of one, or a loaded machine that has not yet run a polite
+        # child gets it SIGKILLed too. (The stubborn one makes the call last the whole grace.)
+        report = registry.cleanup_namespace("job", grace=5.0)
         assert report.namespace == "job"
         assert report.terminated == tuple(sorted(pids.values()))
         assert report.killed == (pids["stubborn"],)

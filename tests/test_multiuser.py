@@ -12,6 +12,7 @@ import sys
 import threading
 
 import pytest
+from helpers import DEADLINE_S
 
 import shmreg
 from shmreg._engine.segment import list_segments
@@ -114,18 +115,18 @@ def test_a_fork_while_another_thread_remaps_does_not_hang_the_child(reg_name: st
     def hold() -> None:
         with store._swap_lock:  # a thread re-mapping at the moment of the fork
             held.set()
-            release.wait(10)
+            release.wait(DEADLINE_S)
 
     thread = threading.Thread(target=hold)
     thread.start()
-    held.wait(10)
+    assert held.wait(DEADLINE_S), "the remapping thread never took the lock"
     try:
         pid = os.fork()
         if pid == 0:  # the child: grow the table (a new generation), then read through it
             code = 1
             try:
                 signal_alarm = __import__("signal")
-                signal_alarm.alarm(10)
+                signal_alarm.alarm(int(DEADLINE_S))  # a hang fails the child, never the run
                 for i in range(100):
                     reg.register("ns", i)
                 code = 0 if reg.lookup("ns", 99) == os.getpid() else 2

@@ -36,7 +36,7 @@ print(json.dumps(out))
 
 def test_foreign_pid_namespace_reads_but_does_not_judge_or_write(reg_name: str) -> None:
     reg = shmreg.Registry.create(reg_name)
-    keeper = subprocess.Popen(["sleep", "60"])
+    keeper = subprocess.Popen(["sleep", "infinity"])  # lives until killed below
     try:
         reg.register("ns", "host", pid=keeper.pid)
         proc = subprocess.run(

@@ -31,6 +31,13 @@ def _name() -> str:
     return f"t-{os.getpid()}-redis-{uuid.uuid4().hex[:10]}"
 
 
+#: The host lease (seconds) of the many-host tests. Short, so an expiry is quick to wait
+#: for, but several times the longest pause a loaded machine gives a process: a live host's
+#: lease must never lapse between its registration (or its monitor's last renewal, every
+#: fifth of the lease) and the test's next look.
+LEASE_S = 4
+
+
 def _until(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
     """Poll ``condition`` until it returns something truthy; generous, never a guess."""
     deadline = time.monotonic() + timeout
@@ -183,7 +190,7 @@ _OTHER_HOST = """
 
 @pytest.mark.parametrize("with_monitor", [False, True])
 def test_a_host_is_judged_by_its_lease(redis_server: RedisServer, with_monitor: bool) -> None:
-    url = redis_server.url.replace("/0", "/0?lease=1")
+    url = redis_server.url.replace("/0", f"/0?lease={LEASE_S}")
     name = _name()
     reg = shmreg.Registry.create(name, url=url)
     code = _OTHER_HOST.replace("sys.argv[2]", repr(name)).replace(
@@ -199,7 +206,7 @@ def test_a_host_is_judged_by_its_lease(redis_server: RedisServer, with_monitor: 
         if with_monitor:
             # Its monitor renews the lease: sweeps here never remove a live host's entry,
             # however long they go on (several lease lengths).
-            deadline = time.monotonic() + 3.5
+            deadline = time.monotonic() + 2.5 * LEASE_S
             while time.monotonic() < deadline:
                 assert reg.sweep() == 0
                 time.sleep(0.2)
@@ -388,7 +395,8 @@ def test_a_hung_server_times_out_and_the_client_recovers() -> None:
 
     server = RedisServer()
     try:
-        reg = shmreg.Registry.create(_name(), url=server.url.replace("/0", "/0?timeout=0.5"))
+        # 2 s, not less: the calls before the SIGSTOP must not time out on a loaded machine.
+        reg = shmreg.Registry.create(_name(), url=server.url.replace("/0", "/0?timeout=2"))
         reg.register("ns", "svc")
         assert server.proc is not None
         os.kill(server.proc.pid, signal.SIGSTOP)  # accepts nothing, answers nothing
@@ -409,7 +417,7 @@ def test_a_hung_server_times_out_and_the_client_recovers() -> None:
 def test_a_crashed_hosts_entries_are_buried_by_another_hosts_monitor(
     redis_server: RedisServer,
 ) -> None:
-    url = redis_server.url.replace("/0", "/0?lease=1")
+    url = redis_server.url.replace("/0", f"/0?lease={LEASE_S}")
     name = _name()
     reg = shmreg.Registry.create(name, url=url)
     code = _OTHER_HOST.replace("sys.argv[2]", repr(name)).replace("sys.argv[3]", "'monitor'")
@@ -433,7 +441,7 @@ def test_a_crashed_hosts_entries_are_buried_by_another_hosts_monitor(
 
 
 def test_shmreg_monitor_url_keeps_its_hosts_lease(redis_server: RedisServer) -> None:
-    url = redis_server.url.replace("/0", "/0?lease=1")
+    url = redis_server.url.replace("/0", f"/0?lease={LEASE_S}")
     reg = shmreg.Registry.create(_name(), url=url)
     env = {**os.environ, "SHMREG_HOST_ID": "host-b"}
     monitor = subprocess.Popen(
@@ -449,7 +457,7 @@ def test_shmreg_monitor_url_keeps_its_hosts_lease(redis_server: RedisServer) -> 
         # it, and finds it alive: both "hosts" are this machine).
         owner = _identity.self_identity()._replace(host="host-b")
         reg.backend.register("ns", "svc", owner, None)
-        deadline = time.monotonic() + 3.5  # several lease lengths
+        deadline = time.monotonic() + 2.5 * LEASE_S  # several lease lengths
         while time.monotonic() < deadline:
             assert reg.sweep() == 0 and reg.lookup("ns", "svc") == owner.pid
             time.sleep(0.2)

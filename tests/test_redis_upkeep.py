@@ -26,6 +26,16 @@ def _name() -> str:
     return f"t-{os.getpid()}-upkeep-{uuid.uuid4().hex[:10]}"
 
 
+def _expire_lease(raw: Any, name: str, host: str) -> None:
+    """End ``host``'s lease now, as its expiry would (Redis drops a key whose TTL ran out).
+
+    The registries here keep the default ten-second lease, so a lease the test wants alive
+    cannot lapse while a loaded machine pauses the test; the one it wants gone goes when
+    the test says so.
+    """
+    assert raw.delete(f"shmreg:{{{name}}}:lease:{host.encode().hex()}") == 1
+
+
 @pytest.fixture
 def raw(redis_server: RedisServer) -> Iterator[Any]:
     """A bare redis-py client on the same server, to look at the keys themselves."""
@@ -42,14 +52,15 @@ def test_a_lost_host_is_forgotten_once_its_entries_are_buried(
     redis_server: RedisServer, raw: Any
 ) -> None:
     name = _name()
-    reg = shmreg.Registry.create(name, url=redis_server.url.replace("/0", "/0?lease=1"))
+    reg = shmreg.Registry.create(name, url=redis_server.url)
     try:
         backend = reg.backend
         hosts = f"shmreg:{{{name}}}:hosts"
         gone = b"host-gone".hex().encode()
-        # A registration for a host that then never renews its lease (one second long).
+        # A registration for a host that then never renews its lease.
         backend.register("ns", "orphan", ProcessIdentity(4_000_000, 1, "host-gone"), None)
         assert gone in raw.smembers(hosts)
+        _expire_lease(raw, name, "host-gone")
         wait_until(lambda: reg.lookup("ns", "orphan") is None, "the lease to expire")
         assert backend.heartbeat() == 1  # buried, with a died event (test_redis.py checks it)
         # ...and forgotten: heartbeats no longer check a host that holds nothing.
@@ -63,11 +74,12 @@ def test_a_lost_host_is_forgotten_once_its_entries_are_buried(
 
 def test_a_host_whose_lease_came_back_is_not_forgotten(redis_server: RedisServer, raw: Any) -> None:
     name = _name()
-    reg = shmreg.Registry.create(name, url=redis_server.url.replace("/0", "/0?lease=1"))
+    reg = shmreg.Registry.create(name, url=redis_server.url)
     try:
         backend = reg.backend
         back = b"host-back".hex().encode()
         backend.register("ns", "a", ProcessIdentity(4_000_001, 1, "host-back"), None)
+        _expire_lease(raw, name, "host-back")
         wait_until(lambda: reg.lookup("ns", "a") is None, "the lease to expire")
         # The host returns between a heartbeat's look and its removal: the script is given
         # the host to forget, but sees its lease and keeps it (and its new entry).
@@ -263,15 +275,17 @@ def test_close_does_not_wait_for_a_call_in_flight(redis_server: RedisServer) -> 
 
 
 def test_a_lost_hosts_name_is_taken_over_by_a_register_without_a_sweep(
-    redis_server: RedisServer,
+    redis_server: RedisServer, raw: Any
 ) -> None:
-    reg = shmreg.Registry.create(_name(), url=redis_server.url.replace("/0", "/0?lease=1"))
+    name = _name()
+    reg = shmreg.Registry.create(name, url=redis_server.url)
     try:
         backend = reg.backend
         gone = ProcessIdentity(4_000_002, 1, "host-c")
         old = backend.register("ns", "svc", gone, None)
         with pytest.raises(shmreg.AlreadyRegistered):
             reg.register("ns", "svc")  # host-c's lease lives: its entry is not ours
+        _expire_lease(raw, name, "host-c")
         wait_until(lambda: reg.lookup("ns", "svc") is None, "host-c's lease to expire")
         seq = backend.last_event_seq()
         assert reg.register("ns", "svc") > old  # the script itself saw the lease gone

@@ -145,8 +145,34 @@ def current() -> AgentContext:
 
 
 def _install_sigterm(ctx: AgentContext) -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: ctx.stopping.set())
+    """On SIGTERM, set ``ctx.stopping``; the handler itself only writes to a pipe.
+
+    Setting the event inside the handler could deadlock: a Python signal handler runs in
+    the main thread between two bytecodes, and when the main thread is inside
+    ``stopping.wait()`` at a moment it holds the event's (non-reentrant) lock, ``set()``
+    waits for that lock forever and the agent never exits. So the handler writes a byte
+    (no lock taken) and a small thread blocked on the pipe's other end sets the event.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # a flood of signals must never block the handler
+
+    def relay() -> None:
+        try:
+            os.read(read_fd, 1)
+        finally:
+            os.close(read_fd)
+        ctx.stopping.set()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        try:
+            os.write(write_fd, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the relay already has a byte to read
+
+    threading.Thread(target=relay, name="shmreg-agent-sigterm", daemon=True).start()
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def resolve(target: str) -> Callable[..., Any]:
