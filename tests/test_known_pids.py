@@ -110,28 +110,6 @@ def test_it_holds_at_most_limit_descriptors(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-def test_a_thread_id_is_still_refused() -> None:
-    import threading
-
-    ready, done = threading.Event(), threading.Event()
-    tid: list[int] = []
-
-    def run() -> None:
-        tid.append(threading.get_native_id())
-        ready.set()
-        done.wait(DEADLINE_S)
-
-    t = threading.Thread(target=run)
-    t.start()
-    try:
-        ready.wait(DEADLINE_S)
-        with pytest.raises(shmreg.ProcessNotAlive, match="thread"):
-            _identity.identity_of(tid[0])
-    finally:
-        done.set()
-        t.join()
-
-
 def test_a_hit_keeps_a_process_from_being_the_next_forgotten(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
