@@ -50,6 +50,11 @@
 #define SHMREG_REC_OFFSET(w2) (SLOT_FIELD(w2, REC_OFFSET) * SHMREG_RECORD_ALIGN)
 #define SHMREG_REC_KEY_LEN(w2) SLOT_FIELD(w2, KEY_LEN)
 #define SHMREG_REC_STATE(w2) SLOT_FIELD(w2, STATE)
+/* layout.record_seed: a record's crc32 starts from its owner, so a flipped bit in the slot's
+ * pid or start ticks fails the record's checksum too. */
+static inline uint32_t record_seed(uint64_t pid, uint64_t start) {
+    return (uint32_t)((pid ^ start ^ (start >> SHMREG_SEED_FOLD_SHIFT)) & 0xFFFFFFFFull);
+}
 #define SHMREG_LIFE_HOME(pid, n) ((((uint64_t)(pid) * SHMREG_LIFE_HASH_MULT) & 0xFFFFFFFFull) % (n))
 
 /* Not layout but codec and backend rules this path must apply alike; the module exports

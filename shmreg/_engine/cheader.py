@@ -43,6 +43,7 @@ def c_header() -> str:
         "SLOT_SIZE",
         "SLOT_WORDS",
         "RECORD_ALIGN",
+        "SEED_FOLD_SHIFT",
         "EMPTY",
         "USED",
         "TOMB",

@@ -124,8 +124,7 @@ static int prepare(Fast *self, PyObject *ns, PyObject *service, PyObject *owner,
     char *bytes = PyBytes_AS_STRING(record);
     memcpy(bytes, rec.p, (size_t)len);
     memset(bytes + len, 0, (size_t)(padded - len));
-    uint32_t seed = (uint32_t)((pid ^ start ^ (start >> 32)) & LO32);
-    uint32_t crc = crc32_seeded(seed, (const uint8_t *)bytes, (size_t)len);
+    uint32_t crc = crc32_seeded(record_seed(pid, start), (const uint8_t *)bytes, (size_t)len);
     out->record = record;
     out->key_len = key_len;
     out->hash = key_hash;

@@ -79,7 +79,7 @@ static PyObject *entry(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
         uint64_t off = self->arena_off + SHMREG_REC_OFFSET(w[SHMREG_S_REC]);
         if (off + key_len + meta_len <= self->arena_off + self->arena_size) {
             const uint8_t *rec = self->data + off;
-            uint32_t seed = (uint32_t)((pid ^ w[SHMREG_S_START] ^ (w[SHMREG_S_START] >> 32)) & LO32);
+            uint32_t seed = record_seed(pid, w[SHMREG_S_START]);
             if (crc32_seeded(seed, rec, key_len + meta_len) == (uint32_t)(w[SHMREG_S_OWNER] >> 32)) {
                 /* The record is checked and, once published, never rewritten: copy it out,
                  * then shared memory is no longer touched (the allocation may run Python). */

@@ -59,9 +59,9 @@ typedef struct {
  * -1 out of memory. */
 static int scan_take(const Pending *c, const uint8_t *prefix, uint64_t prefix_len,
                      int want_records, Buf *out, Py_ssize_t *count) {
-    uint32_t seed = (uint32_t)((c->pid ^ c->start ^ (c->start >> 32)) & LO32);
     /* A count reads only the namespace from the record, as the Python count does. */
-    if (want_records && crc32_seeded(seed, c->rec, c->key_len + c->meta_len) != c->crc)
+    if (want_records &&
+        crc32_seeded(record_seed(c->pid, c->start), c->rec, c->key_len + c->meta_len) != c->crc)
         return 0; /* damaged */
     if (c->key_len < prefix_len) {
         /* Too short for this namespace's key, unless its key length is damaged: the record
