@@ -542,6 +542,14 @@ col_generation = _column_getter(F_GENERATION)
 col_caps = _column_getter(F_CAPS)
 
 
+def col_unsteady(before: U64, after: U64) -> npt.NDArray[np.bool_]:
+    """Rows whose sequence word moved between two reads of it, or was odd (being written):
+    ``seqlock_read``'s rule over whole columns. Their other words, read in between, may be
+    torn and must be read again."""
+    unsteady: npt.NDArray[np.bool_] = (before != after) | ((before & np.uint64(1)) == 1)
+    return unsteady
+
+
 def col_record_seed(cols: U64, rows: Any = slice(None)) -> U64:
     """``record_seed`` of every (selected) slot."""
     pids, starts = col_pid(cols, rows), col_start(cols, rows)

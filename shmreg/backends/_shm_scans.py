@@ -139,16 +139,15 @@ class ShmScans(ShmBase):
 
             seq0 = L.col_seq(cols).copy()  # a column without a shift is a live view
             mask = wanted(cols)
-            seq1 = L.col_seq(cols)
             # Rows being written while the filters read them: torn, so candidates too.
-            mask |= (seq0 != seq1) | ((seq0 & np.uint64(1)) == np.uint64(1))
+            mask |= L.col_unsteady(seq0, L.col_seq(cols))
             index = np.flatnonzero(mask)
             before = L.col_seq(cols, index)
             rows = cols[index]
             after = L.col_seq(cols, index)
             del cols, mask
             # The seqlock of layout.seqlock_read, over all candidate rows at once.
-            steady = (before == after) & (L.col_seq(rows) == before) & ((before & 1) == 0)
+            steady = ~L.col_unsteady(before, after) & (L.col_seq(rows) == before)
             if not steady.all():  # being written: read those one by one, seqlock-validated
                 redo = [table.read_slot(i) for i in index[~steady].tolist()]
                 rows = np.concatenate([rows[steady], np.array(redo, dtype=np.uint64)])
@@ -343,7 +342,7 @@ class ShmScans(ShmBase):
                 # words while its sequence is odd): those slots are read again one by one.
                 seq0 = L.col_seq(cols).copy()  # a column without a shift is a live view
                 states, owners = L.col_state(cols), L.col_pid(cols)
-                torn = (seq0 != L.col_seq(cols)) | ((seq0 & np.uint64(1)) == np.uint64(1))
+                torn = L.col_unsteady(seq0, L.col_seq(cols))
                 pids = owners[(states == L.USED) & ~torn]
                 if torn.any():
                     redo = np.array(
